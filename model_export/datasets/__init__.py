@@ -1,0 +1,264 @@
+"""Basket data: the bundled real data sets and a loader for a user's own CSV.
+
+Every loader returns a :class:`BasketData`: users mapped to their baskets in time order, each
+basket a tuple of distinct item keys (strings), plus item names where the data has them.
+Reading needs pandas (the ``server``/``sim`` extras); a device never loads a data set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = [
+    "BUNDLED",
+    "BasketData",
+    "DataError",
+    "CsvColumns",
+    "load",
+    "load_csv",
+    "load_instacart",
+    "load_uci",
+]
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable, empty, or lacks a column it needs."""
+
+
+@dataclass(frozen=True)
+class BasketData:
+    """Users and their time-ordered baskets.
+
+    ``users`` is ordered by ascending user id (numerically when every id is a number), and
+    each user's baskets by time, ties broken by basket id: the order the evaluation protocol
+    (DESIGN.md section 6) relies on.
+    """
+
+    name: str
+    users: dict[str, list[tuple[str, ...]]]
+    item_names: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
+
+    @property
+    def n_baskets(self) -> int:
+        return sum(len(b) for b in self.users.values())
+
+    def name_of(self, item: str) -> str:
+        return self.item_names.get(item, item)
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """Which columns of a user's CSV hold what. Without ``basket``, a basket is one user's
+    items at one time value."""
+
+    user: str
+    item: str
+    time: str
+    basket: str | None = None
+    name: str | None = None
+
+
+# Non-product stock codes of UCI Online Retail (postage, manual fixes, fees, samples).
+UCI_NON_PRODUCT_CODES = frozenset(
+    {"POST", "M", "DOT", "BANK CHARGES", "C2", "PADS", "CRUK", "D", "AMAZONFEE", "B", "S", "m"}
+)
+
+_FILES = resources.files(__package__) / "files"
+BUNDLED = {
+    "uci": ("uci_online_retail.csv.gz",
+            "737745256ddb4410bfe4e29f2dcb72329b7486e584837f1e84f9a07416cf7d45"),
+    "instacart": ("instacart_sample.csv.gz",
+                  "fcb304ea754fc1cc00681ade864f2aebe1acaa22e4bb07a98412d44bd62ffdd0"),
+}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _bundled_path(name: str) -> tuple[Path, str]:
+    filename, expected = BUNDLED[name]
+    path = Path(str(_FILES / filename))
+    actual = file_sha256(path)
+    if actual != expected:
+        raise DataError(
+            f"bundled data file {path} is corrupt: sha256 {actual}, expected {expected}"
+        )
+    return path, actual
+
+
+def _read_csv(path: Path, usecols: list[str], dtype: dict[str, str] | None = None,
+              index_col: int | None = None) -> pd.DataFrame:
+    """Read a .csv, .csv.gz or .zip (holding one CSV) with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.suffix == ".zip":
+            with zipfile.ZipFile(path) as zf:
+                members = [m for m in zf.namelist() if not m.endswith("/")]
+                if len(members) != 1:
+                    raise DataError(f"{path}: a .zip must hold exactly one CSV, found {members}")
+                with zf.open(members[0]) as fh:
+                    header = pd.read_csv(fh, nrows=0, index_col=index_col).columns
+                with zf.open(members[0]) as fh:
+                    _check_columns(path, header, usecols)
+                    frame = pd.read_csv(fh, usecols=usecols, dtype=dtype)
+        else:
+            header = pd.read_csv(path, nrows=0, index_col=index_col).columns
+            _check_columns(path, header, usecols)
+            frame = pd.read_csv(path, usecols=usecols, dtype=dtype)
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path}: the file is empty") from exc
+    except (OSError, UnicodeDecodeError, zipfile.BadZipFile, pd.errors.ParserError,
+            EOFError) as exc:
+        raise DataError(f"{path}: cannot read it as CSV ({exc})") from exc
+    if frame.empty:
+        raise DataError(f"{path}: the file has a header but no rows")
+    return frame
+
+
+def _check_columns(path: Path, header: pd.Index, needed: list[str]) -> None:
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; the file has {list(map(str, header))}"
+        )
+
+
+def _sorted_user_ids(ids: list[str]) -> list[str]:
+    """Ascending user ids: numerically when every id is a number, else as strings."""
+    try:
+        return sorted(ids, key=float)
+    except ValueError:
+        return sorted(ids)
+
+
+def _group_baskets(frame: pd.DataFrame, name: str, sha256: str,
+                   item_names: dict[str, str]) -> BasketData:
+    """``frame`` has string columns user, basket, item and a sortable ``time`` column.
+
+    A basket's time is the first time among its rows; one item counts once per basket.
+    """
+    frame = frame.drop_duplicates(["user", "basket", "item"])
+    first_time = frame.groupby(["user", "basket"], sort=False)["time"].min().rename("btime")
+    ordered = first_time.reset_index().sort_values(["user", "btime", "basket"], kind="stable")
+    items_of = frame.groupby(["user", "basket"], sort=False)["item"].agg(tuple)
+    by_user: dict[str, list[tuple[str, ...]]] = {}
+    for user, basket in zip(ordered["user"], ordered["basket"], strict=True):
+        by_user.setdefault(user, []).append(tuple(sorted(items_of[(user, basket)])))
+    users = {u: by_user[u] for u in _sorted_user_ids(list(by_user))}
+    if not users:
+        raise DataError(f"{name}: no baskets left after cleaning")
+    return BasketData(name=name, users=users, item_names=item_names, sha256=sha256)
+
+
+def _most_frequent_names(items: pd.Series, names: pd.Series) -> dict[str, str]:
+    pairs = pd.DataFrame({"item": items, "name": names}).dropna()
+    pairs["name"] = pairs["name"].astype(str).str.strip()
+    pairs = pairs[pairs["name"] != ""]
+    counts = pairs.value_counts(["item", "name"]).reset_index()
+    counts = counts.sort_values(["item", "count", "name"], ascending=[True, False, True])
+    first = counts.drop_duplicates("item")
+    return dict(zip(first["item"], first["name"], strict=True))
+
+
+def load_uci(path: Path | None = None) -> BasketData:
+    """UCI Online Retail: user = CustomerID, basket = InvoiceNo, cleaned per DESIGN.md 6."""
+    if path is None:
+        path, digest = _bundled_path("uci")
+    else:
+        digest = file_sha256(path)
+    cols = ["InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "CustomerID"]
+    raw = _read_csv(path, cols, dtype={"InvoiceNo": "string", "StockCode": "string",
+                                       "Description": "string", "CustomerID": "string"})
+    keep = (
+        raw["CustomerID"].notna()
+        & ~raw["InvoiceNo"].str.startswith("C")
+        & (raw["Quantity"] > 0)
+        & ~raw["StockCode"].isin(UCI_NON_PRODUCT_CODES)
+    )
+    clean = raw[keep]
+    frame = pd.DataFrame({
+        "user": clean["CustomerID"].str.removesuffix(".0"),
+        "basket": clean["InvoiceNo"],
+        "item": clean["StockCode"],
+        "time": pd.to_datetime(clean["InvoiceDate"]),
+    })
+    names = _most_frequent_names(clean["StockCode"], clean["Description"])
+    return _group_baskets(frame, "uci", digest, names)
+
+
+def load_instacart(path: Path | None = None) -> BasketData:
+    """Instacart sample: user = user_id, basket = order_id, time = order_number."""
+    if path is None:
+        path, digest = _bundled_path("instacart")
+    else:
+        digest = file_sha256(path)
+    raw = _read_csv(path, ["order_id", "user_id", "order_number", "product_id"],
+                    dtype={"order_id": "string", "user_id": "string",
+                           "product_id": "string"}, index_col=0)
+    frame = pd.DataFrame({
+        "user": raw["user_id"], "basket": raw["order_id"], "item": raw["product_id"],
+        "time": raw["order_number"],
+    })
+    return _group_baskets(frame, "instacart", digest, {})
+
+
+def _parse_time(column: pd.Series) -> pd.Series:
+    """Numbers sort as numbers, dates as dates, anything else as text."""
+    numeric = pd.to_numeric(column, errors="coerce")
+    if numeric.notna().all():
+        return numeric
+    dates = pd.to_datetime(column, errors="coerce", format="mixed")
+    if dates.notna().all():
+        return dates
+    return column.astype(str)
+
+
+def load_csv(path: Path, columns: CsvColumns) -> BasketData:
+    """A user's own basket CSV (.csv, .csv.gz or .zip)."""
+    path = Path(path)
+    wanted = [c for c in (columns.user, columns.item, columns.time, columns.basket,
+                          columns.name) if c is not None]
+    wanted = list(dict.fromkeys(wanted))
+    raw = _read_csv(path, wanted, dtype={c: "string" for c in wanted})
+    raw = raw.dropna(subset=[columns.user, columns.item, columns.time])
+    if raw.empty:
+        raise DataError(f"{path}: no row has a user, an item and a time")
+    time = _parse_time(raw[columns.time])
+    user = raw[columns.user].astype(str)
+    basket = (raw[columns.basket].astype(str) if columns.basket
+              else user + "\x1f" + raw[columns.time].astype(str))
+    frame = pd.DataFrame({"user": user, "basket": basket,
+                          "item": raw[columns.item].astype(str), "time": time})
+    names = (_most_frequent_names(frame["item"], raw[columns.name])
+             if columns.name else {})
+    return _group_baskets(frame, path.name, file_sha256(path), names)
+
+
+def load(spec: str, columns: CsvColumns | None = None) -> BasketData:
+    """``uci``, ``instacart``, or a path to a CSV described by ``columns``."""
+    if spec == "uci":
+        return load_uci()
+    if spec == "instacart":
+        return load_instacart()
+    if columns is None:
+        raise DataError(
+            f"{spec!r} is not a bundled data set (uci, instacart); for a CSV path give "
+            "--user-col, --item-col and --time-col"
+        )
+    return load_csv(Path(spec), columns)
