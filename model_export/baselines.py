@@ -12,9 +12,10 @@ import scipy.linalg.lapack as lapack
 import scipy.sparse as sp
 
 from model_export.evaluation import Query, Scorer, Split
+from model_export.features import history_of
 
 __all__ = [
-    "basket_counts", "cooccurrence", "ease", "history_counts", "own_history", "popularity",
+    "basket_counts", "cooccurrence", "ease", "own_history", "popularity",
 ]
 
 
@@ -80,16 +81,6 @@ def ease(split: Split, lam: float) -> Scorer:
     return score
 
 
-def history_counts(baskets: tuple[np.ndarray, ...] | list[np.ndarray], n_items: int,
-                   decay: float = 1.0) -> np.ndarray:
-    """Recency-weighted purchase counts of one user: the basket b steps before the newest
-    weighs decay**b. decay = 1 counts the baskets that hold each item."""
-    counts = np.zeros(n_items, dtype=np.float64)
-    for age, basket in enumerate(reversed(baskets)):
-        counts[basket] += decay ** age
-    return counts
-
-
 def own_history(split: Split) -> Scorer:
     """The items this user bought before, by the number of their baskets that hold them;
     ties, and the items never bought, ranked by popularity. Exact in float64: the count
@@ -98,7 +89,11 @@ def own_history(split: Split) -> Scorer:
     lead = pop.max() + 1.0
 
     def score(queries: list[Query]) -> np.ndarray:
-        return np.vstack([history_counts(split.train[q.user], split.n_items) * lead + pop
-                          for q in queries])
+        rows = np.zeros((len(queries), split.n_items))
+        for row, q in zip(rows, queries, strict=True):
+            ids, counts = history_of(split.train[q.user], split.n_items, decay=1.0,
+                                     max_items=split.n_items)
+            row[ids] = counts
+        return rows * lead + pop
 
     return score

@@ -1,0 +1,41 @@
+"""Export: weights -> ONNX and ORT graphs -> a signed bundle. Needs ``onnx`` (server side)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nacl.signing
+import onnx
+
+from model_export.bundle import Manifest, write_bundle
+from model_export.graphs import convert_to_ort, recommend_graph, train_step_graph
+from model_export.model import Weights
+
+__all__ = ["build_graphs", "export_bundle"]
+
+
+def build_graphs(weights: Weights) -> dict[str, bytes]:
+    """recommend and train_step as .onnx and as .ort (ONNX Runtime Mobile)."""
+    models = {"recommend": recommend_graph(weights),
+              "train_step": train_step_graph(weights.n_items, weights.dim)}
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="fedcart-export-") as tmp:
+        for stem, model in models.items():
+            path = Path(tmp) / f"{stem}.onnx"
+            onnx.save(model, path)
+            out[f"{stem}.onnx"] = path.read_bytes()
+            out[f"{stem}.ort"] = convert_to_ort(path).read_bytes()
+    return out
+
+
+def export_bundle(out_dir: Path | str, weights: Weights, items: Sequence[str],
+                  names: Sequence[str], signing_key: nacl.signing.SigningKey, *,
+                  model_version: int = 0, round_id: int = 0,
+                  history_decay: float = 1.0) -> Manifest:
+    """Build every graph for ``weights`` and write them as a signed bundle."""
+    return write_bundle(out_dir, weights=weights, items=items, names=names,
+                        graphs=build_graphs(weights), model_version=model_version,
+                        round_id=round_id, history_decay=history_decay,
+                        signing_key=signing_key)

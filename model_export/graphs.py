@@ -1,0 +1,206 @@
+"""The model as ONNX graphs, built op by op with ``onnx.helper`` (opset 18).
+
+``recommend.onnx``: weights as initializers; inputs ``cart`` int64[B, L] and ``hist_ids``
+int64[B, H] (both padded with -1), ``hist_w`` float32[B, H], ``k`` int64[1]; outputs
+``top_ids`` int64[B, k'] and ``top_scores`` float32[B, k'] with k' = min(k, V). Cart items
+score -inf, so they are never recommended ahead of any other item.
+
+``train_step.onnx``: weights as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``, ``targets``
+int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after one SGD step. The
+backward pass is closed-form (see model.py): ``e_in`` is updated with a ScatterND-add over the
+context rows only, ``e_out`` with one Gemm.
+
+Both graphs share :func:`_scores`, so the score the device ranks by is the score it trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from model_export.model import TENSOR_NAMES, Weights
+
+__all__ = ["OPSET", "recommend_graph", "train_step_graph", "convert_to_ort"]
+
+OPSET = 18
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+
+
+class _Graph:
+    """A tiny helper: each call adds one node and returns its output name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: object) -> str:
+        self._count += 1
+        name = out or f"{op_type.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name],
+                                           name=f"n{self._count}_{op_type}", **attrs))
+        return name
+
+    def model(self, name: str, inputs: list[onnx.ValueInfoProto],
+              outputs: list[onnx.ValueInfoProto], doc: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="fedcart", doc_string=doc)
+        model.ir_version = 9
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def _common_consts(g: _Graph) -> None:
+    g.const("zero_i", np.array(0, np.int64))
+    g.const("zero_f", np.array(0.0, np.float32))
+    g.const("one_f", np.array(1.0, np.float32))
+    g.const("axis1", np.array([1], np.int64))
+    g.const("axis_last", np.array([-1], np.int64))
+    g.const("blend_idx0", np.array(0, np.int64))
+    g.const("blend_idx1", np.array(1, np.int64))
+
+
+def _scores(g: _Graph, e_in: str, e_out: str, bias: str, blend: str, ctx: str,
+            hist_ids: str, hist_w: str) -> dict[str, str]:
+    """Forward pass shared by both graphs; returns the names of its intermediate values."""
+    valid = g.op("GreaterOrEqual", ctx, "zero_i")
+    safe_ctx = g.op("Where", valid, ctx, "zero_i")
+    mask = g.op("Cast", valid, to=FLOAT)
+    count = g.op("Max", g.op("ReduceSum", mask, "axis1", keepdims=1), "one_f")
+    rows = g.op("Gather", e_in, safe_ctx, axis=0)
+    weights = g.op("Unsqueeze", g.op("Div", mask, count), "axis_last")
+    u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)
+    base = g.op("Gemm", u, e_out, bias, transB=1)
+
+    h_valid = g.op("GreaterOrEqual", hist_ids, "zero_i")
+    safe_hist = g.op("Where", h_valid, hist_ids, "zero_i")
+    h_weight = g.op("Where", h_valid, hist_w, "zero_f")
+    zeros = g.op("ConstantOfShape", g.op("Shape", base),
+                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    h = g.op("ScatterElements", zeros, safe_hist, h_weight, axis=1, reduction="add")
+    f_log = g.op("Log", g.op("Add", h, "one_f"))
+    f_any = g.op("Cast", g.op("Greater", h, "zero_f"), to=FLOAT)
+    blend_log = g.op("Mul", f_log, g.op("Gather", blend, "blend_idx0", axis=0))
+    blend_any = g.op("Mul", f_any, g.op("Gather", blend, "blend_idx1", axis=0))
+    logits = g.op("Add", base, g.op("Add", blend_log, blend_any))
+    return {"valid": valid, "safe_ctx": safe_ctx, "mask": mask, "count": count, "u": u,
+            "f_log": f_log, "f_any": f_any, "logits": logits}
+
+
+def _io(name: str, elem: int, shape: list[str | int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _history_inputs() -> list[onnx.ValueInfoProto]:
+    return [_io("hist_ids", INT64, ["B", "H"]), _io("hist_w", FLOAT, ["B", "H"])]
+
+
+def recommend_graph(weights: Weights) -> onnx.ModelProto:
+    """Top-k recommendation with the weights baked in as initializers."""
+    g = _Graph()
+    _common_consts(g)
+    for name, value in weights.tensors().items():
+        g.const(name, value.astype(np.float32))
+    g.const("n_items", np.array([weights.n_items], np.int64))
+    g.const("neg_inf", np.array(-np.inf, np.float32))
+    g.const("pos_inf", np.array(np.inf, np.float32))
+    s = _scores(g, "e_in", "e_out", "bias", "blend", "cart", "hist_ids", "hist_w")
+    exclusion = g.op("Where", s["valid"], "neg_inf", "pos_inf")
+    ranked = g.op("ScatterElements", s["logits"], s["safe_ctx"], exclusion, axis=1,
+                  reduction="min")
+    k = g.op("Min", "k", "n_items")
+    g.nodes.append(helper.make_node("TopK", [ranked, k], ["top_scores", "top_ids"],
+                                    name="topk", axis=1, largest=1, sorted=1))
+    return g.model(
+        "fedcart_recommend",
+        [_io("cart", INT64, ["B", "L"]), *_history_inputs(), _io("k", INT64, [1])],
+        [_io("top_ids", INT64, ["B", "K"]), _io("top_scores", FLOAT, ["B", "K"])],
+        "FedCart recommendation: top-k items for padded carts, blended with the user's "
+        "own history; cart items are excluded.",
+    )
+
+
+def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
+    """One SGD step of softmax cross-entropy, forward and closed-form backward."""
+    g = _Graph()
+    _common_consts(g)
+    g.const("axis0", np.array([0], np.int64))
+    g.const("onehot_values", np.array([0.0, 1.0], np.float32))
+    g.const("depth", np.array(n_items, np.int64))
+    s = _scores(g, "e_in", "e_out", "bias", "blend", "ctx", "hist_ids", "hist_w")
+    logits = s["logits"]
+
+    top = g.op("ReduceMax", logits, "axis1", keepdims=1)
+    shifted = g.op("Sub", logits, top)
+    lse = g.op("Add", top, g.op("Log", g.op("ReduceSum", g.op("Exp", shifted), "axis1",
+                                             keepdims=1)))
+    target_col = g.op("Unsqueeze", "targets", "axis_last")
+    target_logit = g.op("GatherElements", logits, target_col, axis=1)
+    g.op("ReduceMean", g.op("Sub", lse, target_logit), keepdims=0, out="loss")
+
+    # d loss / d logits = (softmax - onehot) / B, scaled by -1/B here and by each group's
+    # learning rate below (lr = [e_in, e_out, bias, blend]).
+    batch = g.op("Cast", g.op("Gather", g.op("Shape", "targets"), "zero_i", axis=0), to=FLOAT)
+    probs = g.op("Exp", g.op("Sub", logits, lse))
+    onehot = g.op("OneHot", "targets", "depth", "onehot_values", axis=-1)
+    g_logits = g.op("Div", g.op("Sub", onehot, probs), batch)
+    lr = {name: g.op("Gather", "lr", g.const(f"lr_idx_{name}", np.array(i, np.int64)), axis=0)
+          for i, name in enumerate(TENSOR_NAMES)}
+
+    g.op("Add", "bias", g.op("Mul", g.op("ReduceSum", g_logits, "axis0", keepdims=0),
+                             lr["bias"]), out="bias_out")
+    g.op("Gemm", g.op("Mul", g_logits, lr["e_out"]), s["u"], "e_out", transA=1,
+         out="e_out_out")
+    g_u = g.op("Div", g.op("MatMul", g_logits, "e_out"), s["count"])
+    per_row = g.op("Mul", g.op("Unsqueeze", g.op("Mul", g_u, lr["e_in"]), "axis1"),
+                   g.op("Unsqueeze", s["mask"], "axis_last"))
+    g.op("ScatterND", "e_in", g.op("Unsqueeze", s["safe_ctx"], "axis_last"), per_row,
+         reduction="add", out="e_in_out")
+    d_log = g.op("ReduceSum", g.op("Mul", g_logits, s["f_log"]), keepdims=0)
+    d_any = g.op("ReduceSum", g.op("Mul", g_logits, s["f_any"]), keepdims=0)
+    d_blend = g.op("Concat", g.op("Unsqueeze", d_log, "axis0"),
+                   g.op("Unsqueeze", d_any, "axis0"), axis=0)
+    g.op("Add", "blend", g.op("Mul", d_blend, lr["blend"]), out="blend_out")
+
+    shapes = {"e_in": [n_items, dim], "e_out": [n_items, dim], "bias": [n_items],
+              "blend": [2]}
+    inputs = [_io(n, FLOAT, shapes[n]) for n in TENSOR_NAMES]
+    inputs += [_io("ctx", INT64, ["B", "L"]), *_history_inputs(),
+               _io("targets", INT64, ["B"]), _io("lr", FLOAT, [4])]
+    outputs = [_io("loss", FLOAT, [])] + [_io(f"{n}_out", FLOAT, shapes[n])
+                                          for n in TENSOR_NAMES]
+    return g.model("fedcart_train_step", inputs, outputs,
+                   "FedCart local training: one SGD step of softmax cross-entropy.")
+
+
+def convert_to_ort(onnx_path: Path) -> Path:
+    """Convert to the ONNX Runtime Mobile (.ort) format beside the .onnx file (the converter
+    onnxruntime ships, with its chatter kept off stdout)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
+
+    onnx_path = Path(onnx_path)
+    logging.getLogger("ort_format_model").setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert_onnx_models_to_ort(onnx_path, output_dir=onnx_path.parent,
+                                   optimization_styles=[OptimizationStyle.Fixed])
+    ort_path = onnx_path.with_suffix(".ort")
+    if not ort_path.is_file():
+        raise RuntimeError(f"ORT conversion did not produce {ort_path}")
+    for leftover in onnx_path.parent.glob(f"{onnx_path.stem}*.config"):
+        leftover.unlink()
+    return ort_path

@@ -1,0 +1,152 @@
+"""The FedCart model in numpy: the reference the ONNX graphs are tested against.
+
+Parameters (DESIGN.md section 2): ``e_in`` (V x d), ``e_out`` (V x d), ``bias`` (V) and
+``blend`` (2), the weights of the on-device history features. For a batch of carts (item ids
+padded with -1) and each user's history (item ids with recency-weighted counts, padded with
+-1):
+
+    u      = mean of e_in rows of the cart's items (0 for an empty cart)
+    h_j    = the user's weighted count of item j
+    s_j    = e_out[j] . u + bias_j + blend_0 log(1 + h_j) + blend_1 [h_j > 0]
+
+Training: softmax cross-entropy of the held-out target over the whole catalog, mean over the
+batch. The gradients are closed-form; ``e_in``'s is sparse (only cart rows).
+Only numpy: a device imports this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "PAD",
+    "TENSOR_NAMES",
+    "Weights",
+    "history_features",
+    "init_weights",
+    "loss_and_grads",
+    "scores",
+    "sgd_step",
+]
+
+PAD = -1
+TENSOR_NAMES = ("e_in", "e_out", "bias", "blend")
+
+
+@dataclass
+class Weights:
+    """Model parameters; float32 unless a test asks for float64."""
+
+    e_in: np.ndarray
+    e_out: np.ndarray
+    bias: np.ndarray
+    blend: np.ndarray
+
+    @property
+    def n_items(self) -> int:
+        return int(self.e_in.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.e_in.shape[1])
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in TENSOR_NAMES}
+
+    def flat(self) -> np.ndarray:
+        """All parameters as one float32 vector (the order of TENSOR_NAMES)."""
+        return np.concatenate([t.ravel() for t in self.tensors().values()]).astype(np.float32)
+
+    @classmethod
+    def from_flat(cls, flat: np.ndarray, n_items: int, dim: int) -> Weights:
+        sizes = [n_items * dim, n_items * dim, n_items, 2]
+        if flat.shape != (sum(sizes),):
+            raise ValueError(f"flat weights have shape {flat.shape}, expected ({sum(sizes)},)")
+        parts = np.split(flat, np.cumsum(sizes)[:-1])
+        return cls(parts[0].reshape(n_items, dim), parts[1].reshape(n_items, dim),
+                   parts[2], parts[3])
+
+    def copy(self) -> Weights:
+        return Weights(*(t.copy() for t in self.tensors().values()))
+
+    def astype(self, dtype: type) -> Weights:
+        return Weights(*(t.astype(dtype) for t in self.tensors().values()))
+
+
+def init_weights(n_items: int, dim: int, rng: np.random.Generator, scale: float = 0.1,
+                 popularity: np.ndarray | None = None) -> Weights:
+    """Small random embeddings; the bias starts at log-popularity when it is given (the
+    softmax's optimum for an empty cart), so training starts from the popularity ranking."""
+    bias = np.zeros(n_items, np.float32)
+    if popularity is not None:
+        bias = np.log(np.asarray(popularity, np.float64) + 1.0).astype(np.float32)
+    return Weights(
+        e_in=(rng.standard_normal((n_items, dim)) * scale).astype(np.float32),
+        e_out=(rng.standard_normal((n_items, dim)) * scale).astype(np.float32),
+        bias=bias,
+        blend=np.zeros(2, np.float32),
+    )
+
+
+def history_features(hist_ids: np.ndarray, hist_w: np.ndarray, n_items: int,
+                     dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Dense per-item features (log(1 + h), [h > 0]) of padded history ids and weights."""
+    h = np.zeros((hist_ids.shape[0], n_items), dtype=dtype)
+    rows = np.repeat(np.arange(hist_ids.shape[0]), hist_ids.shape[1]).reshape(hist_ids.shape)
+    valid = hist_ids >= 0
+    np.add.at(h, (rows[valid], hist_ids[valid]), hist_w[valid].astype(dtype))
+    return np.log1p(h), (h > 0).astype(dtype)
+
+
+def _cart_mean(w: Weights, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mask = (ctx >= 0).astype(w.e_in.dtype)
+    n = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+    rows = w.e_in[np.where(ctx >= 0, ctx, 0)] * mask[..., None]
+    return rows.sum(axis=1) / n, mask, n
+
+
+def scores(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray,
+           hist_w: np.ndarray) -> np.ndarray:
+    """Scores of every catalog item, [B, V] (cart items not yet excluded)."""
+    u, _, _ = _cart_mean(w, ctx)
+    f_log, f_any = history_features(hist_ids, hist_w, w.n_items, w.e_in.dtype)
+    return u @ w.e_out.T + w.bias + w.blend[0] * f_log + w.blend[1] * f_any
+
+
+def loss_and_grads(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray, hist_w: np.ndarray,
+                   targets: np.ndarray) -> tuple[float, Weights]:
+    """Mean softmax cross-entropy and its exact gradient with respect to every parameter."""
+    u, mask, n = _cart_mean(w, ctx)
+    f_log, f_any = history_features(hist_ids, hist_w, w.n_items, w.e_in.dtype)
+    logits = u @ w.e_out.T + w.bias + w.blend[0] * f_log + w.blend[1] * f_any
+    top = logits.max(axis=1, keepdims=True)
+    lse = top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    batch = np.arange(len(targets))
+    loss = float((lse[:, 0] - logits[batch, targets]).mean())
+
+    g = np.exp(logits - lse)
+    g[batch, targets] -= 1.0
+    g /= len(targets)
+    g_u = g @ w.e_out
+    g_in = np.zeros_like(w.e_in)
+    per_row = (g_u / n)[:, None, :] * mask[..., None]
+    np.add.at(g_in, np.where(ctx >= 0, ctx, 0), per_row)
+    grads = Weights(
+        e_in=g_in,
+        e_out=g.T @ u,
+        bias=g.sum(axis=0),
+        blend=np.array([(g * f_log).sum(), (g * f_any).sum()], dtype=w.blend.dtype),
+    )
+    return loss, grads
+
+
+def sgd_step(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray, hist_w: np.ndarray,
+             targets: np.ndarray, lr: np.ndarray) -> tuple[float, Weights]:
+    """One SGD step with a learning rate per parameter group (the order of TENSOR_NAMES):
+    what train_step.onnx computes. The groups' gradients differ by orders of magnitude (a
+    context row's is divided by the cart size, the blend's sums over the whole catalog)."""
+    loss, g = loss_and_grads(w, ctx, hist_ids, hist_w, targets)
+    return loss, Weights(*(p - rate * q for p, q, rate in zip(
+        w.tensors().values(), g.tensors().values(), lr, strict=True)))

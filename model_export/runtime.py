@@ -1,0 +1,80 @@
+"""Running the bundle's graphs with plain onnxruntime: recommendation and the train step.
+
+The device and central training both go through these two classes, so the model a data
+scientist evaluates is the model a phone runs. Only onnxruntime and numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from model_export.features import Batch, pad_rows
+from model_export.model import PAD, TENSOR_NAMES, Weights
+
+__all__ = ["Recommender", "TrainStep", "make_session"]
+
+
+def make_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session; one intra-op thread by default (a phone's budget, and what the
+    benchmarks compare)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+class Recommender:
+    """Top-k items for carts, blended with each user's history, via recommend.onnx/.ort."""
+
+    def __init__(self, model: bytes, n_items: int, threads: int = 1) -> None:
+        self.session = make_session(model, threads)
+        self.n_items = n_items
+
+    def top_k(self, carts: Sequence[Sequence[int]], k: int,
+              histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [B, k'], scores [B, k']) with k' = min(k, V); cart items come last with
+        score -inf."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        cart = pad_rows([np.asarray(c, np.int64) for c in carts], np.int64, PAD)
+        if cart.size and (cart.max() >= self.n_items or cart.min() < PAD):
+            raise ValueError(f"cart ids must lie in [0, {self.n_items})")
+        if histories is None:
+            histories = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(carts)
+        hist_ids = pad_rows([h[0] for h in histories], np.int64, PAD)
+        hist_w = pad_rows([h[1] for h in histories], np.float32, 0.0)
+        ids, scores = self.session.run(["top_ids", "top_scores"], {
+            "cart": cart, "hist_ids": hist_ids, "hist_w": hist_w,
+            "k": np.array([k], np.int64)})
+        return ids, scores
+
+    def all_scores(self, carts: Sequence[Sequence[int]],
+                   histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+                   ) -> np.ndarray:
+        """Every item's score [B, V] (cart items -inf), read back from a full top-V."""
+        ids, scores = self.top_k(carts, self.n_items, histories)
+        full = np.empty((len(carts), self.n_items), dtype=np.float32)
+        np.put_along_axis(full, ids, scores, axis=1)
+        return full
+
+
+class TrainStep:
+    """One SGD step of train_step.onnx on a batch."""
+
+    def __init__(self, model: bytes, threads: int = 1) -> None:
+        self.session = make_session(model, threads)
+        self.outputs = ["loss", *(f"{n}_out" for n in TENSOR_NAMES)]
+
+    def __call__(self, weights: Weights, batch: Batch,
+                 lr: Sequence[float]) -> tuple[float, Weights]:
+        """``lr``: one learning rate per group of TENSOR_NAMES."""
+        feeds = {**weights.tensors(), **batch.feeds(), "lr": np.asarray(lr, np.float32)}
+        loss, *tensors = self.session.run(self.outputs, feeds)
+        return float(loss), Weights(*tensors)

@@ -1,0 +1,142 @@
+"""The signed bundle: a round trip, and a clear refusal of every kind of bad bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model_export.bundle import (
+    MANIFEST,
+    PAYLOAD_FILES,
+    SIGNATURE,
+    BundleError,
+    read_bundle,
+    vocabulary_digest,
+    zip_bundle,
+)
+from model_export.export import export_bundle
+from model_export.model import init_weights
+from model_export.runtime import Recommender
+
+ITEMS = [f"sku{i:02d}" for i in range(20)]
+NAMES = [f"Product {i}" for i in range(20)]
+KEY = nacl.signing.SigningKey(bytes(range(32)))
+PUBLIC = bytes(KEY.verify_key)
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "v3"
+    weights = init_weights(len(ITEMS), 4, np.random.default_rng(0))
+    export_bundle(out, weights, ITEMS, NAMES, KEY, model_version=3, round_id=7,
+                  history_decay=0.9)
+    return out
+
+
+@pytest.fixture
+def copy(original: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(original, tmp_path / "bundle"))
+
+
+def test_round_trip(original: Path) -> None:
+    bundle = read_bundle(original, PUBLIC, vocabulary_sha256=vocabulary_digest(ITEMS),
+                         min_model_version=3)
+    m = bundle.manifest
+    assert (m.model_version, m.round, m.n_items, m.dim) == (3, 7, 20, 4)
+    assert m.items == tuple(ITEMS) and m.names == tuple(NAMES)
+    expected = init_weights(len(ITEMS), 4, np.random.default_rng(0))
+    np.testing.assert_array_equal(bundle.weights().e_out, expected.e_out)
+    ids, _ = Recommender(bundle.files["recommend.ort"], m.n_items).top_k([[0, 1]], 3)
+    assert ids.shape == (1, 3)
+
+
+def test_zip_round_trip(original: Path, tmp_path: Path) -> None:
+    packed = zip_bundle(original, tmp_path / "b.zip")
+    assert read_bundle(packed, PUBLIC).manifest.model_version == 3
+
+
+def test_never_overwrites(original: Path) -> None:
+    weights = init_weights(len(ITEMS), 4, np.random.default_rng(1))
+    with pytest.raises(FileExistsError):
+        export_bundle(original, weights, ITEMS, NAMES, KEY)
+
+
+def test_unsigned(copy: Path) -> None:
+    (copy / SIGNATURE).unlink()
+    with pytest.raises(BundleError, match="unsigned"):
+        read_bundle(copy, PUBLIC)
+
+
+def test_wrong_key(copy: Path) -> None:
+    other = bytes(nacl.signing.SigningKey.generate().verify_key)
+    with pytest.raises(BundleError, match="signature does not verify"):
+        read_bundle(copy, other)
+
+
+def test_tampered_manifest(copy: Path) -> None:
+    body = json.loads((copy / MANIFEST).read_bytes())
+    body["model_version"] = 99
+    (copy / MANIFEST).write_bytes(json.dumps(body).encode())
+    with pytest.raises(BundleError, match="signature does not verify"):
+        read_bundle(copy, PUBLIC)
+
+
+@pytest.mark.parametrize("name", PAYLOAD_FILES)
+def test_tampered_file(copy: Path, name: str) -> None:
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name} is tampered or truncated"):
+        read_bundle(copy, PUBLIC)
+
+
+def test_truncated(copy: Path) -> None:
+    (copy / "weights.bin").write_bytes((copy / "weights.bin").read_bytes()[:-4])
+    with pytest.raises(BundleError, match="tampered or truncated"):
+        read_bundle(copy, PUBLIC)
+    (copy / "train_step.ort").unlink()
+    with pytest.raises(BundleError, match="train_step.ort is missing"):
+        read_bundle(copy, PUBLIC)
+
+
+def test_truncated_zip(original: Path, tmp_path: Path) -> None:
+    packed = zip_bundle(original, tmp_path / "b.zip")
+    packed.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(BundleError):
+        read_bundle(packed, PUBLIC)
+
+
+def test_wrong_vocabulary_and_downgrade(original: Path) -> None:
+    with pytest.raises(BundleError, match="another item vocabulary"):
+        read_bundle(original, PUBLIC, vocabulary_sha256=vocabulary_digest(ITEMS[::-1]))
+    with pytest.raises(BundleError, match="downgrade refused"):
+        read_bundle(original, PUBLIC, min_model_version=4)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not a bundle"):
+        read_bundle(tmp_path, PUBLIC)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"junk")
+    with pytest.raises(BundleError, match="neither a bundle directory nor a zip"):
+        read_bundle(junk, PUBLIC)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_flipped_byte_is_refused(original: Path, tmp_path_factory, data) -> None:
+    name = data.draw(st.sampled_from([MANIFEST, SIGNATURE, *PAYLOAD_FILES]))
+    raw = bytearray((original / name).read_bytes())
+    position = data.draw(st.integers(0, len(raw) - 1))
+    raw[position] ^= data.draw(st.integers(1, 255))
+    target = Path(shutil.copytree(original, tmp_path_factory.mktemp("flip") / "b"))
+    (target / name).write_bytes(bytes(raw))
+    with pytest.raises(BundleError):
+        read_bundle(target, PUBLIC)

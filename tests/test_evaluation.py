@@ -1,0 +1,94 @@
+"""The evaluation protocol: metric arithmetic, and the reference figures of DESIGN.md 6
+from an independent implementation, reproduced exactly (to the 4 decimals published)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model_export import baselines
+from model_export.evaluation import Query, evaluate, make_split, ranks_of_hidden
+from tests.conftest import synthetic_data
+
+
+def test_rank_counts_ties_for_the_hidden_item_and_excludes_the_cart() -> None:
+    scores = np.array([[5.0, 3.0, 3.0, 9.0, 1.0]])
+    query = Query(user=0, cart=np.array([3]), hidden=2)
+    # item 3 (the best) is in the cart; item 1 ties with the hidden item 2.
+    assert ranks_of_hidden(scores, [query]).tolist() == [2.0]
+
+
+def test_unscored_hidden_item_is_a_miss() -> None:
+    scores = np.array([[-np.inf, -np.inf, 1.0]])
+    ranks = ranks_of_hidden(scores, [Query(user=0, cart=np.array([2]), hidden=0)])
+    assert ranks.tolist() == [np.inf]
+
+
+def test_metrics_from_known_ranks() -> None:
+    split = make_split(synthetic_data())
+    queries = split.queries[:3]
+    split = split.__class__(split.name, split.catalog, split.users, split.train, queries)
+    wanted = {q.hidden: r for q, r in zip(queries, (1, 3, 20), strict=True)}
+
+    def scorer(qs: list[Query]) -> np.ndarray:
+        out = np.zeros((len(qs), split.n_items))
+        for row, q in zip(out, qs, strict=True):
+            others = [i for i in range(split.n_items) if i != q.hidden and i not in q.cart]
+            row[others[: wanted[q.hidden] - 1]] = 2.0
+            row[q.hidden] = 1.0
+        return out
+
+    m = evaluate(scorer, split)
+    assert m.hr == pytest.approx(2 / 3)
+    assert m.ndcg == pytest.approx((1 + 1 / np.log2(4)) / 3)
+    assert m.mrr == pytest.approx((1 + 1 / 3 + 1 / 20) / 3)
+
+
+def test_split_keeps_last_basket_out_of_training() -> None:
+    data = synthetic_data()
+    split = make_split(data)
+    for u, (user, baskets) in enumerate(data.users.items()):
+        assert split.users[u] == user
+        assert len(split.train[u]) == len(baskets) - 1
+    for q in split.queries:
+        last = {split.catalog.index(i) for i in data.users[split.users[q.user]][-1]}
+        assert q.hidden in last and set(q.cart.tolist()) == last - {q.hidden}
+
+
+@pytest.mark.slow
+def test_uci_reference_figures(uci_split) -> None:
+    assert (len(uci_split.queries), uci_split.n_items) == (2592, 3644)
+    figures = {
+        "popularity": evaluate(baselines.popularity(uci_split), uci_split).hr,
+        "cooccurrence": evaluate(baselines.cooccurrence(uci_split), uci_split).hr,
+        "ease": evaluate(baselines.ease(uci_split, 500.0), uci_split).hr,
+        "own history": evaluate(baselines.own_history(uci_split), uci_split).hr,
+    }
+    assert {k: round(v, 4) for k, v in figures.items()} == {
+        "popularity": 0.0424, "cooccurrence": 0.3056, "ease": 0.3407, "own history": 0.2010}
+
+
+@pytest.mark.slow
+def test_instacart_reference_figures(instacart_split) -> None:
+    split = instacart_split
+    assert (len(split.queries), split.n_items) == (560, 13880)
+    figures = {
+        "popularity": evaluate(baselines.popularity(split), split).hr,
+        "cooccurrence": evaluate(baselines.cooccurrence(split), split).hr,
+        "ease": evaluate(baselines.ease(split, 250.0), split).hr,
+        "own history": evaluate(baselines.own_history(split), split).hr,
+    }
+    assert {k: round(v, 4) for k, v in figures.items()} == {
+        "popularity": 0.0696, "cooccurrence": 0.2429, "ease": 0.2554, "own history": 0.3911}
+
+
+def test_ease_matches_a_direct_numpy_solution(small_split) -> None:
+    split = small_split
+    x = np.zeros((sum(len(b) for b in split.train), split.n_items))
+    for row, basket in zip(x, split.training_baskets(), strict=True):
+        row[basket] = 1.0
+    p = np.linalg.inv(x.T @ x + 3.0 * np.eye(split.n_items))
+    b = np.eye(split.n_items) - p / np.diag(p)
+    q = list(split.queries)
+    expected = np.vstack([b[query.cart].sum(axis=0) for query in q])
+    np.testing.assert_allclose(baselines.ease(split, 3.0)(q), expected, atol=1e-10)

@@ -1,0 +1,101 @@
+"""The ONNX graphs against the numpy reference, and their .ort forms against the .onnx."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from model_export.export import build_graphs
+from model_export.features import ExampleSet
+from model_export.graphs import OPSET, recommend_graph, train_step_graph
+from model_export.model import init_weights, scores, sgd_step
+from model_export.runtime import Recommender, TrainStep, make_session
+
+V, D = 40, 8
+LR = np.array([3.0, 2.0, 0.5, 0.1], np.float32)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    rng = np.random.default_rng(7)
+    w = init_weights(V, D, rng, scale=0.3, popularity=rng.integers(0, 50, V))
+    w.blend[:] = [0.7, 1.3]
+    return w
+
+
+@pytest.fixture(scope="module")
+def graphs(weights):
+    return build_graphs(weights)
+
+
+def inputs(rng: np.random.Generator):
+    ctx = np.array([[3, 5, 5, -1, -1], [0, -1, -1, -1, -1], [-1, -1, -1, -1, -1],
+                    [1, 2, 3, 4, 39]], np.int64)
+    hist_ids = np.array([[5, 6, 7], [9, -1, -1], [-1, -1, -1], [0, 11, 39]], np.int64)
+    hist_w = rng.uniform(0.1, 3.0, hist_ids.shape).astype(np.float32)
+    return ctx, hist_ids, hist_w
+
+
+def test_graphs_pass_the_checker_at_the_declared_opset(weights) -> None:
+    for model in (recommend_graph(weights), train_step_graph(V, D)):
+        onnx.checker.check_model(model, full_check=True)
+        assert model.opset_import[0].version == OPSET >= 17
+
+
+@pytest.mark.parametrize("graph", ["recommend.onnx", "recommend.ort"])
+def test_recommend_matches_reference_and_excludes_cart(weights, graphs, graph) -> None:
+    rng = np.random.default_rng(0)
+    ctx, hist_ids, hist_w = inputs(rng)
+    ref = scores(weights.astype(np.float64), ctx, hist_ids, hist_w.astype(np.float64))
+    for row, cart in zip(ref, ctx, strict=True):
+        row[cart[cart >= 0]] = -np.inf
+    session = make_session(graphs[graph])
+    ids, got = session.run(None, {"cart": ctx, "hist_ids": hist_ids, "hist_w": hist_w,
+                                  "k": np.array([10])})
+    assert ids.shape == (4, 10)
+    expected = np.sort(ref, axis=1)[:, ::-1][:, :10]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(ref, ids, 1), got, rtol=1e-5, atol=1e-5)
+    for row, cart in zip(ids, ctx, strict=True):
+        assert not set(row.tolist()) & set(cart[cart >= 0].tolist())
+
+
+def test_k_larger_than_catalog_is_clamped(graphs) -> None:
+    rec = Recommender(graphs["recommend.onnx"], V)
+    ids, got = rec.top_k([[1, 2]], k=10 * V)
+    assert ids.shape == (1, V)
+    assert np.isneginf(got[0, -2:]).all() and np.isfinite(got[0, :-2]).all()
+    with pytest.raises(ValueError, match="cart ids"):
+        rec.top_k([[V]], k=3)
+
+
+@pytest.mark.parametrize("graph", ["train_step.onnx", "train_step.ort"])
+def test_train_step_matches_reference(weights, graphs, graph) -> None:
+    rng = np.random.default_rng(1)
+    ctx, hist_ids, hist_w = inputs(rng)
+    targets = np.array([4, 5, 0, 39], np.int64)
+    session = make_session(graphs[graph])
+    loss, *tensors = session.run(None, {**weights.tensors(), "ctx": ctx,
+                                        "hist_ids": hist_ids, "hist_w": hist_w,
+                                        "targets": targets, "lr": LR})
+    ref_loss, ref = sgd_step(weights.astype(np.float64), ctx, hist_ids,
+                             hist_w.astype(np.float64), targets, LR.astype(np.float64))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for got, want in zip(tensors, ref.tensors().values(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_loss_decreases_on_real_data(uci_split) -> None:
+    users = uci_split.train[:300]
+    examples = ExampleSet(users, uci_split.n_items, decay=0.9)
+    rng = np.random.default_rng(0)
+    w = init_weights(uci_split.n_items, 16, rng)
+    step = TrainStep(train_step_graph(uci_split.n_items, 16).SerializeToString())
+    fixed = examples.batch(rng.choice(len(examples), 256, replace=False), rng)
+    before, _ = step(w, fixed, np.zeros(4))
+    for _ in range(2):
+        for batch in examples.batches(128, rng):
+            _, w = step(w, batch, [30.0, 30.0, 0.5, 0.05])
+    after, _ = step(w, fixed, np.zeros(4))
+    assert after < before - 0.3
