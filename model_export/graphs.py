@@ -1,7 +1,8 @@
 """The model as ONNX graphs, built op by op with ``onnx.helper`` (opset 18).
 
 ``recommend.onnx``: weights as initializers; inputs ``cart`` int64[B, L] and ``hist_ids``
-int64[B, H] (both padded with -1), ``hist_w`` float32[B, H], ``k`` int64[1]; outputs
+int64[B, H] (both padded with -1; history ids distinct within a row), ``hist_w``
+float32[B, H], ``k`` int64[1]; outputs
 ``top_ids`` int64[B, k'] and ``top_scores`` float32[B, k'] with k' = min(k, V). Cart items
 score -inf, so they are never recommended ahead of any other item.
 
@@ -64,7 +65,6 @@ class _Graph:
 
 def _common_consts(g: _Graph) -> None:
     g.const("zero_i", np.array(0, np.int64))
-    g.const("zero_f", np.array(0.0, np.float32))
     g.const("one_f", np.array(1.0, np.float32))
     g.const("axis1", np.array([1], np.int64))
     g.const("axis_last", np.array([-1], np.int64))
@@ -84,19 +84,17 @@ def _scores(g: _Graph, e_in: str, e_out: str, bias: str, blend: str, ctx: str,
     u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)
     base = g.op("Gemm", u, e_out, bias, transB=1)
 
+    # The blend, on the H history entries only (ids are distinct within a row).
     h_valid = g.op("GreaterOrEqual", hist_ids, "zero_i")
     safe_hist = g.op("Where", h_valid, hist_ids, "zero_i")
-    h_weight = g.op("Where", h_valid, hist_w, "zero_f")
-    zeros = g.op("ConstantOfShape", g.op("Shape", base),
-                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    h = g.op("ScatterElements", zeros, safe_hist, h_weight, axis=1, reduction="add")
-    f_log = g.op("Log", g.op("Add", h, "one_f"))
-    f_any = g.op("Cast", g.op("Greater", h, "zero_f"), to=FLOAT)
+    f_any = g.op("Cast", h_valid, to=FLOAT)
+    f_log = g.op("Mul", g.op("Log", g.op("Add", hist_w, "one_f")), f_any)
     blend_log = g.op("Mul", f_log, g.op("Gather", blend, "blend_idx0", axis=0))
     blend_any = g.op("Mul", f_any, g.op("Gather", blend, "blend_idx1", axis=0))
-    logits = g.op("Add", base, g.op("Add", blend_log, blend_any))
+    logits = g.op("ScatterElements", base, safe_hist, g.op("Add", blend_log, blend_any),
+                  axis=1, reduction="add")
     return {"valid": valid, "safe_ctx": safe_ctx, "mask": mask, "count": count, "u": u,
-            "f_log": f_log, "f_any": f_any, "logits": logits}
+            "safe_hist": safe_hist, "f_log": f_log, "f_any": f_any, "logits": logits}
 
 
 def _io(name: str, elem: int, shape: list[str | int]) -> onnx.ValueInfoProto:
@@ -168,8 +166,9 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
                    g.op("Unsqueeze", s["mask"], "axis_last"))
     g.op("ScatterND", "e_in", g.op("Unsqueeze", s["safe_ctx"], "axis_last"), per_row,
          reduction="add", out="e_in_out")
-    d_log = g.op("ReduceSum", g.op("Mul", g_logits, s["f_log"]), keepdims=0)
-    d_any = g.op("ReduceSum", g.op("Mul", g_logits, s["f_any"]), keepdims=0)
+    g_hist = g.op("GatherElements", g_logits, s["safe_hist"], axis=1)
+    d_log = g.op("ReduceSum", g.op("Mul", g_hist, s["f_log"]), keepdims=0)
+    d_any = g.op("ReduceSum", g.op("Mul", g_hist, s["f_any"]), keepdims=0)
     d_blend = g.op("Concat", g.op("Unsqueeze", d_log, "axis0"),
                    g.op("Unsqueeze", d_any, "axis0"), axis=0)
     g.op("Add", "blend", g.op("Mul", d_blend, lr["blend"]), out="blend_out")

@@ -2,12 +2,13 @@
 
 Parameters (DESIGN.md section 2): ``e_in`` (V x d), ``e_out`` (V x d), ``bias`` (V) and
 ``blend`` (2), the weights of the on-device history features. For a batch of carts (item ids
-padded with -1) and each user's history (item ids with recency-weighted counts, padded with
--1):
+padded with -1) and each user's history (distinct item ids with recency-weighted counts
+h > 0, padded with -1):
 
     u      = mean of e_in rows of the cart's items (0 for an empty cart)
-    h_j    = the user's weighted count of item j
-    s_j    = e_out[j] . u + bias_j + blend_0 log(1 + h_j) + blend_1 [h_j > 0]
+    s_j    = e_out[j] . u + bias_j + [j in history] (blend_0 log(1 + h_j) + blend_1)
+
+The blend touches only the H history entries, not the whole catalog.
 
 Training: softmax cross-entropy of the held-out target over the whole catalog, mean over the
 batch. The gradients are closed-form; ``e_in``'s is sparse (only cart rows).
@@ -92,12 +93,15 @@ def init_weights(n_items: int, dim: int, rng: np.random.Generator, scale: float 
 
 def history_features(hist_ids: np.ndarray, hist_w: np.ndarray, n_items: int,
                      dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Dense per-item features (log(1 + h), [h > 0]) of padded history ids and weights."""
-    h = np.zeros((hist_ids.shape[0], n_items), dtype=dtype)
-    rows = np.repeat(np.arange(hist_ids.shape[0]), hist_ids.shape[1]).reshape(hist_ids.shape)
+    """Dense per-item features (log(1 + h), [in history]), [B, V], of padded history ids
+    (distinct within a row) and weights."""
     valid = hist_ids >= 0
-    np.add.at(h, (rows[valid], hist_ids[valid]), hist_w[valid].astype(dtype))
-    return np.log1p(h), (h > 0).astype(dtype)
+    rows = np.nonzero(valid)[0]
+    f_log = np.zeros((hist_ids.shape[0], n_items), dtype=dtype)
+    f_any = np.zeros_like(f_log)
+    f_log[rows, hist_ids[valid]] = np.log1p(hist_w[valid].astype(dtype))
+    f_any[rows, hist_ids[valid]] = 1.0
+    return f_log, f_any
 
 
 def _cart_mean(w: Weights, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ scientist evaluates is the model a phone runs. Only onnxruntime and numpy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,20 +41,34 @@ class Recommender:
               histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
               ) -> tuple[np.ndarray, np.ndarray]:
         """(ids [B, k'], scores [B, k']) with k' = min(k, V); cart items come last with
-        score -inf."""
+        score -inf. ``histories``: per cart, distinct item ids and their weights."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        cart = pad_rows([np.asarray(c, np.int64) for c in carts], np.int64, PAD)
-        if cart.size and (cart.max() >= self.n_items or cart.min() < PAD):
+        cart = (np.asarray(carts[0], np.int64).reshape(1, -1) if len(carts) == 1
+                else pad_rows([np.asarray(c, np.int64) for c in carts], np.int64, PAD))
+        if cart.shape[1] == 0:
+            cart = np.full((len(carts), 1), PAD, np.int64)
+        if cart.max() >= self.n_items or cart.min() < PAD:
             raise ValueError(f"cart ids must lie in [0, {self.n_items})")
         if histories is None:
-            histories = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(carts)
-        hist_ids = pad_rows([h[0] for h in histories], np.int64, PAD)
-        hist_w = pad_rows([h[1] for h in histories], np.float32, 0.0)
+            hist_ids, hist_w = self._no_history(len(carts))
+        else:
+            if any(len(np.unique(h[0])) != len(h[0]) for h in histories):
+                raise ValueError("history item ids must be distinct within a user's history")
+            hist_ids = pad_rows([h[0] for h in histories], np.int64, PAD)
+            hist_w = pad_rows([h[1] for h in histories], np.float32, 0.0)
         ids, scores = self.session.run(["top_ids", "top_scores"], {
             "cart": cart, "hist_ids": hist_ids, "hist_w": hist_w,
             "k": np.array([k], np.int64)})
         return ids, scores
+
+    @staticmethod
+    @functools.cache
+    def _no_history(rows: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full((rows, 1), PAD, np.int64)
+        weights = np.zeros((rows, 1), np.float32)
+        ids.flags.writeable = weights.flags.writeable = False
+        return ids, weights
 
     def all_scores(self, carts: Sequence[Sequence[int]],
                    histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,

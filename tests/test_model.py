@@ -56,10 +56,10 @@ def test_padding_and_empty_cart() -> None:
     np.testing.assert_allclose(empty[0], w.bias)
 
 
-def test_history_features_sum_duplicates() -> None:
-    f_log, f_any = history_features(np.array([[1, 1, -1]]), np.array([[0.5, 1.0, 9.0]]), 3)
-    np.testing.assert_allclose(f_log, [[0.0, np.log(2.5), 0.0]], rtol=1e-6)
-    np.testing.assert_array_equal(f_any, [[0, 1, 0]])
+def test_history_features_ignore_padding() -> None:
+    f_log, f_any = history_features(np.array([[2, 0, -1]]), np.array([[1.5, 0.25, 9.0]]), 4)
+    np.testing.assert_allclose(f_log, [[np.log(1.25), 0.0, np.log(2.5), 0.0]], rtol=1e-6)
+    np.testing.assert_array_equal(f_any, [[1, 0, 1, 0]])
 
 
 def test_flat_round_trip_and_sgd_moves_against_gradient() -> None:

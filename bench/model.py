@@ -1,0 +1,74 @@
+"""recommend and train: the ONNX graphs against a plain numpy implementation of the same
+model, and recommend against the memory-bandwidth bound of reading e_out and the bias."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.common import Row, seconds_per_call
+from model_export.features import ExampleSet
+from model_export.graphs import recommend_graph, train_step_graph
+from model_export.model import init_weights, sgd_step
+from model_export.runtime import Recommender, TrainStep
+
+GRID = [(169, 32), (4000, 32), (4000, 64), (50_000, 32), (50_000, 64)]
+QUICK_GRID = [(169, 32), (4000, 64)]
+CART = np.array([3, 17, 42, 101, 150], np.int64)
+LEARNING_RATES = np.array([50.0, 50.0, 1.0, 0.05], np.float32)
+
+
+def read_bandwidth(n_bytes: int = 256 << 20) -> float:
+    """Single-core sequential read bandwidth, bytes/s: a sum over an array far larger than
+    the caches (the sum's arithmetic is cheaper than the read)."""
+    data = np.ones(n_bytes // 4, dtype=np.float32)
+    seconds = seconds_per_call(lambda: data.sum(), min_time=0.5, repeats=3)
+    return n_bytes / seconds
+
+
+def numpy_top10(e_in: np.ndarray, e_out: np.ndarray, bias: np.ndarray,
+                cart: np.ndarray) -> np.ndarray:
+    scores = e_out @ e_in[cart].mean(axis=0) + bias
+    scores[cart] = -np.inf
+    top = np.argpartition(-scores, 10)[:10]
+    return top[np.argsort(-scores[top])]
+
+
+def bench_recommend(quick: bool) -> list[Row]:
+    bandwidth = read_bandwidth(64 << 20 if quick else 256 << 20)
+    rows = []
+    for n_items, dim in QUICK_GRID if quick else GRID:
+        w = init_weights(n_items, dim, np.random.default_rng(0), popularity=np.arange(n_items))
+        rec = Recommender(recommend_graph(w).SerializeToString(), n_items)
+        ids, _ = rec.top_k([CART], 10)
+        assert np.array_equal(ids[0], numpy_top10(w.e_in, w.e_out, w.bias, CART))
+        onnx_s = seconds_per_call(lambda rec=rec: rec.top_k([CART], 10))
+        numpy_s = seconds_per_call(lambda w=w: numpy_top10(w.e_in, w.e_out, w.bias, CART))
+        bound_s = (w.e_out.nbytes + w.bias.nbytes) / bandwidth
+        params = {"V": n_items, "d": dim}
+        rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",
+                        "numpy", numpy_s * 1e6, numpy_s / onnx_s))
+        rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",
+                        "read-bandwidth bound", bound_s * 1e6, bound_s / onnx_s))
+    return rows
+
+
+def bench_train(quick: bool) -> list[Row]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for n_items, dim in QUICK_GRID if quick else GRID:
+        users = [[rng.choice(n_items, rng.integers(2, 15), replace=False) for _ in range(4)]
+                 for _ in range(64)]
+        batch = ExampleSet(users, n_items, decay=0.9).batch(np.arange(64), rng)
+        w = init_weights(n_items, dim, rng)
+        step = TrainStep(train_step_graph(n_items, dim).SerializeToString())
+        onnx_s = seconds_per_call(lambda w=w, step=step: step(w, batch, LEARNING_RATES))
+        numpy_s = seconds_per_call(lambda w=w: sgd_step(
+            w, batch.ctx, batch.hist_ids, batch.hist_w, batch.targets, LEARNING_RATES),
+            repeats=3)
+        size = len(batch.targets)
+        rows.append(Row("train", {"V": n_items, "d": dim, "batch": size}, "examples/s",
+                        size / onnx_s, "ex/s", "numpy", size / numpy_s, numpy_s / onnx_s))
+    return rows
+
+
+BENCHES = {"recommend": bench_recommend, "train": bench_train}
