@@ -14,7 +14,7 @@ from model_export.runtime import Recommender, TrainStep
 GRID = [(169, 32), (4000, 32), (4000, 64), (50_000, 32), (50_000, 64)]
 QUICK_GRID = [(169, 32), (4000, 64)]
 CART = np.array([3, 17, 42, 101, 150], np.int64)
-LEARNING_RATES = np.array([50.0, 50.0, 1.0, 0.05], np.float32)
+LEARNING_RATES = np.array([5.0, 5.0, 1.0, 0.05], np.float32)
 
 
 def read_bandwidth(n_bytes: int = 256 << 20) -> float:
@@ -27,7 +27,7 @@ def read_bandwidth(n_bytes: int = 256 << 20) -> float:
 
 def numpy_top10(e_in: np.ndarray, e_out: np.ndarray, bias: np.ndarray,
                 cart: np.ndarray) -> np.ndarray:
-    scores = e_out @ e_in[cart].mean(axis=0) + bias
+    scores = e_out @ (e_in[cart].sum(axis=0) / np.sqrt(len(cart))) + bias
     scores[cart] = -np.inf
     top = np.argpartition(-scores, 10)[:10]
     return top[np.argsort(-scores[top])]

@@ -78,7 +78,7 @@ def _scores(g: _Graph, e_in: str, e_out: str, bias: str, blend: str, ctx: str,
     valid = g.op("GreaterOrEqual", ctx, "zero_i")
     safe_ctx = g.op("Where", valid, ctx, "zero_i")
     mask = g.op("Cast", valid, to=FLOAT)
-    count = g.op("Max", g.op("ReduceSum", mask, "axis1", keepdims=1), "one_f")
+    count = g.op("Sqrt", g.op("Max", g.op("ReduceSum", mask, "axis1", keepdims=1), "one_f"))
     rows = g.op("Gather", e_in, safe_ctx, axis=0)
     weights = g.op("Unsqueeze", g.op("Div", mask, count), "axis_last")
     u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)

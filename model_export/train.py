@@ -22,9 +22,9 @@ __all__ = ["TrainConfig", "model_scorer", "train_central"]
 class TrainConfig:
     """Hyperparameters of central training (and the starting point of federated runs)."""
 
-    dim: int = 64
-    epochs: int = 5
-    lr_embeddings: float = 50.0
+    dim: int = 128
+    epochs: int = 3
+    lr_embeddings: float = 5.0
     lr_bias: float = 1.0
     lr_blend: float = 0.05
     batch_size: int = 256

@@ -1,0 +1,53 @@
+"""Errors of the secure aggregation core.
+
+    SecAggError                    base of every error this package raises
+    ├── LocalProtocolError         this side misused the core (wrong phase, bad argument)
+    └── RemoteProtocolError        the peer misbehaved; the core's state is unchanged
+        ├── MalformedMessage       bytes that do not decode as a message
+        └── ProtocolViolation      a well-formed message the protocol forbids: out of
+                                   phase, replayed, badly signed, inconsistent sets
+    RoundFailed                    (SecAggError) the server cannot finish the round: too
+                                   few survivors or shares; the message names the reason
+
+A server drops a client that raises RemoteProtocolError and goes on; a client that raises
+it abandons the round without revealing anything more.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LocalProtocolError",
+    "MalformedMessage",
+    "ProtocolViolation",
+    "RemoteProtocolError",
+    "RoundFailed",
+    "SecAggError",
+]
+
+
+class SecAggError(Exception):
+    """Base of every error the secagg package raises."""
+
+
+class LocalProtocolError(SecAggError):
+    """This side used the core wrongly: a programming error, not the peer's fault."""
+
+
+class RemoteProtocolError(SecAggError):
+    """The peer sent something the protocol does not allow."""
+
+
+class MalformedMessage(RemoteProtocolError, ValueError):
+    """Bytes that are not a valid message (bad magic, version, type, length, field)."""
+
+
+class ProtocolViolation(RemoteProtocolError):
+    """A valid message the protocol forbids here (phase, replay, signature, consistency)."""
+
+
+class RoundFailed(SecAggError):
+    """The round cannot complete; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

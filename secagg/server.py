@@ -1,0 +1,311 @@
+"""The server side of a SecAgg+ round, sans I/O.
+
+Call :meth:`ServerRound.start`, then feed each client's bytes to :meth:`receive` and send
+what :meth:`data_to_send` returns; call :meth:`deadline` when a phase's time is up (the core
+keeps no clock). A phase ends when every client still expected has answered, or at its
+deadline with those who have. A client whose message is malformed, out of phase, replayed or
+badly signed is dropped (``receive`` raises RemoteProtocolError for the I/O layer to log and
+close) and the round goes on without it.
+
+Phases (state: what it collects -> what it sends when the phase ends):
+
+    ADVERTISE    AdvertiseKeys          -> NeighbourKeys to each advertiser       (U1)
+    SHARE        EncryptedShares        -> SharesForYou to each sharer            (U2)
+    MASKED       MaskedInput            -> SurvivorSet to each survivor           (U3)
+    CONSISTENCY  ConsistencySignature   -> UnmaskRequest to each signer           (U4)
+    UNMASK       UnmaskShares           -> DONE: ``result`` is the sum over U3
+
+Masked inputs are summed as they arrive, so memory is O(d), not O(n d). Unmasking removes
+each survivor's self mask (seed rebuilt from t shares) and, for each client that shared keys
+but sent no input, the pairwise masks its surviving neighbours added (its masking key rebuilt
+from t shares and checked against the key it advertised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from enum import IntEnum
+
+import nacl.bindings
+import numpy as np
+
+from secagg import shamir
+from secagg.client import MASK_KEY, SELF_MASK
+from secagg.crypto import IdentityKey, mask_seed, verify
+from secagg.errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError, RoundFailed
+from secagg.graph import neighbours, pairwise_sign
+from secagg.messages import (
+    SERVER,
+    AdvertiseKeys,
+    ConsistencySignature,
+    EncryptedShares,
+    MaskedInput,
+    Message,
+    NeighbourKeys,
+    RoundConfig,
+    SharesForYou,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskShares,
+    consistency_statement,
+    decode,
+)
+from secagg.prg import add_mask
+
+__all__ = ["ServerRound", "ServerState"]
+
+
+class ServerState(IntEnum):
+    CREATED = 0
+    ADVERTISE = 1
+    SHARE = 2
+    MASKED = 3
+    CONSISTENCY = 4
+    UNMASK = 5
+    DONE = 6
+    FAILED = 7
+
+
+_EXPECTS: dict[ServerState, type[Message]] = {
+    ServerState.ADVERTISE: AdvertiseKeys,
+    ServerState.SHARE: EncryptedShares,
+    ServerState.MASKED: MaskedInput,
+    ServerState.CONSISTENCY: ConsistencySignature,
+    ServerState.UNMASK: UnmaskShares,
+}
+
+
+class ServerRound:
+    """One round of secure aggregation over ``participants`` (id -> identity public key)."""
+
+    def __init__(self, round_id: int, participants: Mapping[int, bytes], degree: int,
+                 threshold: int, vector_len: int, identity: IdentityKey,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        ids = tuple(sorted(participants))
+        self.graph_seed = random_bytes(32)
+        self.graph = neighbours(ids, degree, self.graph_seed)
+        smallest = min((len(v) for v in self.graph.values()), default=0)
+        if not (2 * threshold > max(len(v) for v in self.graph.values()) and
+                smallest >= threshold >= 1):
+            raise LocalProtocolError(f"threshold {threshold} must satisfy k/2 < t <= k for "
+                                     f"degree {degree} among {len(ids)} clients")
+        self.round_id = round_id
+        self.participants = dict(participants)
+        self.degree, self.threshold, self.vector_len = degree, threshold, vector_len
+        self.identity = identity
+        self.state = ServerState.CREATED
+        self.result: np.ndarray | None = None
+        self.failure: str | None = None
+        self.dropped: dict[int, str] = {}  # client -> why (malformed, violation, ...)
+        self._outbox: list[tuple[int, bytes]] = []
+        self._expected: set[int] = set()
+        self._answers: dict[int, Message] = {}
+        self._keys: dict[int, AdvertiseKeys] = {}
+        self._shares_sent: dict[int, EncryptedShares] = {}
+        self._total = np.zeros(vector_len, dtype=np.uint32)
+        self._survivors: tuple[int, ...] = ()
+        self._signatures: dict[int, bytes] = {}
+        self._phase_end = {
+            ServerState.ADVERTISE: self._end_advertise,
+            ServerState.SHARE: self._end_share,
+            ServerState.MASKED: self._end_masked,
+            ServerState.CONSISTENCY: self._end_consistency,
+            ServerState.UNMASK: self._end_unmask,
+        }
+
+    # -- the I/O layer's side ------------------------------------------------------------
+    def start(self) -> None:
+        if self.state != ServerState.CREATED:
+            raise LocalProtocolError("the round has already started")
+        ids = tuple(sorted(self.participants))
+        config = RoundConfig(self.round_id, SERVER, ids,
+                             tuple(self.participants[i] for i in ids), self.degree,
+                             self.threshold, self.graph_seed, self.vector_len)
+        data = dataclasses.replace(
+            config, signature=self.identity.sign(config.signed_part())).encode()
+        self._outbox += [(i, data) for i in ids]
+        self._enter(ServerState.ADVERTISE, set(ids))
+
+    def receive(self, client: int, data: bytes) -> None:
+        """One message from ``client``. A bad one drops the client (RemoteProtocolError is
+        raised for the caller to log) and never stops the round."""
+        if self.state in (ServerState.CREATED, ServerState.DONE, ServerState.FAILED):
+            raise LocalProtocolError(f"not collecting messages ({self.state.name})")
+        try:
+            message = decode(data)
+            if message.sender != client or message.round_id != self.round_id:
+                raise ProtocolViolation("message names another sender or round")
+            if client not in self._expected:
+                raise ProtocolViolation(f"client {client} is not expected in "
+                                        f"{self.state.name} (dropped, replay, or unknown)")
+            if client in self._answers:
+                raise ProtocolViolation(f"client {client} already answered {self.state.name}")
+            if not isinstance(message, _EXPECTS[self.state]):
+                raise ProtocolViolation(f"{type(message).__name__} is out of phase in "
+                                        f"{self.state.name}")
+            self._accept(client, message)
+        except RemoteProtocolError as exc:
+            self.drop(client, str(exc))
+            raise
+        self._answers[client] = message
+        self._maybe_end_phase()
+
+    def drop(self, client: int, reason: str) -> None:
+        """Expect nothing more from ``client`` (disconnected, or misbehaved). A valid answer
+        it already gave in this phase stands: a masked input in the sum must be unmasked."""
+        self.dropped.setdefault(client, reason)
+        self._expected.discard(client)
+        if self.state not in (ServerState.DONE, ServerState.FAILED, ServerState.CREATED):
+            self._maybe_end_phase()
+
+    def deadline(self) -> None:
+        """The current phase's time is up: go on with the clients that answered."""
+        if self.state in self._phase_end:
+            for client in self._expected - set(self._answers):
+                self.dropped.setdefault(client, f"no answer in {self.state.name}")
+            self._expected = set(self._answers)
+            self._maybe_end_phase()
+
+    def data_to_send(self) -> list[tuple[int, bytes]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    @property
+    def survivors(self) -> tuple[int, ...]:
+        return self._survivors
+
+    # -- checks on arrival ---------------------------------------------------------------
+    def _accept(self, client: int, m: Message) -> None:
+        if isinstance(m, AdvertiseKeys):
+            verify(self.participants[client],
+                   AdvertiseKeys.signed_part(self.round_id, client, m.share_key, m.mask_key),
+                   m.signature, f"client {client}'s keys")
+        elif isinstance(m, EncryptedShares):
+            wanted = tuple(sorted(self.graph[client] & set(self._keys)))
+            if tuple(sorted(m.recipients)) != wanted:
+                raise ProtocolViolation(f"client {client} shared with {sorted(m.recipients)}"
+                                        f", its advertised neighbours are {list(wanted)}")
+        elif isinstance(m, MaskedInput):
+            if m.vector.size != self.vector_len:
+                raise ProtocolViolation(f"masked input of length {m.vector.size}, the round "
+                                        f"aggregates {self.vector_len}")
+            np.add(self._total, m.vector, out=self._total)
+        elif isinstance(m, ConsistencySignature):
+            verify(self.participants[client],
+                   consistency_statement(self.round_id, self._survivors), m.signature,
+                   f"client {client}'s survivor-set signature")
+        elif isinstance(m, UnmaskShares):
+            expected = {}
+            for v in self._holders_of(client):
+                expected[v] = SELF_MASK if v in self._survivors else MASK_KEY
+            got = dict(zip(m.owners, m.kinds, strict=True))
+            if got != expected or m.shares.shape != (len(m.owners), shamir.WORDS):
+                raise ProtocolViolation(f"client {client} answered the unmask request with "
+                                        "other shares than it holds")
+            if m.shares.size and m.shares.max() >= shamir.PRIME:
+                raise ProtocolViolation(f"client {client}'s shares are not field elements")
+
+    def _holders_of(self, client: int) -> list[int]:
+        """The owners whose shares ``client`` holds: the sharers among its neighbours."""
+        return sorted(v for v, sent in self._shares_sent.items()
+                      if client in sent.recipients and client != v)
+
+    # -- phase ends ----------------------------------------------------------------------
+    def _enter(self, state: ServerState, expected: set[int]) -> None:
+        self.state = state
+        self._expected = expected - set(self.dropped)
+        self._answers = {}
+        self._maybe_end_phase()
+
+    def _maybe_end_phase(self) -> None:
+        if self.state in self._phase_end and set(self._answers) >= self._expected:
+            try:
+                self._phase_end[self.state]()
+            except RoundFailed as exc:
+                self.state = ServerState.FAILED
+                self.failure = exc.reason
+                self._outbox = []
+                raise
+
+    def _need(self, count: int, what: str) -> None:
+        if count < self.threshold:
+            raise RoundFailed(f"{what}: {count} clients, threshold {self.threshold}")
+
+    def _end_advertise(self) -> None:
+        self._keys = {c: m for c, m in self._answers.items() if isinstance(m, AdvertiseKeys)}
+        self._need(len(self._keys), "clients that advertised keys")
+        for u in sorted(self._keys):
+            peers = tuple(self._keys[v] for v in sorted(self.graph[u] & set(self._keys)))
+            self._outbox.append((u, NeighbourKeys(self.round_id, SERVER, peers).encode()))
+        self._enter(ServerState.SHARE, set(self._keys))
+
+    def _end_share(self) -> None:
+        self._shares_sent = {c: m for c, m in self._answers.items()
+                             if isinstance(m, EncryptedShares)}
+        self._need(len(self._shares_sent), "clients that shared keys")
+        inbox: dict[int, list[tuple[int, bytes]]] = {v: [] for v in self._shares_sent}
+        for u, sent in sorted(self._shares_sent.items()):
+            for v, ciphertext in zip(sent.recipients, sent.ciphertexts, strict=True):
+                if v in inbox:
+                    inbox[v].append((u, ciphertext))
+        for v, items in inbox.items():
+            self._outbox.append((v, SharesForYou(self.round_id, SERVER,
+                                                 tuple(u for u, _ in items),
+                                                 tuple(c for _, c in items)).encode()))
+        self._enter(ServerState.MASKED, set(self._shares_sent))
+
+    def _end_masked(self) -> None:
+        self._survivors = tuple(sorted(self._answers))
+        self._need(len(self._survivors), "clients that sent a masked input")
+        data = SurvivorSet(self.round_id, SERVER, self._survivors).encode()
+        self._outbox += [(u, data) for u in self._survivors]
+        self._enter(ServerState.CONSISTENCY, set(self._survivors))
+
+    def _end_consistency(self) -> None:
+        self._signatures = {c: m.signature for c, m in self._answers.items()
+                            if isinstance(m, ConsistencySignature)}
+        self._need(len(self._signatures), "survivors that signed the survivor set")
+        signers = tuple(sorted(self._signatures))
+        dropped = tuple(sorted(set(self._shares_sent) - set(self._survivors)))
+        data = UnmaskRequest(self.round_id, SERVER, self._survivors, dropped, signers,
+                             tuple(self._signatures[s] for s in signers)).encode()
+        self._outbox += [(u, data) for u in signers]
+        self._enter(ServerState.UNMASK, set(signers))
+
+    def _end_unmask(self) -> None:
+        collected: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+        for holder, m in sorted(self._answers.items()):
+            assert isinstance(m, UnmaskShares)
+            for owner, kind, share in zip(m.owners, m.kinds, m.shares, strict=True):
+                collected.setdefault((owner, kind), []).append((holder + 1, share))
+        total = self._total
+        for u in self._survivors:
+            add_mask(total, self._rebuild(collected, u, SELF_MASK), -1)
+        for v in sorted(set(self._shares_sent) - set(self._survivors)):
+            secret = self._rebuild(collected, v, MASK_KEY)
+            if nacl.bindings.crypto_scalarmult_base(secret) != self._keys[v].mask_key:
+                raise RoundFailed(f"client {v}'s masking key rebuilt from shares does not "
+                                  "match the key it advertised (bad shares)")
+            for u in self._survivors:
+                if u in self._shares_sent[v].recipients:  # u masked with v
+                    seed = mask_seed(secret, self._keys[u].mask_key, self.round_id, u, v)
+                    add_mask(total, seed, -pairwise_sign(u, v))
+        self.result = total
+        self.state = ServerState.DONE
+
+    def _rebuild(self, collected: dict[tuple[int, int], list[tuple[int, np.ndarray]]],
+                 owner: int, kind: int) -> bytes:
+        shares = collected.get((owner, kind), [])
+        what = "self-mask seed" if kind == SELF_MASK else "masking key"
+        if len(shares) < self.threshold:
+            raise RoundFailed(f"client {owner}'s {what}: {len(shares)} shares from surviving "
+                              f"neighbours, threshold {self.threshold}")
+        points = [x for x, _ in shares]
+        stacked = np.stack([s for _, s in shares])[:, None, :]
+        try:
+            (secret,) = shamir.reconstruct(points, stacked, self.threshold)
+        except shamir.ShamirError as exc:
+            raise RoundFailed(f"client {owner}'s {what}: {exc}") from exc
+        return secret
