@@ -252,17 +252,16 @@ class ClientRound:
         if undecided:
             raise ProtocolViolation(f"neighbours {sorted(undecided)} shared keys but are "
                                     "neither survivor nor dropped")
+        if len(set(m.signers)) < self.config.threshold or not set(m.signers) <= survivors:
+            raise ProtocolViolation(f"{len(m.signers)} survivors vouch for the survivor set "
+                                    f"(threshold {self.config.threshold}), or a signer is "
+                                    "not a survivor")
+        # t valid signatures of distinct survivors prove the set; checking more buys nothing.
         statement = consistency_statement(self.config.round_id, self._survivors)
-        valid = 0
-        for signer, signature in zip(m.signers, m.signatures, strict=True):
-            if signer not in survivors:
-                raise ProtocolViolation(f"client {signer} signed but is not a survivor")
+        for signer, signature in list(zip(m.signers, m.signatures, strict=True))[
+                :self.config.threshold]:
             verify(self._identity_of[signer], statement, signature,
                    f"client {signer}'s survivor-set signature")
-            valid += 1
-        if valid < self.config.threshold:
-            raise ProtocolViolation(f"only {valid} survivors vouch for the survivor set, "
-                                    f"threshold {self.config.threshold}")
         owners, kinds, rows = [], [], []
         for v in sorted(self._held):
             kind = SELF_MASK if v in survivors else MASK_KEY

@@ -34,7 +34,7 @@ def run_local_round(inputs: Mapping[int, np.ndarray], degree: int, threshold: in
                     drop_at: Mapping[int, ServerState] | None = None, round_id: int = 1,
                     server_identity: IdentityKey | None = None,
                     identities: Mapping[int, IdentityKey] | None = None) -> LocalRound:
-    """Run one round to DONE or FAILED; RoundFailed from the server propagates."""
+    """Run one round to DONE or FAILED (then ``server.failure`` says why)."""
     drop_at = drop_at or {}
     server_identity = server_identity or IdentityKey.generate()
     identities = identities or {i: IdentityKey.generate() for i in inputs}
@@ -48,6 +48,15 @@ def run_local_round(inputs: Mapping[int, np.ndarray], degree: int, threshold: in
     run = LocalRound(server, clients, bytes_up={i: 0 for i in inputs})
     gone: set[int] = set()
     server.start()
+    try:
+        _drive(run, drop_at, gone)
+    except RoundFailed:
+        pass  # the server is FAILED and says why in server.failure
+    return run
+
+
+def _drive(run: LocalRound, drop_at: Mapping[int, ServerState], gone: set[int]) -> None:
+    server, clients = run.server, run.clients
     while server.state not in (ServerState.DONE, ServerState.FAILED):
         phase = server.state
         for cid, data in server.data_to_send():
@@ -72,4 +81,3 @@ def run_local_round(inputs: Mapping[int, np.ndarray], degree: int, threshold: in
                     gone.add(cid)
         if server.state == phase:
             server.deadline()
-    return run

@@ -1,0 +1,270 @@
+"""Whole SecAgg+ rounds in memory: exact sums under any dropout pattern the threshold
+allows, a clear failure otherwise; a malicious server refused; a hostile client dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from secagg.client import ClientRound, ClientState
+from secagg.crypto import IdentityKey
+from secagg.errors import ProtocolViolation, RemoteProtocolError
+from secagg.graph import neighbours
+from secagg.local import PHASES, run_local_round
+from secagg.messages import (
+    SERVER,
+    MaskedInput,
+    NeighbourKeys,
+    RoundConfig,
+    UnmaskRequest,
+    decode,
+)
+from secagg.server import ServerRound, ServerState
+
+ADVERTISE, SHARE, MASKED, CONSISTENCY, UNMASK = PHASES
+
+
+def expected_survivors(ids: list[int], graph: dict, t: int, drop_at: dict) -> set[int] | str:
+    """An independent oracle: who survives each phase, with the clients' own aborts, and
+    whether every secret the server needs has t live holders. Returns the survivor set, or
+    a string naming why the round must fail."""
+    def alive_at(phase) -> set[int]:
+        return {i for i in ids if drop_at.get(i) is None or drop_at[i] > phase}
+
+    u1 = alive_at(ADVERTISE)
+    if len(u1) < t:
+        return "advertised"
+    # a client with fewer than t advertising neighbours cannot share: it aborts
+    u2 = {u for u in alive_at(SHARE) & u1 if len(graph[u] & u1) >= t}
+    if len(u2) < t:
+        return "shared"
+    # a client that received fewer than t neighbours' shares aborts before masking
+    u3 = {u for u in alive_at(MASKED) & u2 if len(graph[u] & u2) >= t}
+    if len(u3) < t:
+        return "masked"
+    u4 = alive_at(CONSISTENCY) & u3
+    if len(u4) < t:
+        return "signed"
+    u5 = alive_at(UNMASK) & u4
+    for owner in u3 | (u2 - u3):
+        if len(graph[owner] & u2 & u5) < t:
+            return "threshold"
+    return u3
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_rounds_are_exact_or_fail_clearly(data) -> None:
+    n = data.draw(st.integers(3, 200), label="n")
+    k = data.draw(st.integers(2, n - 1 if n <= 40 else 24), label="k")
+    degree = min(n - 1, k + k % 2)
+    t = data.draw(st.integers(degree // 2 + 1, degree), label="t")
+    ids = sorted(data.draw(st.lists(st.integers(0, 10**6), min_size=n, max_size=n,
+                                    unique=True)))
+    rate = data.draw(st.sampled_from([0.0, 0.05, 0.1, 0.3]), label="dropout")
+    drop_at = {i: data.draw(st.sampled_from(PHASES)) for i in ids
+               if data.draw(st.floats(0, 1)) < rate}
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    inputs = {i: rng.integers(0, 2**32, 16, dtype=np.uint64).astype(np.uint32) for i in ids}
+    run = run_local_round(inputs, k, t, drop_at=drop_at)
+    oracle = expected_survivors(ids, neighbours(ids, k, run.server.graph_seed), t, drop_at)
+    if isinstance(oracle, str):
+        assert run.server.state == ServerState.FAILED
+        assert "threshold" in run.server.failure
+        return
+    assert run.server.state == ServerState.DONE, run.server.failure
+    assert isinstance(oracle, set) and set(run.server.survivors) == oracle
+    total = np.zeros(16, dtype=np.uint32)
+    for i in oracle:
+        total += inputs[i]
+    np.testing.assert_array_equal(run.server.result, total)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_failures_happen_exactly_when_the_oracle_says(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ids = list(range(12))
+    drop_at = {int(i): PHASES[int(rng.integers(0, 5))]
+               for i in rng.choice(12, int(rng.integers(2, 7)), replace=False)}
+    inputs = {i: rng.integers(0, 2**32, 4, dtype=np.uint64).astype(np.uint32) for i in ids}
+    run = run_local_round(inputs, 6, 4, drop_at=drop_at)
+    oracle = expected_survivors(ids, neighbours(ids, 6, run.server.graph_seed), 4, drop_at)
+    if isinstance(oracle, set):
+        assert run.server.state == ServerState.DONE and set(run.server.survivors) == oracle
+    else:
+        assert run.server.state == ServerState.FAILED
+        assert "threshold" in run.server.failure
+
+
+def test_complete_graph_with_ten_percent_dropout() -> None:
+    rng = np.random.default_rng(1)
+    ids = list(range(30))
+    inputs = {i: rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32) for i in ids}
+    drop_at = {0: ADVERTISE, 1: SHARE, 2: MASKED}
+    run = run_local_round(inputs, 29, 16, drop_at=drop_at)
+    assert set(run.server.survivors) == set(ids) - {0, 1, 2}
+    assert run.server.dropped.keys() >= {0, 1, 2}
+    np.testing.assert_array_equal(
+        run.server.result, np.sum([inputs[i] for i in ids if i > 2], axis=0, dtype=np.uint32))
+
+
+def test_round_fails_naming_the_missing_secret() -> None:
+    rng = np.random.default_rng(2)
+    ids = list(range(6))
+    inputs = {i: rng.integers(0, 2**32, 4, dtype=np.uint64).astype(np.uint32) for i in ids}
+    # 3 of 6 drop before unmasking: survivors' self-mask seeds have 2 live holders, t = 4
+    run = run_local_round(inputs, 5, 4, drop_at={0: UNMASK, 1: UNMASK, 2: CONSISTENCY})
+    assert run.server.state == ServerState.FAILED and run.server.result is None
+    assert re.search(r"self-mask seed: \d shares .* threshold 4", run.server.failure)
+
+
+# -- a malicious server against honest clients -------------------------------------------
+class Setup:
+    def __init__(self, n: int = 5, k: int = 4, t: int = 3) -> None:
+        self.server_key = IdentityKey.generate()
+        self.keys = {i: IdentityKey.generate() for i in range(n)}
+        self.server = ServerRound(1, {i: k.public for i, k in self.keys.items()}, k, t, 4,
+                                  self.server_key)
+        self.clients = {i: ClientRound(i, key, self.server_key.public, 0)
+                        for i, key in self.keys.items()}
+        for c in self.clients.values():
+            c.set_input(np.ones(4, np.uint32))
+        self.server.start()
+
+    def step(self) -> dict[int, list[bytes]]:
+        """Deliver the server's messages, return what each client sent back (undelivered)."""
+        for cid, data in self.server.data_to_send():
+            self.clients[cid].receive(data)
+        return {cid: c.data_to_send() for cid, c in self.clients.items()}
+
+    def deliver(self, replies: dict[int, list[bytes]]) -> None:
+        """Send replies on; a dropped client's connection is closed, as the I/O layer does."""
+        for cid, items in replies.items():
+            if cid in self.server.dropped:
+                continue
+            for data in items:
+                self.server.receive(cid, data)
+
+    def run_to(self, state: ServerState) -> None:
+        while self.server.state != state:
+            self.deliver(self.step())
+
+
+def test_client_refuses_overlapping_survivor_and_dropped_sets() -> None:
+    s = Setup()
+    s.run_to(ServerState.UNMASK)
+    for cid, data in s.server.data_to_send():
+        m = decode(data)
+        assert isinstance(m, UnmaskRequest)
+        evil = dataclasses.replace(m, dropped=(m.survivors[0],))  # ask for both secrets
+        with pytest.raises(ProtocolViolation, match="both survivor and dropped"):
+            s.clients[cid].receive(evil.encode())
+        assert s.clients[cid].state == ClientState.FAILED
+        assert s.clients[cid].data_to_send() == []
+
+
+def test_client_refuses_a_survivor_set_other_than_it_signed() -> None:
+    s = Setup()
+    s.run_to(ServerState.UNMASK)
+    cid, data = s.server.data_to_send()[0]
+    m = decode(data)
+    fewer = dataclasses.replace(m, survivors=m.survivors[1:], dropped=m.survivors[:1])
+    with pytest.raises(ProtocolViolation, match="differ from the set this client signed"):
+        s.clients[cid].receive(fewer.encode())
+
+
+def test_client_refuses_an_unvouched_survivor_set() -> None:
+    s = Setup()
+    s.run_to(ServerState.UNMASK)
+    cid, data = s.server.data_to_send()[0]
+    m = decode(data)
+    unsigned = dataclasses.replace(m, signers=m.signers[:2], signatures=m.signatures[:2])
+    with pytest.raises(ProtocolViolation, match="vouch"):
+        s.clients[cid].receive(unsigned.encode())
+    forged = dataclasses.replace(m, signatures=(bytes(64),) * len(m.signers))
+    other = next(c for c in s.clients if c != m.survivors[0] and
+                 s.clients[c].state == ClientState.WAIT_UNMASK)
+    with pytest.raises(ProtocolViolation, match="bad signature"):
+        s.clients[other].receive(forged.encode())
+
+
+def test_client_refuses_swapped_public_keys() -> None:
+    s = Setup()
+    s.deliver(s.step())  # advertise
+    assert s.server.state == ServerState.SHARE
+    cid, data = s.server.data_to_send()[0]
+    m = decode(data)
+    assert isinstance(m, NeighbourKeys)
+    first, second = m.keys[0], m.keys[1]
+    swapped = dataclasses.replace(first, mask_key=second.mask_key)  # server-chosen key
+    evil = dataclasses.replace(m, keys=(swapped, *m.keys[1:]))
+    with pytest.raises(ProtocolViolation, match="bad signature"):
+        s.clients[cid].receive(evil.encode())
+
+
+def test_client_refuses_replayed_and_unsigned_round_configs() -> None:
+    server_key = IdentityKey.generate()
+    key = IdentityKey.generate()
+    server = ServerRound(4, {0: key.public, 1: IdentityKey.generate().public,
+                             2: IdentityKey.generate().public}, 2, 2, 4, server_key)
+    server.start()
+    config = next(d for c, d in server.data_to_send() if c == 0)
+    with pytest.raises(ProtocolViolation, match="replayed config"):
+        ClientRound(0, key, server_key.public, last_round_id=4).receive(config)
+    m = decode(config)
+    assert isinstance(m, RoundConfig)
+    with pytest.raises(ProtocolViolation, match="bad signature on the round config"):
+        ClientRound(0, key, server_key.public, 3).receive(
+            dataclasses.replace(m, degree=1).encode())
+    with pytest.raises(ProtocolViolation, match="bad signature"):
+        ClientRound(0, key, IdentityKey.generate().public, 3).receive(config)
+    client = ClientRound(0, key, server_key.public, 3)
+    client.receive(config)
+    with pytest.raises(ProtocolViolation, match="out of phase"):
+        client.receive(config)
+
+
+def test_client_rejects_a_message_from_another_round() -> None:
+    s = Setup()
+    s.deliver(s.step())
+    cid, data = s.server.data_to_send()[0]
+    m = decode(data)
+    with pytest.raises(ProtocolViolation, match="replay or mix-up"):
+        s.clients[cid].receive(dataclasses.replace(m, round_id=0).encode())
+
+
+# -- a hostile client against the server ---------------------------------------------------
+def test_server_drops_a_garbage_client_and_completes() -> None:
+    s = Setup(n=8, k=7, t=4)
+    s.deliver(s.step())
+    s.deliver(s.step())
+    assert s.server.state == ServerState.MASKED
+    replies = s.step()
+    with pytest.raises(RemoteProtocolError):
+        s.server.receive(0, b"\x00garbage")
+    replies.pop(0)
+    wrong = MaskedInput(1, 1, np.zeros(9, np.uint32)).encode()  # wrong length
+    with pytest.raises(ProtocolViolation, match="length 9"):
+        s.server.receive(1, wrong)
+    replies.pop(1)
+    s.deliver(replies)
+    with pytest.raises(ProtocolViolation, match="out of phase"):
+        s.server.receive(2, replies[2][0])  # replay of an accepted message
+    s.run_to(ServerState.DONE)
+    # client 2's masked input was accepted before its replay: it stays a survivor
+    assert set(s.server.survivors) == {2, 3, 4, 5, 6, 7}
+    np.testing.assert_array_equal(s.server.result, np.full(4, 6, np.uint32))
+    assert set(s.server.dropped) == {0, 1, 2}
+
+
+def test_server_rejects_impersonation() -> None:
+    s = Setup()
+    replies = s.step()
+    with pytest.raises(ProtocolViolation, match="another sender"):
+        s.server.receive(1, replies[0][0])  # client 1's connection sends client 0's keys
+    assert 1 in s.server.dropped
