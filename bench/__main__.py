@@ -12,8 +12,11 @@ from pathlib import Path
 
 import onnxruntime
 
+from bench import model, secagg
 from bench.common import markdown_table
-from bench.model import BENCHES
+
+BENCHES = {"recommend": model.bench_recommend, "train": model.bench_train,
+           "prg": secagg.bench_prg, "secagg": secagg.bench_secagg}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,14 +61,12 @@ def bench_train(quick: bool) -> list[Row]:
         batch = ExampleSet(users, n_items, decay=0.9).batch(np.arange(64), rng)
         w = init_weights(n_items, dim, rng)
         step = TrainStep(train_step_graph(n_items, dim).SerializeToString())
-        onnx_s = seconds_per_call(lambda w=w, step=step: step(w, batch, LEARNING_RATES))
-        numpy_s = seconds_per_call(lambda w=w: sgd_step(
-            w, batch.ctx, batch.hist_ids, batch.hist_w, batch.targets, LEARNING_RATES),
-            repeats=3)
+        onnx_s = seconds_per_call(
+            lambda w=w, step=step, b=batch: step(w, b, LEARNING_RATES))
+        numpy_s = seconds_per_call(lambda w=w, b=batch: sgd_step(
+            w, b.ctx, b.hist_ids, b.hist_w, b.targets, LEARNING_RATES), repeats=3)
         size = len(batch.targets)
         rows.append(Row("train", {"V": n_items, "d": dim, "batch": size}, "examples/s",
                         size / onnx_s, "ex/s", "numpy", size / numpy_s, numpy_s / onnx_s))
     return rows
 
-
-BENCHES = {"recommend": bench_recommend, "train": bench_train}

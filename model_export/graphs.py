@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from model_export.model import TENSOR_NAMES, Weights
 
-__all__ = ["OPSET", "recommend_graph", "train_step_graph", "convert_to_ort"]
+__all__ = ["OPSET", "convert_to_ort", "recommend_graph", "train_step_graph"]
 
 OPSET = 18
 FLOAT = TensorProto.FLOAT

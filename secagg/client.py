@@ -31,7 +31,7 @@ import numpy as np
 from secagg import shamir
 from secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
 from secagg.errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError, RoundFailed
-from secagg.graph import neighbours, pairwise_sign
+from secagg.graph import neighbours_of, pairwise_sign
 from secagg.messages import (
     SERVER,
     AdvertiseKeys,
@@ -142,7 +142,7 @@ class ClientRound:
                                     f"{self.last_round_id} (replayed config)")
         if self.id not in m.participants:
             raise ProtocolViolation("this client is not among the round's participants")
-        peers = neighbours(m.participants, m.degree, m.graph_seed)[self.id]
+        peers = neighbours_of(m.participants, m.degree, m.graph_seed, self.id)
         if not (2 * m.threshold > len(peers) >= m.threshold >= 1):
             raise ProtocolViolation(f"threshold {m.threshold} unsafe for {len(peers)} "
                                     "neighbours (need k/2 < t <= k)")

@@ -4,6 +4,8 @@ clients that vanish at a chosen phase. Tests, benchmarks and the fuzzers drive r
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,10 +26,15 @@ PHASES = (ServerState.ADVERTISE, ServerState.SHARE, ServerState.MASKED,
 
 @dataclass
 class LocalRound:
+    """The finished round, with what each side sent and the time each side computed."""
+
     server: ServerRound
     clients: dict[int, ClientRound]
     failures: dict[int, str] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    server_seconds: float = 0.0
+    client_seconds: dict[int, float] = field(default_factory=dict)
 
 
 def run_local_round(inputs: Mapping[int, np.ndarray], degree: int, threshold: int, *,
@@ -43,15 +50,19 @@ def run_local_round(inputs: Mapping[int, np.ndarray], degree: int, threshold: in
                          threshold, vector_len, server_identity)
     clients = {i: ClientRound(i, identities[i], server_identity.public, round_id - 1)
                for i in inputs}
+    run = LocalRound(server, clients, bytes_up=dict.fromkeys(inputs, 0),
+                     bytes_down=dict.fromkeys(inputs, 0),
+                     client_seconds=dict.fromkeys(inputs, 0.0))
     for i, vector in inputs.items():
+        started = time.perf_counter()
         clients[i].set_input(vector)
-    run = LocalRound(server, clients, bytes_up={i: 0 for i in inputs})
+        run.client_seconds[i] += time.perf_counter() - started
     gone: set[int] = set()
+    started = time.perf_counter()
     server.start()
-    try:
+    run.server_seconds += time.perf_counter() - started
+    with contextlib.suppress(RoundFailed):  # the server is FAILED; server.failure says why
         _drive(run, drop_at, gone)
-    except RoundFailed:
-        pass  # the server is FAILED and says why in server.failure
     return run
 
 
@@ -62,11 +73,14 @@ def _drive(run: LocalRound, drop_at: Mapping[int, ServerState], gone: set[int]) 
         for cid, data in server.data_to_send():
             if cid in gone:
                 continue
+            run.bytes_down[cid] += len(data)
+            started = time.perf_counter()
             try:
                 clients[cid].receive(data)
             except (RemoteProtocolError, RoundFailed) as exc:
                 run.failures[cid] = str(exc)
                 gone.add(cid)
+            run.client_seconds[cid] += time.perf_counter() - started
         for cid, client in clients.items():
             if cid in gone:
                 continue
@@ -75,9 +89,16 @@ def _drive(run: LocalRound, drop_at: Mapping[int, ServerState], gone: set[int]) 
                     gone.add(cid)
                     break
                 run.bytes_up[cid] += len(data)
+                started = time.perf_counter()
                 try:
                     server.receive(cid, data)
                 except RemoteProtocolError:
                     gone.add(cid)
+                finally:
+                    run.server_seconds += time.perf_counter() - started
         if server.state == phase:
-            server.deadline()
+            started = time.perf_counter()
+            try:
+                server.deadline()
+            finally:
+                run.server_seconds += time.perf_counter() - started

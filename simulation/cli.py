@@ -20,9 +20,9 @@ from rich.table import Table
 
 from model_export.datasets import CsvColumns, DataError, load
 from model_export.evaluation import Split, make_split
+from model_export.keys import load_or_create_signing_key
 from model_export.train import TrainConfig
 from simulation.central import Row, baseline_rows, central_rows
-from model_export.keys import load_or_create_signing_key
 
 console = Console(stderr=True)
 out = Console()

@@ -16,7 +16,7 @@ from secagg import shamir
 from secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
 from secagg.errors import ProtocolViolation
 from secagg.fixedpoint import decode_sum, encode, scale_for
-from secagg.graph import neighbours, pairwise_sign
+from secagg.graph import neighbours, neighbours_of, pairwise_sign
 from secagg.prg import add_mask, keystream
 
 seeds = st.binary(min_size=32, max_size=32)
@@ -216,6 +216,7 @@ def test_neighbour_graph(n: int, k: int) -> None:
     seed = os.urandom(32)
     graph = neighbours(ids, k, seed)
     assert graph == neighbours(list(reversed(ids)), k, seed)  # same for everyone
+    assert all(neighbours_of(ids[::-1], k, seed, u) == graph[u] for u in ids)
     expected_degree = min(n - 1, k + k % 2)
     for u, peers in graph.items():
         assert u not in peers and len(peers) == expected_degree

@@ -17,7 +17,6 @@ from secagg.errors import ProtocolViolation, RemoteProtocolError
 from secagg.graph import neighbours
 from secagg.local import PHASES, run_local_round
 from secagg.messages import (
-    SERVER,
     MaskedInput,
     NeighbourKeys,
     RoundConfig,

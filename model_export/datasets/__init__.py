@@ -18,8 +18,8 @@ import pandas as pd
 __all__ = [
     "BUNDLED",
     "BasketData",
-    "DataError",
     "CsvColumns",
+    "DataError",
     "load",
     "load_csv",
     "load_instacart",

@@ -1,0 +1,130 @@
+"""secagg and prg: round cost against n (k fixed), against d, against Flower's SecAgg+ in
+the same run; upload bytes against 4 bytes per parameter; mask expansion against OpenSSL's
+raw ChaCha20 keystream."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import nacl.utils
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from bench.common import Row, seconds_per_call
+from secagg.local import PHASES, run_local_round
+from secagg.prg import add_mask
+
+MASKED = PHASES[2]
+
+
+def _inputs(n: int, dim: int, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i: rng.integers(0, 2**32, dim, dtype=np.uint64).astype(np.uint32)
+            for i in range(n)}
+
+
+def _round(n: int, dim: int, k: int, dropout: float):  # type: ignore[no-untyped-def]
+    inputs = _inputs(n, dim)
+    dropped = set(range(0, n, round(1 / dropout))) if dropout else set()
+    degree = min(k, n - 1)
+    degree_even = min(n - 1, degree + degree % 2)
+    t = degree_even // 2 + 1
+    started = time.perf_counter()
+    run = run_local_round(inputs, degree, t, drop_at=dict.fromkeys(dropped, MASKED))
+    seconds = time.perf_counter() - started
+    expected = np.sum([inputs[i] for i in range(n) if i not in dropped], axis=0,
+                      dtype=np.uint32)
+    assert np.array_equal(run.server.result, expected), "secagg sum is wrong"
+    return run, seconds, dropped, t
+
+
+def bench_secagg(quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    k = 20
+    dim = 10_000 if quick else 100_000
+    base_n = 30 if quick else 50
+    # cost against n at fixed k: per-client and server time must not grow with n
+    base = None
+    for n in ([30, 60] if quick else [50, 100, 200, 400]):
+        run, seconds, _, _ = _round(n, dim, k, 0.1)
+        per_client = float(np.mean(list(run.client_seconds.values())))
+        server_per_client = run.server_seconds / n  # it must add n inputs: O(n d) in all
+        if base is None:
+            base = (per_client, server_per_client)
+        params = {"n": n, "k": k, "d": dim, "dropout": 0.1}
+        rows.append(Row("secagg", params, "client s/round", per_client, "s",
+                        f"same at n={base_n}", base[0], base[0] / per_client))
+        rows.append(Row("secagg", params, "server s/round per client", server_per_client,
+                        "s", f"same at n={base_n}", base[1], base[1] / server_per_client))
+    # cost against d
+    for d in ([1_000, 10_000] if quick else [10_000, 100_000, 1_000_000]):
+        run, seconds, _, _ = _round(100 if not quick else 30, d, k, 0.1)
+        per_client = float(np.mean(list(run.client_seconds.values())))
+        survivors = [i for i in run.bytes_up if i in run.server.survivors]
+        upload = float(np.mean([run.bytes_up[i] for i in survivors]))
+        params = {"n": 100 if not quick else 30, "k": k, "d": d, "dropout": 0.1}
+        vector = np.zeros(d, np.uint32)
+        seed = os.urandom(32)
+        masks_only = (k + 1) * seconds_per_call(lambda v=vector, s=seed: add_mask(v, s),
+                                                repeats=3)
+        rows.append(Row("secagg", params, "client s/round", per_client, "s",
+                        "its k+1 mask expansions alone", masks_only, masks_only / per_client))
+        rows.append(Row("secagg", params, "upload bytes/client", upload, "B",
+                        "4 bytes per parameter", 4.0 * d, upload / (4.0 * d)))
+    # against Flower's SecAgg+ (same n, d, dropout, degree), and the complete graph
+    n = 20 if quick else 100
+    for degree in ([8] if quick else [k, n - 1]):
+        run, seconds, dropped, t = _round(n, dim, degree, 0.1)
+        flower = _flower(n, dim, degree, t, dropped)
+        params = {"n": n, "k": degree, "d": dim, "dropout": 0.1}
+        if flower is not None:
+            rows.append(Row("secagg", params, "round s (all clients + server)", seconds, "s",
+                            "Flower SecAgg+ 1.42.0", flower, flower / seconds))
+        rows.append(Row("secagg", params, "server s/round", run.server_seconds, "s",
+                        "round s (all clients + server)", seconds, seconds / run.server_seconds))
+    return rows
+
+
+def _flower(n: int, dim: int, degree: int, t: int, dropped: set[int]) -> float | None:
+    try:
+        from bench.flower_secagg import run_flower_round
+    except ImportError:
+        return None
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        print("(flwr not installed: pip install -e '.[bench]' for the Flower baseline)")
+        return None
+    # Flower counts the node itself among its shares and wants an odd count
+    shares = n if degree >= n - 1 else degree + 1
+    seconds, result, expected = run_flower_round(n, dim, shares, t, {i + 1 for i in dropped})
+    assert np.abs(result - expected).max() < 1e-3, "Flower's aggregate is wrong"
+    return seconds
+
+
+def bench_prg(quick: bool) -> list[Row]:
+    rows = []
+    for n_bytes in ([4 << 20] if quick else [400_000, 4 << 20, 64 << 20]):
+        seed = os.urandom(32)
+        vector = np.zeros(n_bytes // 4, dtype=np.uint32)
+        zeros = bytes(min(n_bytes, 1 << 20))
+        out = bytearray(len(zeros) + 63)
+
+        def raw_openssl(seed: bytes = seed, n: int = n_bytes, zeros: bytes = zeros,
+                        out: bytearray = out) -> None:
+            enc = Cipher(algorithms.ChaCha20(seed, b"\0\0\0\0LibsodiumDRG"), None).encryptor()
+            for _ in range(0, n, len(zeros)):
+                enc.update_into(zeros, out)
+
+        ours = seconds_per_call(lambda v=vector, s=seed: add_mask(v, s))
+        base = seconds_per_call(raw_openssl)
+        nacl_s = seconds_per_call(lambda n=n_bytes, s=seed: nacl.utils.randombytes_deterministic(
+            n, s), repeats=3)
+        params = {"bytes": n_bytes}
+        rows.append(Row("prg", params, "mask add GB/s", n_bytes / ours / 1e9, "GB/s",
+                        "OpenSSL ChaCha20 keystream", n_bytes / base / 1e9, base / ours))
+        rows.append(Row("prg", params, "mask add GB/s", n_bytes / ours / 1e9, "GB/s",
+                        "PyNaCl randombytes_deterministic", n_bytes / nacl_s / 1e9,
+                        nacl_s / ours))
+    return rows

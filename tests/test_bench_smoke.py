@@ -1,0 +1,23 @@
+"""The benchmark suite's quick grid runs, agrees with its baselines' results (each bench
+asserts that before timing), and writes rows of the documented shape. No timing is checked."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bench.__main__ import main
+
+FIELDS = {"bench", "params", "metric", "value", "unit", "baseline", "baseline_value", "ratio"}
+
+
+def test_quick_bench_writes_every_row(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg"}
+    for row in rows:
+        assert set(row) == FIELDS
+        assert row["value"] > 0 and math.isfinite(row["ratio"])
+    assert "| recommend |" in capsys.readouterr().out
