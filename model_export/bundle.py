@@ -252,9 +252,15 @@ def write_bundle(out_dir: Path | str, *, weights: Weights, items: Sequence[str],
 
 def zip_bundle(bundle_dir: Path | str, zip_path: Path | str) -> Path:
     """Pack a bundle directory into one zip file (stored, not compressed: ORT files and
-    weights barely compress)."""
+    weights barely compress), written whole or not at all."""
     bundle_dir, zip_path = Path(bundle_dir), Path(zip_path)
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in (MANIFEST, SIGNATURE, *PAYLOAD_FILES):
-            zf.write(bundle_dir / name, arcname=name)
+    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name in (MANIFEST, SIGNATURE, *PAYLOAD_FILES):
+                zf.write(bundle_dir / name, arcname=name)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, zip_path)
+    _fsync_dir(zip_path.parent)
     return zip_path

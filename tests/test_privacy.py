@@ -64,8 +64,8 @@ def test_budget_is_checked_before_the_round() -> None:
     z = calibrate_noise_multiplier(2.0, 1e-5, 0.1, 5)
     ledger = [RoundCharge(i, 0.1, z) for i in range(5)]
     assert epsilon_spent(ledger, 1e-5) <= 2.0
-    with pytest.raises(BudgetExceeded, match="round 5 would bring epsilon from .* over the "
-                                             "budget of 2"):
+    with pytest.raises(BudgetExceeded, match=r"round 5 would bring epsilon from .* over the "
+                                             r"budget of 2"):
         check_budget(ledger, RoundCharge(5, 0.1, z), Budget(2.0, 1e-5))
     assert check_budget(ledger[:4], ledger[4], Budget(2.0, 1e-5)) <= 2.0
 

@@ -1,0 +1,138 @@
+"""The aggregator's configuration: a TOML file with commented defaults, read with the
+standard library's tomllib and checked into a typed, frozen value."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_TOML", "AggregatorConfig", "ConfigError", "load_config"]
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, not TOML, or holds a bad value."""
+
+
+DEFAULT_TOML = '''\
+# FedCart aggregator configuration. Every key is optional; these are the defaults.
+
+[server]
+host = "127.0.0.1"      # listen address; a public address needs tls_cert and tls_key
+port = 8765
+tls_cert = ""           # PEM certificate: serve wss:// instead of ws://
+tls_key = ""
+
+[round]
+sampling_rate = 0.5     # q: each connected, enrolled device joins a round with probability q
+min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
+secagg_degree = 20      # k: SecAgg+ neighbours per device (k >= cohort-1: classic SecAgg)
+phase_timeout = 30.0    # seconds a protocol phase waits before going on without stragglers
+round_interval = 0.0    # seconds between rounds
+max_rounds = 0          # stop after this many completed rounds (0: until told to stop)
+
+[training]              # what devices do locally each round
+local_epochs = 1
+lr_embeddings = 5.0
+lr_bias = 1.0
+lr_blend = 0.05
+batch_size = 64
+
+[privacy]
+mechanism = "gaussian"  # "gaussian", "laplace" (pure epsilon, L1 clip) or "none"
+clip_norm = 1.0         # C: each device clips its update to this norm
+noise_multiplier = 1.0  # z: noise std (or Laplace scale) = z * C; see target_epsilon
+target_epsilon = 0.0    # > 0: calibrate z so that planned_rounds rounds spend this epsilon
+planned_rounds = 100
+delta = 1e-5
+budget_epsilon = 10.0   # rounds that would spend more are refused
+weight_cap = 100.0      # a device's weight is min(examples / weight_cap, 1)
+population = 0          # N for the fixed denominator q*N (0: the number enrolled)
+
+[optimizer]
+name = "fedavg"         # "fedavg" or "fedadam"
+lr = 1.0
+'''
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    tls_cert: str = ""
+    tls_key: str = ""
+    sampling_rate: float = 0.5
+    min_clients: int = 3
+    secagg_degree: int = 20
+    phase_timeout: float = 30.0
+    round_interval: float = 0.0
+    max_rounds: int = 0
+    local_epochs: int = 1
+    lr_embeddings: float = 5.0
+    lr_bias: float = 1.0
+    lr_blend: float = 0.05
+    batch_size: int = 64
+    mechanism: str = "gaussian"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 0.0
+    planned_rounds: int = 100
+    delta: float = 1e-5
+    budget_epsilon: float = 10.0
+    weight_cap: float = 100.0
+    population: int = 0
+    optimizer: str = "fedavg"
+    optimizer_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.sampling_rate <= 1, "round.sampling_rate must lie in (0, 1]"),
+            (self.min_clients >= 2, "round.min_clients must be at least 2"),
+            (self.secagg_degree >= 2, "round.secagg_degree must be at least 2"),
+            (self.phase_timeout > 0, "round.phase_timeout must be positive"),
+            (self.mechanism in ("gaussian", "laplace", "none"),
+             "privacy.mechanism must be gaussian, laplace or none"),
+            (self.clip_norm > 0, "privacy.clip_norm must be positive"),
+            (self.noise_multiplier > 0, "privacy.noise_multiplier must be positive"),
+            (0 < self.delta < 1, "privacy.delta must lie in (0, 1)"),
+            (self.optimizer in ("fedavg", "fedadam"), "optimizer.name must be fedavg or fedadam"),
+            (bool(self.tls_cert) == bool(self.tls_key), "give both tls_cert and tls_key"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def learning_rates(self) -> tuple[float, float, float, float]:
+        return (self.lr_embeddings, self.lr_embeddings, self.lr_bias, self.lr_blend)
+
+
+_SECTIONS = {"server", "round", "training", "privacy", "optimizer"}
+_RENAMED = {("optimizer", "name"): "optimizer", ("optimizer", "lr"): "optimizer_lr"}
+
+
+def load_config(path: Path) -> AggregatorConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such configuration file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    known = {f.name: f.type for f in fields(AggregatorConfig)}
+    values: dict[str, Any] = {}
+    for section, body in raw.items():
+        if section not in _SECTIONS or not isinstance(body, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for key, value in body.items():
+            name = _RENAMED.get((section, key), key)
+            if name not in known:
+                raise ConfigError(f"{path}: unknown key {section}.{key}")
+            expected = type(getattr(AggregatorConfig, name))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+                raise ConfigError(f"{path}: {section}.{key} must be {expected.__name__}, "
+                                  f"got {value!r}")
+            values[name] = value
+    return AggregatorConfig(**values)

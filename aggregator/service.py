@@ -1,0 +1,427 @@
+"""The aggregator service: devices check in over websockets, rounds of secure aggregation
+run among a Poisson sample of them, and each round's noised mean update becomes a new signed
+model bundle.
+
+The websocket code only moves bytes into and out of the sans-I/O ``ServerRound``; a device
+whose bytes break the protocol is dropped from the round and disconnected, and the round
+goes on. HTTP GET /healthz and /metrics (Prometheus) are served on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import ssl
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from aggregator import noise
+from aggregator.config import AggregatorConfig
+from aggregator.optimizer import make_optimizer
+from aggregator.privacy import (
+    Budget,
+    BudgetExceeded,
+    RoundCharge,
+    calibrate_noise_multiplier,
+    check_budget,
+    epsilon_spent,
+)
+from aggregator.statedir import StateDir
+from aggregator.store import ModelRow, Store
+from model_export.bundle import read_bundle, zip_bundle
+from model_export.export import export_bundle
+from model_export.model import Weights
+from model_export.update import L1, L2, UpdateFormat
+from secagg import channel
+from secagg.channel import checkin_statement
+from secagg.crypto import IdentityKey, verify
+from secagg.errors import ProtocolViolation, RemoteProtocolError, RoundFailed
+from secagg.server import ServerRound, ServerState
+
+__all__ = ["Aggregator"]
+
+log = logging.getLogger("fedcart.aggregator")
+CHECKIN_TIMEOUT = 10.0
+
+
+@dataclass
+class _Connection:
+    client_id: int
+    public_key: bytes
+    ws: ServerConnection
+    model_version: int
+
+
+@dataclass
+class _Round:
+    round_id: int
+    server: ServerRound
+    cohort: dict[int, bytes]
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    bytes_up: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rounds = Counter("fedcart_rounds", "Rounds by outcome", ["status"],
+                              registry=self.registry)
+        self.survivors = Gauge("fedcart_last_round_survivors", "Survivors of the last round",
+                               registry=self.registry)
+        self.dropouts = Counter("fedcart_dropouts", "Devices dropped from rounds",
+                                registry=self.registry)
+        self.epsilon = Gauge("fedcart_epsilon_spent", "Epsilon spent at the configured delta",
+                             registry=self.registry)
+        self.bytes_up = Counter("fedcart_bytes_received", "Protocol bytes from devices",
+                                registry=self.registry)
+        self.bytes_down = Counter("fedcart_bytes_sent", "Bytes sent to devices",
+                                  registry=self.registry)
+        self.connected = Gauge("fedcart_connected_devices", "Checked-in devices",
+                               registry=self.registry)
+        self.model_version = Gauge("fedcart_model_version", "Published model version",
+                                   registry=self.registry)
+
+
+class Aggregator:
+    """The service over one state directory (see ``fedcart-aggregator init``)."""
+
+    def __init__(self, state: StateDir, config: AggregatorConfig) -> None:
+        self.state = state
+        self.config = config
+        self.store = Store(state.database)
+        self.signing_key: nacl.signing.SigningKey = state.signing_key()
+        self.identity = IdentityKey(bytes(self.signing_key))
+        self.connections: dict[int, _Connection] = {}
+        self.round: _Round | None = None
+        self.metrics = _Metrics()
+        self.stopping = asyncio.Event()
+        self.rounds_done = 0
+        self.noise_multiplier = config.noise_multiplier
+        if config.target_epsilon > 0 and config.mechanism == "gaussian":
+            self.noise_multiplier = calibrate_noise_multiplier(
+                config.target_epsilon, config.delta, config.sampling_rate,
+                config.planned_rounds)
+            log.info("calibrated noise multiplier z = %.4f for epsilon %.3g over %d rounds",
+                     self.noise_multiplier, config.target_epsilon, config.planned_rounds)
+        self._recover()
+
+    # -- start-up ------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Resume after a crash: interrupted rounds stay charged, unpublished bundles go."""
+        for round_id in self.store.abandon_running_rounds():
+            log.warning("round %d was interrupted by a restart; its ledger entry (if any) "
+                        "stands", round_id)
+        published = {Path(m.bundle_dir).name for m in self.store.models()}
+        for entry in self.state.bundles.iterdir():
+            if entry.name.removesuffix(".zip") not in published:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+        latest = self.store.latest_model()
+        if latest is None:
+            raise RuntimeError(f"{self.state.root} has no model: run fedcart-aggregator init")
+        self._load_model(latest)
+        self.metrics.epsilon.set(epsilon_spent(self.store.ledger(), self.config.delta))
+
+    def _load_model(self, row: ModelRow) -> None:
+        bundle_dir = self.state.root / row.bundle_dir
+        self.bundle = read_bundle(bundle_dir, self.identity.public)
+        self.bundle_zip = (bundle_dir.with_suffix(".zip")).read_bytes()
+        self.weights = self.bundle.weights()
+        self.model_version = row.version
+        self.metrics.model_version.set(row.version)
+
+    # -- serving -------------------------------------------------------------------------
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Run until ``stop()`` (SIGTERM), max_rounds, or the privacy budget is spent."""
+        cfg = self.config
+        tls = None
+        if cfg.tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        vector_bytes = 4 * (self.weights.flat().size + 1)
+        async with serve(self._handle, cfg.host, cfg.port, max_size=vector_bytes + (1 << 20),
+                         process_request=self._http, ssl=tls, ping_interval=20,
+                         ping_timeout=60) as server:
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            log.info("serving on %s://%s:%d (model version %d)", "wss" if tls else "ws",
+                     cfg.host, self.port, self.model_version)
+            if ready is not None:
+                ready.set()
+            rounds = asyncio.create_task(self._round_loop())
+            await self.stopping.wait()
+            rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rounds
+            for conn in list(self.connections.values()):
+                await conn.ws.close(1001, "server shutting down")
+        self.store.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, f"ok model_version={self.model_version}\n")
+        if request.path == "/metrics":
+            self.metrics.connected.set(len(self.connections))
+            response = connection.respond(HTTPStatus.OK, generate_latest(
+                self.metrics.registry).decode())
+            response.headers["Content-Type"] = "text/plain; version=0.0.4"
+            return response
+        if request.path != "/ws":
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = await self._check_in(ws)
+        if conn is None:
+            return
+        try:
+            async for frame in ws:
+                if isinstance(frame, str):
+                    raise ProtocolViolation("text frames are not part of the protocol")
+                self.metrics.bytes_up.inc(len(frame))
+                kind, payload = channel.parse(frame)
+                if kind != channel.SECAGG:
+                    raise ProtocolViolation("devices send only check-in and secagg frames")
+                await self._secagg_from(conn, payload)
+        except RemoteProtocolError as exc:
+            log.info("device %d misbehaved and was disconnected: %s", conn.client_id, exc)
+            with contextlib.suppress(Exception):
+                await ws.send(channel.control("error", reason=str(exc)))
+            await ws.close(1008, "protocol violation")
+        except Exception:
+            log.exception("connection of device %d failed", conn.client_id)
+        finally:
+            if self.connections.get(conn.client_id) is conn:
+                del self.connections[conn.client_id]
+            self._drop_from_round(conn.client_id, "disconnected")
+
+    async def _check_in(self, ws: ServerConnection) -> _Connection | None:
+        nonce = os.urandom(32)
+        await ws.send(channel.control("challenge", nonce=nonce.hex(),
+                                      server_key=self.identity.public.hex()))
+        try:
+            frame = await asyncio.wait_for(ws.recv(), CHECKIN_TIMEOUT)
+            kind, hello = channel.parse(frame)
+            if kind != channel.CONTROL or hello["type"] != "hello":
+                raise ProtocolViolation("expected a hello")
+            public_key = bytes.fromhex(hello["public_key"])
+            verify(public_key, checkin_statement(nonce, self.identity.public),
+                   bytes.fromhex(hello["signature"]), "the check-in")
+            client_id = self.store.client_of(public_key)
+            if client_id is None and isinstance(hello.get("token"), str):
+                client_id = self.store.redeem_token(hello["token"], public_key)
+            if client_id is None:
+                raise ProtocolViolation("this device is not enrolled")
+            model_version = int(hello.get("model_version", -1))
+        except (TimeoutError, RemoteProtocolError, KeyError, ValueError, TypeError) as exc:
+            reason = str(exc) or type(exc).__name__
+            log.info("check-in refused: %s", reason)
+            with contextlib.suppress(Exception):
+                await ws.send(channel.control("error", reason=f"check-in refused: {reason}"))
+                await ws.close(1008, "check-in refused")
+            return None
+        old = self.connections.get(client_id)
+        if old is not None:
+            await old.ws.close(1000, "replaced by a newer connection")
+        conn = _Connection(client_id, public_key, ws, model_version)
+        self.connections[client_id] = conn
+        await ws.send(channel.control("welcome", client_id=client_id,
+                                      model_version=self.model_version))
+        if model_version < self.model_version:
+            await self._send_model(conn)
+        return conn
+
+    async def _send_model(self, conn: _Connection) -> None:
+        frame = bytes([channel.BUNDLE]) + self.bundle_zip
+        with contextlib.suppress(Exception):
+            await conn.ws.send(frame)
+            conn.model_version = self.model_version
+            self.metrics.bytes_down.inc(len(frame))
+
+    # -- rounds --------------------------------------------------------------------------
+    async def _round_loop(self) -> None:
+        cfg = self.config
+        while not self.stopping.is_set():
+            try:
+                outcome = await self._run_round()
+            except BudgetExceeded as exc:
+                log.error("%s", exc)
+                self.stop()
+                return
+            if outcome == "completed":
+                self.rounds_done += 1
+                if cfg.max_rounds and self.rounds_done >= cfg.max_rounds:
+                    log.info("completed %d rounds: stopping", self.rounds_done)
+                    self.stop()
+                    return
+            await asyncio.sleep(cfg.round_interval if outcome != "skipped" else 0.2)
+
+    def _sample(self) -> dict[int, bytes]:
+        """Poisson sampling with the OS CSPRNG: each connected device independently with
+        probability q (what the accountant assumes)."""
+        threshold = round(self.config.sampling_rate * 2**53)
+        return {cid: c.public_key for cid, c in sorted(self.connections.items())
+                if c.model_version == self.model_version and secrets.randbits(53) < threshold}
+
+    async def _run_round(self) -> str:
+        cfg = self.config
+        cohort = self._sample()
+        if len(cohort) < cfg.min_clients:
+            return "skipped"
+        round_id = self.store.next_round_id()
+        charge = None
+        if cfg.mechanism != "none":
+            charge = RoundCharge(round_id, cfg.sampling_rate, self.noise_multiplier,
+                                 cfg.mechanism)
+            check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
+        n = len(cohort)
+        degree = min(cfg.secagg_degree, n - 1)
+        even = min(n - 1, degree + degree % 2)
+        fmt = UpdateFormat(n_params=self.weights.flat().size, clip_norm=cfg.clip_norm,
+                           cohort_size=n, weight_cap=cfg.weight_cap,
+                           norm=L1 if cfg.mechanism == "laplace" else L2)
+        server = ServerRound(round_id, cohort, degree, even // 2 + 1, fmt.vector_len,
+                             self.identity)
+        current = _Round(round_id, server, cohort)
+        self.round = current
+        self.store.start_round(round_id, self.model_version, n)
+        log.info("round %d: %d devices sampled, k=%d, t=%d", round_id, n, degree, even // 2 + 1)
+        notice = {"round_id": round_id, "model_version": self.model_version, "cohort": n,
+                  "clip_norm": cfg.clip_norm, "weight_cap": cfg.weight_cap, "norm": fmt.norm,
+                  "training": {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+                               "learning_rates": list(cfg.learning_rates)}}
+        for cid in cohort:
+            await self._send(cid, channel.control("round", client_id=cid, **notice))
+        try:
+            server.start()
+            await self._flush(current)
+            await self._drive(current)
+        finally:
+            self.round = None
+        detail = {"dropped": {str(k): v for k, v in server.dropped.items()},
+                  "phase_seconds": current.phase_seconds, "bytes_up": current.bytes_up,
+                  "k": degree, "t": even // 2 + 1}
+        self.metrics.dropouts.inc(len(server.dropped))
+        if server.state != ServerState.DONE or server.result is None:
+            self.store.finish_round(round_id, "failed", None,
+                                    {**detail, "reason": server.failure})
+            self.metrics.rounds.labels("failed").inc()
+            log.warning("round %d failed: %s", round_id, server.failure)
+            await self._announce(cohort, "failed")
+            return "failed"
+        await self._apply(current, fmt, charge, detail)
+        await self._announce(cohort, "completed")
+        return "completed"
+
+    async def _drive(self, current: _Round) -> None:
+        server = current.server
+        while server.state not in (ServerState.DONE, ServerState.FAILED):
+            phase, started = server.state, time.monotonic()
+            current.changed.clear()
+            deadline = started + self.config.phase_timeout
+            while server.state == phase and (remaining := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(current.changed.wait(), remaining)
+                current.changed.clear()
+            if server.state == phase:
+                with contextlib.suppress(RoundFailed):
+                    server.deadline()
+                await self._flush(current)
+            current.phase_seconds[phase.name] = round(time.monotonic() - started, 4)
+
+    async def _secagg_from(self, conn: _Connection, data: bytes) -> None:
+        current = self.round
+        if current is None or conn.client_id not in current.cohort:
+            raise ProtocolViolation("secagg message outside a round this device is in")
+        current.bytes_up += len(data)
+        try:
+            current.server.receive(conn.client_id, data)
+        except RoundFailed:
+            pass  # the round loop sees FAILED and records the reason
+        finally:
+            current.changed.set()
+        await self._flush(current)
+
+    def _drop_from_round(self, client_id: int, reason: str) -> None:
+        current = self.round
+        if current is not None and client_id in current.cohort and \
+                current.server.state not in (ServerState.DONE, ServerState.FAILED):
+            with contextlib.suppress(RoundFailed):
+                current.server.drop(client_id, reason)
+            current.changed.set()
+
+    async def _flush(self, current: _Round) -> None:
+        for cid, data in current.server.data_to_send():
+            await self._send(cid, bytes([channel.SECAGG]) + data)
+
+    async def _send(self, client_id: int, frame: bytes) -> None:
+        conn = self.connections.get(client_id)
+        if conn is None:
+            self._drop_from_round(client_id, "not connected")
+            return
+        try:
+            await conn.ws.send(frame)
+            self.metrics.bytes_down.inc(len(frame))
+        except Exception:
+            self._drop_from_round(client_id, "send failed")
+
+    async def _announce(self, cohort: dict[int, bytes], status: str) -> None:
+        for cid in cohort:
+            await self._send(cid, channel.control("round_over", status=status,
+                                                  model_version=self.model_version))
+
+    async def _apply(self, current: _Round, fmt: UpdateFormat, charge: RoundCharge | None,
+                     detail: dict) -> None:
+        """Decode, charge the ledger, noise, step the optimizer, sign and publish."""
+        cfg = self.config
+        assert current.server.result is not None
+        summed, weight_sum = fmt.decode(current.server.result)
+        survivors = len(current.server.survivors)
+        if charge is None:
+            mean = summed / max(weight_sum, 1e-12)
+        else:
+            self.store.charge(charge)  # committed before the noised sum exists
+            scale = self.noise_multiplier * cfg.clip_norm
+            draw = noise.gaussian if cfg.mechanism == "gaussian" else noise.laplace
+            population = cfg.population or self.store.enrolled()
+            mean = (summed + draw(summed.size, scale)) / (cfg.sampling_rate * population)
+        optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_lr)
+        optimizer.load(self.store.optimizer_state(self.model_version))
+        flat = optimizer.step(self.weights.flat().astype(np.float64), mean)
+        m = self.weights
+        new = Weights.from_flat(flat.astype(np.float32), m.n_items, m.dim)
+        version = self.model_version + 1
+        name = f"v{version:08d}"
+        manifest = export_bundle(self.state.bundles / name, new, self.bundle.manifest.items,
+                                 self.bundle.manifest.names, self.signing_key,
+                                 model_version=version, round_id=current.round_id,
+                                 history_decay=self.bundle.manifest.history_decay)
+        zip_bundle(self.state.bundles / name, self.state.bundles / f"{name}.zip")
+        digest = hashlib.sha256(manifest.to_json()).hexdigest()
+        detail["epsilon"] = epsilon_spent(self.store.ledger(), cfg.delta)
+        self.store.publish(ModelRow(version, current.round_id, f"bundles/{name}", digest),
+                           optimizer.state(), current.round_id, survivors, detail)
+        self._load_model(ModelRow(version, current.round_id, f"bundles/{name}", digest))
+        self.metrics.rounds.labels("completed").inc()
+        self.metrics.survivors.set(survivors)
+        self.metrics.epsilon.set(detail["epsilon"])
+        log.info("round %d: %d survivors, model version %d, epsilon %.4g", current.round_id,
+                 survivors, version, detail["epsilon"])
+        for conn in list(self.connections.values()):
+            await self._send_model(conn)
+

@@ -1,0 +1,82 @@
+"""The aggregator's state directory, and ``init``: signing key, configuration with
+commented defaults, database, and model version 0.
+
+    config.toml   signing.key (mode 0600)   signing.pub   state.db   bundles/
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+
+from aggregator.config import DEFAULT_TOML
+from aggregator.store import ModelRow, Store
+from model_export.bundle import zip_bundle
+from model_export.export import export_bundle
+from model_export.keys import load_or_create_signing_key
+from model_export.model import init_weights
+
+__all__ = ["StateDir", "init_state"]
+
+HISTORY_DECAY = 0.9
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "signing.key"
+
+    @property
+    def bundles(self) -> Path:
+        return self.root / "bundles"
+
+    def signing_key(self) -> nacl.signing.SigningKey:
+        if not self.key.exists():
+            raise FileNotFoundError(f"{self.key} is missing: run fedcart-aggregator init")
+        return load_or_create_signing_key(self.key)
+
+    def check(self) -> None:
+        missing = [p.name for p in (self.config, self.database, self.key) if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{self.root} is not an initialised state directory "
+                                    f"(missing {', '.join(missing)}): run "
+                                    "fedcart-aggregator init first")
+
+
+def init_state(root: Path, items: list[str], names: list[str], dim: int = 128,
+               seed: int | None = None) -> StateDir:
+    """Create the state directory with model version 0 over the catalog ``items``.
+
+    Version 0 has small random embeddings and a zero bias: the aggregator has seen no
+    basket, so it knows no popularity; federated rounds learn it."""
+    state = StateDir(Path(root))
+    if state.database.exists():
+        raise FileExistsError(f"{root} already holds an aggregator (state.db exists)")
+    state.bundles.mkdir(parents=True, exist_ok=True)
+    if not state.config.exists():
+        state.config.write_text(DEFAULT_TOML)
+    key = load_or_create_signing_key(state.key)
+    weights = init_weights(len(items), dim, np.random.default_rng(seed))
+    manifest = export_bundle(state.bundles / "v00000000", weights, items, names, key,
+                             model_version=0, round_id=0, history_decay=HISTORY_DECAY)
+    zip_bundle(state.bundles / "v00000000", state.bundles / "v00000000.zip")
+    store = Store(state.database)
+    store.publish(ModelRow(0, None, "bundles/v00000000",
+                           hashlib.sha256(manifest.to_json()).hexdigest()), {}, None, None, {})
+    store.close()
+    return state

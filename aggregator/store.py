@@ -1,0 +1,245 @@
+"""The aggregator's durable state in SQLite (standard library), in WAL mode with synchronous
+FULL so a committed transaction survives a SIGKILL or a power cut.
+
+Order of writes in a round, so that a crash at any point is safe:
+1. the round's privacy charge is committed to ``ledger`` (before the noised sum leaves
+   memory in any form);
+2. the new bundle is written to a temporary directory and renamed into ``bundles/``;
+3. ``models`` gets its row, in one transaction with the optimizer state and the round's
+   status: only then is the version published.
+A crash after 1 over-counts the ledger by one round (never under-counts); a crash before 3
+leaves a bundle directory no row points at, which is never served and is swept at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.privacy import RoundCharge
+
+__all__ = ["ModelRow", "RoundRow", "Store"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    client_id   INTEGER PRIMARY KEY,
+    public_key  BLOB NOT NULL UNIQUE,
+    enrolled_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash  TEXT PRIMARY KEY,
+    expires_at  REAL NOT NULL,
+    used_by     INTEGER
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id     INTEGER PRIMARY KEY,
+    started_at   REAL NOT NULL,
+    finished_at  REAL,
+    status       TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    sampled      INTEGER NOT NULL,
+    survivors    INTEGER,
+    detail       TEXT
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    round_id         INTEGER PRIMARY KEY,
+    sampling_rate    REAL NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    mechanism        TEXT NOT NULL,
+    committed_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    version     INTEGER PRIMARY KEY,
+    round_id    INTEGER,
+    bundle_dir  TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS optimizer_state (
+    version INTEGER NOT NULL,
+    name    TEXT NOT NULL,
+    data    BLOB NOT NULL,
+    PRIMARY KEY (version, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    version: int
+    round_id: int | None
+    bundle_dir: str
+    manifest_sha256: str
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round_id: int
+    status: str
+    model_version: int
+    sampled: int
+    survivors: int | None
+    started_at: float
+    finished_at: float | None
+    detail: dict
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- enrollment --------------------------------------------------------------------
+    def enroll(self, public_key: bytes) -> int:
+        """The client id of ``public_key``, enrolling it if new."""
+        if len(public_key) != 32:
+            raise ValueError("a device key is a 32-byte Ed25519 public key")
+        with self.transaction() as db:
+            row = db.execute("SELECT client_id FROM clients WHERE public_key = ?",
+                             (public_key,)).fetchone()
+            if row:
+                return int(row[0])
+            cur = db.execute("INSERT INTO clients (public_key, enrolled_at) VALUES (?, ?)",
+                             (public_key, time.time()))
+            return int(cur.lastrowid or 0)
+
+    def client_of(self, public_key: bytes) -> int | None:
+        row = self.db.execute("SELECT client_id FROM clients WHERE public_key = ?",
+                              (public_key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def enrolled(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM clients").fetchone()[0])
+
+    def issue_token(self, ttl: float = 86400.0) -> str:
+        """A one-time enrollment token; only its hash is stored."""
+        token = secrets.token_urlsafe(24)
+        with self.transaction() as db:
+            db.execute("INSERT INTO tokens (token_hash, expires_at) VALUES (?, ?)",
+                       (hashlib.sha256(token.encode()).hexdigest(), time.time() + ttl))
+        return token
+
+    def redeem_token(self, token: str, public_key: bytes) -> int | None:
+        """Enroll ``public_key`` with an unused, unexpired token; None if the token is bad."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with self.transaction() as db:
+            row = db.execute("SELECT expires_at, used_by FROM tokens WHERE token_hash = ?",
+                             (digest,)).fetchone()
+            if row is None or row[1] is not None or row[0] < time.time():
+                return None
+            existing = db.execute("SELECT client_id FROM clients WHERE public_key = ?",
+                                  (public_key,)).fetchone()
+            if existing:
+                client_id = int(existing[0])
+            else:
+                cur = db.execute("INSERT INTO clients (public_key, enrolled_at) VALUES (?, ?)",
+                                 (public_key, time.time()))
+                client_id = int(cur.lastrowid or 0)
+            db.execute("UPDATE tokens SET used_by = ? WHERE token_hash = ?", (client_id, digest))
+        return client_id
+
+    # -- rounds and the ledger -------------------------------------------------------------
+    def next_round_id(self) -> int:
+        row = self.db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
+        return int(row[0] or 0) + 1
+
+    def start_round(self, round_id: int, model_version: int, sampled: int) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO rounds (round_id, started_at, status, model_version, "
+                       "sampled) VALUES (?, ?, 'running', ?, ?)",
+                       (round_id, time.time(), model_version, sampled))
+
+    def finish_round(self, round_id: int, status: str, survivors: int | None,
+                     detail: dict) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE rounds SET status = ?, survivors = ?, finished_at = ?, "
+                       "detail = ? WHERE round_id = ?",
+                       (status, survivors, time.time(), json.dumps(detail), round_id))
+
+    def abandon_running_rounds(self) -> list[int]:
+        """At start: rounds a crash interrupted. Their charges, if any, stay in the ledger."""
+        with self.transaction() as db:
+            ids = [int(r[0]) for r in db.execute(
+                "SELECT round_id FROM rounds WHERE status = 'running'")]
+            db.execute("UPDATE rounds SET status = 'interrupted', finished_at = ? "
+                       "WHERE status = 'running'", (time.time(),))
+        return ids
+
+    def charge(self, charge: RoundCharge) -> None:
+        """Commit a round's privacy cost; done before its result leaves memory."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO ledger (round_id, sampling_rate, noise_multiplier, "
+                       "mechanism, committed_at) VALUES (?, ?, ?, ?, ?)",
+                       (charge.round_id, charge.sampling_rate, charge.noise_multiplier,
+                        charge.mechanism, time.time()))
+
+    def ledger(self) -> list[RoundCharge]:
+        return [RoundCharge(int(r[0]), float(r[1]), float(r[2]), str(r[3]))
+                for r in self.db.execute("SELECT round_id, sampling_rate, noise_multiplier, "
+                                         "mechanism FROM ledger ORDER BY round_id")]
+
+    def rounds(self) -> list[RoundRow]:
+        return [RoundRow(int(r[0]), r[1], int(r[2]), int(r[3]), r[4], r[5], r[6],
+                         json.loads(r[7] or "{}"))
+                for r in self.db.execute("SELECT round_id, status, model_version, sampled, "
+                                         "survivors, started_at, finished_at, detail FROM "
+                                         "rounds ORDER BY round_id")]
+
+    # -- models ----------------------------------------------------------------------------
+    def publish(self, row: ModelRow, optimizer_state: dict[str, np.ndarray],
+                round_id: int | None, survivors: int | None, detail: dict) -> None:
+        """Make a written bundle the current model, with its optimizer state and the round's
+        outcome, in one transaction."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO models (version, round_id, bundle_dir, manifest_sha256, "
+                       "created_at) VALUES (?, ?, ?, ?, ?)",
+                       (row.version, row.round_id, row.bundle_dir, row.manifest_sha256,
+                        time.time()))
+            for name, value in optimizer_state.items():
+                db.execute("INSERT INTO optimizer_state (version, name, data) VALUES (?, ?, ?)",
+                           (row.version, name, np.asarray(value, "<f8").tobytes()))
+            if round_id is not None:
+                db.execute("UPDATE rounds SET status = 'completed', survivors = ?, "
+                           "finished_at = ?, detail = ? WHERE round_id = ?",
+                           (survivors, time.time(), json.dumps(detail), round_id))
+
+    def latest_model(self) -> ModelRow | None:
+        row = self.db.execute("SELECT version, round_id, bundle_dir, manifest_sha256 FROM "
+                              "models ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else ModelRow(int(row[0]), row[1], row[2], row[3])
+
+    def models(self) -> list[ModelRow]:
+        return [ModelRow(int(r[0]), r[1], r[2], r[3]) for r in self.db.execute(
+            "SELECT version, round_id, bundle_dir, manifest_sha256 FROM models ORDER BY version")]
+
+    def optimizer_state(self, version: int) -> dict[str, np.ndarray]:
+        return {name: np.frombuffer(data, "<f8").copy() for name, data in self.db.execute(
+            "SELECT name, data FROM optimizer_state WHERE version = ?", (version,))}
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
