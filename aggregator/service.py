@@ -329,15 +329,17 @@ class Aggregator:
         return "completed"
 
     async def _drive(self, current: _Round) -> None:
+        """Wait for each phase to end (every expected answer in, or dropped) or time out,
+        and send what the round queued: a disconnect can end a phase as well as a message."""
         server = current.server
         while server.state not in (ServerState.DONE, ServerState.FAILED):
             phase, started = server.state, time.monotonic()
-            current.changed.clear()
             deadline = started + self.config.phase_timeout
             while server.state == phase and (remaining := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(current.changed.wait(), remaining)
                 current.changed.clear()
+                await self._flush(current)
             if server.state == phase:
                 with contextlib.suppress(RoundFailed):
                     server.deadline()

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from edge_client.device import Device
 from edge_client.recommender import OfflineRecommender, UnknownItemError
+from edge_client.store import DeviceStore
 from model_export.bundle import BundleError, read_bundle
 from model_export.keys import read_public_key
 
@@ -19,6 +21,73 @@ def _ids(text: str) -> list[str]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """FedCart on the device: offline recommendations from a signed model bundle."""
+
+
+state_option = click.option("--state", "state_dir", required=True,
+                            type=click.Path(file_okay=False, path_type=Path),
+                            help="The device's state directory.")
+
+
+def _device(state_dir: Path) -> Device:
+    store = DeviceStore(state_dir)
+    key = store.get("server_key")
+    store.close()
+    if key is None:
+        raise click.ClickException(f"{state_dir} is not a device: run fedcart-device init")
+    try:
+        return Device(state_dir, bytes.fromhex(key))
+    except BundleError as exc:
+        raise click.ClickException(f"the installed bundle does not verify: {exc}") from exc
+
+
+@main.command()
+@state_option
+@click.option("--server-key", required=True, metavar="HEX|FILE",
+              help="The aggregator's public key (fedcart-aggregator init prints it).")
+def init(state_dir: Path, server_key: str) -> None:
+    """Create a device: its identity key and the pinned server key. Prints the device's
+    public key for `fedcart-aggregator enroll`."""
+    try:
+        key = read_public_key(server_key)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    store = DeviceStore(state_dir)
+    if store.get("server_key") not in (None, key.hex()):
+        raise click.ClickException(f"{state_dir} is pinned to another server key")
+    store.put("server_key", key.hex())
+    store.close()
+    click.echo(Device(state_dir, key).identity.public.hex())
+
+
+@main.command("add-basket")
+@state_option
+@click.option("--items", required=True, metavar="ID,ID,...", help="Items bought together.")
+def add_basket(state_dir: Path, items: str) -> None:
+    """Record a purchase on the device (it never leaves the device)."""
+    try:
+        _device(state_dir).add_basket(_ids(items))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@state_option
+@click.option("--url", required=True, help="The aggregator, e.g. ws://127.0.0.1:8765/ws")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--token", help="One-time enrollment token, for a first check-in.")
+def participate(state_dir: Path, url: str, rounds: int, token: str | None) -> None:
+    """Connect, take part in rounds of federated training, install the new model."""
+    import asyncio
+
+    device = _device(state_dir)
+    try:
+        reports = asyncio.run(device.participate(url, rounds, token))
+    except (OSError, TimeoutError) as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from exc
+    for r in reports:
+        click.echo(f"round {r.round_id}: {r.status}, {r.examples} examples, "
+                   f"{r.bytes_up} bytes up, {r.bytes_down} bytes down")
+    click.echo(f"model version {device.model_version}")
 
 
 @main.command()

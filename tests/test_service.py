@@ -1,0 +1,280 @@
+"""A real `fedcart-aggregator serve` process on loopback and real edge clients (asyncio tasks,
+each with its own store and keys): rounds complete through dropouts at every phase, a client
+sending garbage, an unenrolled client, and a SIGKILL of the server mid-round."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from aggregator.statedir import init_state
+from aggregator.store import Store
+from edge_client import device as device_module
+from edge_client.device import Device
+from model_export.bundle import read_bundle
+from model_export.evaluation import make_split
+from secagg import channel
+from secagg.channel import checkin_statement
+from secagg.client import ClientState
+from secagg.crypto import IdentityKey
+from tests.conftest import synthetic_data
+
+AGGREGATOR = [sys.executable, "-m", "aggregator.cli"]
+CONFIG = """
+[round]
+sampling_rate = 1.0
+min_clients = 3
+phase_timeout = {timeout}
+max_rounds = {rounds}
+[privacy]
+mechanism = "gaussian"
+noise_multiplier = 1.5
+clip_norm = 1.0
+budget_epsilon = 1000.0
+delta = 1e-5
+[training]
+lr_embeddings = 2.0
+"""
+
+
+class Server:
+    """`fedcart-aggregator serve` in a subprocess; its port read from its log."""
+
+    def __init__(self, state: Path) -> None:
+        self.proc = subprocess.Popen(
+            [*AGGREGATOR, "serve", "--state", str(state), "--port", "0"],
+            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+        self.lines: list[str] = []
+        found = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if "serving on" in line:
+                    found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(60):
+            self.proc.kill()
+            raise RuntimeError("aggregator did not start:\n" + "".join(self.lines))
+        match = re.search(r"serving on ws://[\d.]+:(\d+)", "".join(self.lines))
+        assert match
+        self.port = int(match.group(1))
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+
+    def http(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("aggregator did not stop:\n" + self.log()) from None
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+def cli(*args: str) -> str:
+    result = subprocess.run([*AGGREGATOR, *args], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    """An initialised aggregator and enrolled devices holding their users' baskets."""
+    data = synthetic_data(n_users=12, n_items=30, seed=4)
+    split = make_split(data)
+    state = init_state(tmp_path / "agg", list(split.catalog),
+                       [data.name_of(i) for i in split.catalog], dim=8, seed=0)
+    server_key = bytes(state.signing_key().verify_key)
+    store = Store(state.database)
+    devices = []
+    for u, baskets in enumerate(data.users.values()):
+        device = Device(tmp_path / f"device{u}", server_key)
+        for basket in baskets:
+            device.add_basket(basket)
+        store.enroll(device.identity.public)
+        devices.append(device)
+    store.close()
+    return state, devices
+
+
+def drop_schedule(monkeypatch, rules: dict[tuple[bytes, int], ClientState | str]) -> None:
+    """Make a device vanish (close its connection) when its round reaches a state, instead
+    of sending that state's message; 'stall' makes it hang silently instead."""
+    original = device_module._Session.flush
+
+    async def flush(self) -> None:
+        rule = rules.get((self.device.identity.public, int(self.round_info["round_id"])))
+        if rule is not None and self.round is not None and self.round.state == rule:
+            await self.ws.close()
+            return
+        if rule == "stall" and self.round is not None and \
+                self.round.state == ClientState.WAIT_SURVIVORS:
+            await asyncio.sleep(3600)
+        await original(self)
+
+    monkeypatch.setattr(device_module._Session, "flush", flush)
+
+
+async def garbage_client(url: str, key: IdentityKey, server_key: bytes) -> str:
+    """Checks in honestly, then answers the round with bytes that are not a message."""
+    async with connect(url, max_size=None) as ws:
+        _, challenge = channel.parse(await ws.recv())
+        hello = {"public_key": key.public.hex(), "model_version": -1,
+                 "signature": key.sign(checkin_statement(bytes.fromhex(challenge["nonce"]),
+                                                         server_key)).hex()}
+        await ws.send(channel.control("hello", **hello))
+        async for frame in ws:
+            kind, body = channel.parse(frame)
+            if kind == channel.CONTROL and body["type"] == "round":
+                await ws.send(bytes([channel.SECAGG]) + b"not a secagg message" * 4)
+            if kind == channel.CONTROL and body["type"] == "error":
+                return body["reason"]
+    return "closed without an error"
+
+
+async def unenrolled_client(url: str, server_key: bytes) -> str:
+    key = IdentityKey.generate()
+    async with connect(url) as ws:
+        _, challenge = channel.parse(await ws.recv())
+        await ws.send(channel.control("hello", public_key=key.public.hex(), model_version=-1,
+                                      signature=key.sign(checkin_statement(
+                                          bytes.fromhex(challenge["nonce"]),
+                                          server_key)).hex()))
+        _, reply = channel.parse(await ws.recv())
+        return reply["reason"]
+
+
+def ledger_matches_dp_accounting(state_dir: Path) -> float:
+    body = json.loads(cli("ledger", "--state", str(state_dir), "--json"))
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for row in body["rounds"]:
+        accountant.compose(dp_accounting.GaussianDpEvent(row["noise_multiplier"]))
+    fresh = accountant.get_epsilon(body["delta"])
+    assert body["rounds"][-1]["epsilon_rdp"] == pytest.approx(fresh, rel=1e-9)
+    return fresh
+
+
+def test_rounds_survive_dropouts_garbage_and_strangers(world, monkeypatch) -> None:
+    state, devices = world
+    state.config.write_text(CONFIG.format(timeout=4.0, rounds=3))
+    keys = [d.identity.public for d in devices]
+    drop_schedule(monkeypatch, {
+        (keys[0], 1): ClientState.WAIT_KEYS,       # vanishes instead of advertising keys
+        (keys[1], 1): ClientState.WAIT_SHARES,     # ... instead of sharing keys
+        (keys[2], 2): ClientState.WAIT_SURVIVORS,  # ... instead of sending its input
+        (keys[3], 2): ClientState.WAIT_UNMASK,     # ... after its input was summed
+        (keys[4], 3): ClientState.DONE,            # ... instead of sending unmask shares
+    })
+    garbage_key = IdentityKey.generate()
+    store = Store(state.database)
+    store.enroll(garbage_key.public)
+    store.close()
+    server = Server(state.root)
+    server_key = bytes(state.signing_key().verify_key)
+    v0 = read_bundle(state.bundles / "v00000000", server_key).weights().flat()
+
+    async def everyone() -> tuple:
+        stranger = await unenrolled_client(server.url, server_key)
+        tasks = [d.participate(server.url, rounds=3, timeout=120) for d in devices]
+        return stranger, await asyncio.gather(garbage_client(server.url, garbage_key,
+                                                             server_key), *tasks)
+
+    stranger, (garbage, *reports) = asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    assert "not enrolled" in stranger
+    assert "not a FedCart secagg message (bad magic)" in garbage
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    assert [r["status"] for r in status["rounds"]] == ["completed"] * 3, server.log()
+    survivors = [r["survivors"] for r in status["rounds"]]
+    # round 1: 12 honest sampled, 2 vanished early; round 2: 10, one left before its
+    # input and one after (still a survivor); round 3: 8, one left at the very end
+    assert survivors == [10, 9, 8]
+    assert status["model_version"] == 3
+    for device in devices[5:]:
+        assert device.model_version == 3
+        assert [r.status for r in reports[devices.index(device)]] == ["completed"] * 3
+    v3 = read_bundle(state.bundles / "v00000003", server_key).weights().flat()
+    assert np.abs(v3 - v0).max() > 1e-3  # the model changed
+    assert ledger_matches_dp_accounting(state.root) > 0
+    assert Store(state.database).integrity_ok()
+
+
+def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
+    state, devices = world
+    devices = devices[:6]
+    state.config.write_text(CONFIG.format(timeout=30.0, rounds=2))
+    # one device stalls before sending its input, so round 1 waits in its MASKED phase
+    drop_schedule(monkeypatch, {(devices[0].identity.public, 1): "stall"})
+    server = Server(state.root)
+
+    async def until_killed() -> None:
+        tasks = [asyncio.create_task(d.participate(server.url, rounds=2, timeout=120))
+                 for d in devices]
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if "round 1: 6 devices sampled" in server.log():
+                break
+        await asyncio.sleep(1.0)  # the five others have sent their masked inputs
+        os.kill(server.proc.pid, signal.SIGKILL)
+        await asyncio.wait(tasks, timeout=5)  # the stalled device never returns by itself
+        for task in tasks:
+            task.cancel()
+
+    asyncio.run(until_killed())
+    server.wait()
+    assert Store(state.database).integrity_ok()
+    restarted = Server(state.root)
+    assert "ok model_version=0" in restarted.http("/healthz")
+
+    async def resume() -> list:
+        return await asyncio.gather(*(d.participate(restarted.url, rounds=2, timeout=120)
+                                      for d in devices[1:]))
+
+    asyncio.run(resume())
+    assert restarted.wait() == 0, restarted.log()
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    assert [r["status"] for r in status["rounds"]] == ["interrupted", "completed", "completed"]
+    assert status["model_version"] == 2
+    body = json.loads(cli("ledger", "--state", str(state.root), "--json"))
+    charged = {r["round_id"] for r in body["rounds"]}
+    completed = {r["round_id"] for r in status["rounds"] if r["status"] == "completed"}
+    assert completed <= charged  # the ledger never under-counts
+    ledger_matches_dp_accounting(state.root)
+    assert Store(state.database).integrity_ok()
+
+
+def test_metrics_and_health(world) -> None:
+    state, _ = world
+    state.config.write_text(CONFIG.format(timeout=4.0, rounds=0))
+    server = Server(state.root)
+    try:
+        assert server.http("/healthz").startswith("ok")
+        metrics = server.http("/metrics")
+        assert "fedcart_model_version 0.0" in metrics
+        assert "fedcart_epsilon_spent" in metrics
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    time.sleep(0)
