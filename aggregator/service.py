@@ -138,7 +138,8 @@ class Aggregator:
     def _load_model(self, row: ModelRow) -> None:
         bundle_dir = self.state.root / row.bundle_dir
         self.bundle = read_bundle(bundle_dir, self.identity.public)
-        self.bundle_zip = (bundle_dir.with_suffix(".zip")).read_bytes()
+        # one frame per version, shared by every send (not a copy per device)
+        self.bundle_frame = bytes([channel.BUNDLE]) + bundle_dir.with_suffix(".zip").read_bytes()
         self.weights = self.bundle.weights()
         self.model_version = row.version
         self.metrics.model_version.set(row.version)
@@ -247,7 +248,7 @@ class Aggregator:
         return conn
 
     async def _send_model(self, conn: _Connection) -> None:
-        frame = bytes([channel.BUNDLE]) + self.bundle_zip
+        frame = self.bundle_frame
         with contextlib.suppress(Exception):
             await conn.ws.send(frame)
             conn.model_version = self.model_version

@@ -14,9 +14,10 @@ import onnxruntime
 
 from bench import model, secagg
 from bench.common import markdown_table
+from bench.round import bench_round
 
 BENCHES = {"recommend": model.bench_recommend, "train": model.bench_train,
-           "prg": secagg.bench_prg, "secagg": secagg.bench_secagg}
+           "prg": secagg.bench_prg, "secagg": secagg.bench_secagg, "round": bench_round}
 
 
 def main(argv: list[str] | None = None) -> int:

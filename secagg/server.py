@@ -267,12 +267,14 @@ class ServerRound:
         self._signatures = {c: m.signature for c, m in self._answers.items()
                             if isinstance(m, ConsistencySignature)}
         self._need(len(self._signatures), "survivors that signed the survivor set")
-        signers = tuple(sorted(self._signatures))
+        # t signatures prove the set to a client; sending all n would make every unmask
+        # request O(n) signatures, O(n^2) bytes for the round
+        signers = tuple(sorted(self._signatures))[:self.threshold]
         dropped = tuple(sorted(set(self._shares_sent) - set(self._survivors)))
         data = UnmaskRequest(self.round_id, SERVER, self._survivors, dropped, signers,
                              tuple(self._signatures[s] for s in signers)).encode()
-        self._outbox += [(u, data) for u in signers]
-        self._enter(ServerState.UNMASK, set(signers))
+        self._outbox += [(u, data) for u in self._signatures]
+        self._enter(ServerState.UNMASK, set(self._signatures))
 
     def _end_unmask(self) -> None:
         collected: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}

@@ -16,7 +16,7 @@ def test_quick_bench_writes_every_row(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert main(["--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg"}
+    assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg", "round"}
     for row in rows:
         assert set(row) == FIELDS
         assert row["value"] > 0 and math.isfinite(row["ratio"])

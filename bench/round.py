@@ -1,0 +1,143 @@
+"""round: a real aggregator process and N devices over loopback, through full rounds.
+
+Reports the round's time and its phases, bytes per device up (against 4 bytes per
+parameter), and the server's peak RSS (from wait4) against N at fixed d and against d at
+fixed N: secure aggregation sums inputs as they arrive, so it must not grow with N beyond
+per-connection buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.statedir import init_state
+from aggregator.store import Store
+from bench.common import Row
+from edge_client.device import Device
+
+CONFIG = """
+[round]
+sampling_rate = 1.0
+min_clients = {n}
+secagg_degree = 20
+phase_timeout = 300.0
+max_rounds = 1
+[privacy]
+mechanism = "gaussian"
+noise_multiplier = 1.0
+budget_epsilon = 1000000.0
+"""
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    del soft
+
+
+def run_round(n: int, n_items: int, dim: int, workdir: Path) -> dict:
+    """One full round with ``n`` devices; the measurements of it."""
+    _raise_fd_limit()
+    rng = np.random.default_rng(0)
+    items = [f"sku{i:05d}" for i in range(n_items)]
+    state = init_state(workdir / "agg", items, items, dim=dim, seed=0)
+    state.config.write_text(CONFIG.format(n=n))
+    server_key = bytes(state.signing_key().verify_key)
+    store = Store(state.database)
+    devices = []
+    for u in range(n):
+        device = Device(workdir / f"d{u}", server_key)
+        for _ in range(3):
+            device.add_basket([items[i] for i in rng.choice(n_items, 5, replace=False)])
+        store.enroll(device.identity.public)
+        devices.append(device)
+    store.close()
+    proc = subprocess.Popen([sys.executable, "-m", "aggregator.cli", "serve", "--state",
+                             str(state.root), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving on" in line:
+                started.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not started.wait(120):
+        proc.kill()
+        raise RuntimeError("aggregator did not start:\n" + "".join(lines))
+    port = re.search(r":(\d+) \(model", "".join(lines))
+    assert port is not None
+    url = f"ws://127.0.0.1:{port.group(1)}/ws"
+
+    async def everyone() -> list:
+        return await asyncio.gather(*(d.participate(url, rounds=1, timeout=900)
+                                      for d in devices))
+
+    reports = asyncio.run(everyone())
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError("aggregator failed:\n" + "".join(lines))
+    store = Store(state.database)
+    (round_row,) = store.rounds()
+    store.close()
+    assert round_row.status == "completed", "".join(lines)
+    n_params = 2 * n_items * dim + n_items + 2
+    up = [r[0].bytes_up for r in reports if r]
+    return {"seconds": round_row.finished_at - round_row.started_at,
+            "phases": round_row.detail.get("phase_seconds", {}),
+            "survivors": round_row.survivors, "n_params": n_params,
+            "bytes_up": float(np.mean(up)), "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def bench_round(quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    n_items = 500
+    dims = [8, 16, 64] if quick else [16, 64, 512]
+    ns = [10, 30] if quick else [100, 1000]
+    base_rss = None
+    for n in ns:  # against N at fixed d
+        with tempfile.TemporaryDirectory(prefix="fedcart-bench-round-") as tmp:
+            m = run_round(n, n_items, dims[0], Path(tmp))
+        params = {"n": n, "V": n_items, "d": dims[0], "params": m["n_params"]}
+        base_rss = base_rss or m["peak_rss_mb"]
+        phases = sum(m["phases"].values())
+        rows.append(Row("round", params, "time in protocol phases", phases, "s",
+                        "whole round (training, secagg, noise, signing, publishing)",
+                        m["seconds"], m["seconds"] / phases))
+        rows.append(Row("round", params, "server peak RSS", m["peak_rss_mb"], "MB",
+                        f"same at n={ns[0]}", base_rss, base_rss / m["peak_rss_mb"]))
+        rows.append(Row("round", params, "upload bytes/device", m["bytes_up"], "B",
+                        "4 bytes per parameter", 4.0 * m["n_params"],
+                        m["bytes_up"] / (4.0 * m["n_params"])))
+        print(f"  n={n}: {json.dumps(m)}", file=sys.stderr)
+    first = None
+    for dim in dims[1:]:  # against d at fixed N: growth per parameter
+        with tempfile.TemporaryDirectory(prefix="fedcart-bench-round-") as tmp:
+            m = run_round(ns[0], n_items, dim, Path(tmp))
+        params = {"n": ns[0], "V": n_items, "d": dim, "params": m["n_params"]}
+        if first is None:
+            first = m
+            continue
+        grown_mb = m["peak_rss_mb"] - first["peak_rss_mb"]
+        added_model_mb = 4e-6 * (m["n_params"] - first["n_params"])
+        rows.append(Row("round", params, "server RSS growth over d=" f"{dims[1]}", grown_mb,
+                        "MB", "growth of one float32 model copy", added_model_mb,
+                        grown_mb / added_model_mb))
+        rows.append(Row("round", params, "upload bytes/device", m["bytes_up"], "B",
+                        "4 bytes per parameter", 4.0 * m["n_params"],
+                        m["bytes_up"] / (4.0 * m["n_params"])))
+    return rows
