@@ -192,13 +192,10 @@ class Aggregator:
             return
         try:
             async for frame in ws:
-                if isinstance(frame, str):
-                    raise ProtocolViolation("text frames are not part of the protocol")
-                self.metrics.bytes_up.inc(len(frame))
-                kind, payload = channel.parse(frame)
-                if kind != channel.SECAGG:
-                    raise ProtocolViolation("devices send only check-in and secagg frames")
-                await self._secagg_from(conn, payload)
+                await self._on_frame(conn, frame)
+                # the loop variable would pin this device's last message (a masked input
+                # is d-sized) until its next one: O(n d) across connections
+                del frame
         except RemoteProtocolError as exc:
             log.info("device %d misbehaved and was disconnected: %s", conn.client_id, exc)
             with contextlib.suppress(Exception):
@@ -210,6 +207,15 @@ class Aggregator:
             if self.connections.get(conn.client_id) is conn:
                 del self.connections[conn.client_id]
             self._drop_from_round(conn.client_id, "disconnected")
+
+    async def _on_frame(self, conn: _Connection, frame: bytes | str) -> None:
+        if isinstance(frame, str):
+            raise ProtocolViolation("text frames are not part of the protocol")
+        self.metrics.bytes_up.inc(len(frame))
+        kind, payload = channel.parse(frame)
+        if kind != channel.SECAGG:
+            raise ProtocolViolation("devices send only check-in and secagg frames")
+        await self._secagg_from(conn, payload)
 
     async def _check_in(self, ws: ServerConnection) -> _Connection | None:
         nonce = os.urandom(32)

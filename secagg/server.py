@@ -68,6 +68,8 @@ class ServerState(IntEnum):
     FAILED = 7
 
 
+_SUMMED = np.zeros(0, dtype=np.uint32)  # stands in for a vector already added to the sum
+
 _EXPECTS: dict[ServerState, type[Message]] = {
     ServerState.ADVERTISE: AdvertiseKeys,
     ServerState.SHARE: EncryptedShares,
@@ -149,7 +151,10 @@ class ServerRound:
         except RemoteProtocolError as exc:
             self.drop(client, str(exc))
             raise
-        self._answers[client] = message
+        # a masked input lives on only in the running sum: keeping n vectors until the phase
+        # ends would make the server's memory O(n d)
+        self._answers[client] = (dataclasses.replace(message, vector=_SUMMED)
+                                 if isinstance(message, MaskedInput) else message)
         self._maybe_end_phase()
 
     def drop(self, client: int, reason: str) -> None:
