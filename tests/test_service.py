@@ -54,9 +54,9 @@ lr_embeddings = 2.0
 class Server:
     """`fedcart-aggregator serve` in a subprocess; its port read from its log."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [*AGGREGATOR, "serve", "--state", str(state), "--port", "0"],
+            [*AGGREGATOR, "serve", "--state", str(state), "--port", "0", *extra],
             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
         self.lines: list[str] = []
         found = threading.Event()
@@ -72,10 +72,10 @@ class Server:
         if not found.wait(60):
             self.proc.kill()
             raise RuntimeError("aggregator did not start:\n" + "".join(self.lines))
-        match = re.search(r"serving on ws://[\d.]+:(\d+)", "".join(self.lines))
+        match = re.search(r"serving on (wss?)://[\d.]+:(\d+)", "".join(self.lines))
         assert match
-        self.port = int(match.group(1))
-        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        self.port = int(match.group(2))
+        self.url = f"{match.group(1)}://127.0.0.1:{self.port}/ws"
 
     def http(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
@@ -278,3 +278,78 @@ def test_metrics_and_health(world) -> None:
         server.proc.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
     time.sleep(0)
+
+
+def test_token_enrollment_tls_laplace_and_fedadam(world, tmp_path) -> None:
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    state, devices = world
+    state.config.write_text(CONFIG.format(timeout=5.0, rounds=1).replace(
+        'mechanism = "gaussian"', 'mechanism = "laplace"') + '[optimizer]\nname = "fedadam"\n'
+        'lr = 0.05\n')
+    newcomer = Device(tmp_path / "newcomer", bytes(state.signing_key().verify_key))
+    newcomer.add_basket(["i001", "i002", "i003"])
+    token = cli("token", "--state", str(state.root)).strip()
+    # a self-signed certificate for 127.0.0.1
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcart-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = Server(state.root, "--tls-cert", str(cert_path), "--tls-key", str(key_path))
+    assert server.url.startswith("wss://")
+    trust = ssl.create_default_context(cafile=str(cert_path))
+
+    async def run() -> list:
+        tasks = [d.participate(server.url, rounds=1, ssl_context=trust, timeout=60)
+                 for d in devices[:4]]
+        tasks.append(newcomer.participate(server.url, rounds=1, token=token,
+                                          ssl_context=trust, timeout=60))
+        return await asyncio.gather(*tasks)
+
+    reports = asyncio.run(run())
+    assert server.wait() == 0, server.log()
+    assert [r.status for r in reports[-1]] == ["completed"]  # enrolled by its token
+    assert newcomer.model_version == 1
+    body = json.loads(cli("ledger", "--state", str(state.root), "--json"))
+    assert [r["mechanism"] for r in body["rounds"]] == ["laplace"]
+    second = IdentityKey.generate()  # a used token cannot enroll anyone else
+    store = Store(state.database)
+    assert store.redeem_token(token, second.public) is None
+    store.close()
+
+
+def test_server_stops_before_the_budget_is_exceeded(world) -> None:
+    state, devices = world
+    # z = 1.5 at q = 1: one round spends ~3.3 at delta 1e-5, two ~4.8: budget 4 allows one
+    state.config.write_text(CONFIG.format(timeout=5.0, rounds=0).replace(
+        "budget_epsilon = 1000.0", "budget_epsilon = 4.0"))
+    server = Server(state.root)
+
+    async def run() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=60)
+                                      for d in devices[:5]))
+
+    asyncio.run(run())
+    assert server.wait() == 0, server.log()
+    assert "over the budget of 4" in server.log()
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    assert [r["status"] for r in status["rounds"]] == ["completed"]
+    assert status["epsilon"] <= 4.0

@@ -1,0 +1,99 @@
+"""The device runtime on its own: bundles refused without harm, a crash mid-swap, the
+bounded cart store, and the local update it would send."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.statedir import init_state
+from edge_client.device import Device
+from edge_client.store import MAX_BASKETS
+from model_export.bundle import BundleError, zip_bundle
+from model_export.export import export_bundle
+from model_export.model import init_weights
+from model_export.update import UpdateFormat
+
+ITEMS = [f"sku{i:02d}" for i in range(25)]
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    """An aggregator state (model v0) and a v1 bundle signed by the same key."""
+    state = init_state(tmp_path / "agg", ITEMS, ITEMS, dim=4, seed=0)
+    key = state.signing_key()
+    export_bundle(tmp_path / "v1", init_weights(25, 4, np.random.default_rng(9)), ITEMS,
+                  ITEMS, key, model_version=1, round_id=1, history_decay=0.9)
+    v0 = (state.bundles / "v00000000.zip").read_bytes()
+    v1 = zip_bundle(tmp_path / "v1", tmp_path / "v1.zip").read_bytes()
+    return bytes(key.verify_key), v0, v1
+
+
+def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(served, tmp_path) -> None:
+    server_key, v0, v1 = served
+    device = Device(tmp_path / "device", server_key)
+    device.install(v0)
+    before = device.recommend(["sku01"], 5)
+    tampered = bytearray(v1)
+    tampered[len(tampered) // 2] ^= 0xFF
+    for bad in (bytes(tampered), v1[:1000], b"not a zip"):
+        with pytest.raises(BundleError):
+            device.install(bad)
+    unsigned = tmp_path / "unsigned.zip"
+    with zipfile.ZipFile(tmp_path / "v1.zip") as src, zipfile.ZipFile(unsigned, "w") as dst:
+        for name in src.namelist():
+            if name != "manifest.sig":
+                dst.writestr(name, src.read(name))
+    with pytest.raises(BundleError, match="unsigned"):
+        device.install(unsigned.read_bytes())
+    assert device.model_version == 0 and device.recommend(["sku01"], 5) == before
+    device.install(v1)
+    assert device.model_version == 1
+    with pytest.raises(BundleError, match="downgrade"):
+        device.install(v0)
+    # a restarted device verifies and uses what it installed last
+    assert Device(tmp_path / "device", server_key).model_version == 1
+
+
+def test_a_crash_mid_swap_leaves_the_old_bundle(served, tmp_path) -> None:
+    server_key, v0, v1 = served
+    device = Device(tmp_path / "device", server_key)
+    device.install(v0)
+    bundles = tmp_path / "device" / "bundles"
+    (bundles / ".v00000001-deadbeef.zip.tmp").write_bytes(v1[: len(v1) // 3])  # torn write
+    (tmp_path / "device" / ".current.tmp").write_bytes(b"v00000001-deadbeef.zip")
+    restarted = Device(tmp_path / "device", server_key)
+    assert restarted.model_version == 0
+    assert restarted.recommend(["sku02"], 3)
+
+
+def test_cart_store_is_bounded_and_ordered(served, tmp_path) -> None:
+    server_key, _, _ = served
+    device = Device(tmp_path / "device", server_key)
+    for i in range(MAX_BASKETS + 7):
+        device.store.add_basket([f"sku{i % 25:02d}", "sku24"], at=float(i))
+    baskets = device.store.baskets()
+    assert len(baskets) == MAX_BASKETS
+    assert baskets[0] == sorted(["sku07", "sku24"])  # the 7 oldest are gone
+    with pytest.raises(ValueError, match="at least one item"):
+        device.add_basket([])
+
+
+def test_local_update_trains_on_own_baskets_only(served, tmp_path) -> None:
+    server_key, v0, _ = served
+    device = Device(tmp_path / "device", server_key)
+    device.install(v0)
+    with pytest.raises(RuntimeError):
+        Device(tmp_path / "fresh", server_key).recommend(["sku01"])
+    delta, examples = device.local_update(1, [2.0, 2.0, 0.5, 0.05], 8)
+    assert examples == 0 and not delta.any()  # no history yet: nothing to learn
+    device.add_basket(["sku01", "sku02", "sku03"])
+    device.add_basket(["sku02", "sku03", "unknown-item"])  # unknown items are skipped
+    delta, examples = device.local_update(2, [2.0, 2.0, 0.5, 0.05], 8, seed=0)
+    assert examples == 3 + 2 and np.abs(delta).max() > 0
+    fmt = UpdateFormat(n_params=delta.size, clip_norm=0.5, cohort_size=10)
+    encoded = fmt.encode(delta, examples)
+    assert encoded.dtype == np.uint32 and encoded.size == delta.size + 1
