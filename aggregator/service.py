@@ -153,9 +153,11 @@ class Aggregator:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         vector_bytes = 4 * (self.weights.flat().size + 1)
+        # no permessage-deflate: masked vectors are uniformly random and never compress;
+        # deflating them cost CPU on both ends and held decompression buffers per connection
         async with serve(self._handle, cfg.host, cfg.port, max_size=vector_bytes + (1 << 20),
                          process_request=self._http, ssl=tls, ping_interval=20,
-                         ping_timeout=60) as server:
+                         ping_timeout=60, compression=None) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving on %s://%s:%d (model version %d)", "wss" if tls else "ws",
                      cfg.host, self.port, self.model_version)

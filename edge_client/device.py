@@ -37,6 +37,7 @@ __all__ = ["Device", "RoundReport"]
 
 log = logging.getLogger("fedcart.device")
 MAX_DOWNLOAD = 512 << 20  # largest frame a device accepts (a bundle)
+FRAGMENT = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,8 @@ class Device:
         """Connect, check in, and take part in ``rounds`` rounds (or until the server
         closes). Returns what happened in each round this device was sampled for."""
         reports: list[RoundReport] = []
-        async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context,
-                           open_timeout=30) as ws:
+        async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
+                           compression=None) as ws:  # masked vectors do not compress
             session = _Session(self, ws, rounds, reports)
             await asyncio.wait_for(session.run(token), timeout)
         return reports
@@ -156,8 +157,16 @@ class _Session:
         self.bytes_up = self.bytes_down = 0
 
     async def send(self, frame: bytes) -> None:
+        """Send one message; a large one (a masked input) as websocket fragments of at most
+        FRAGMENT bytes: the server's frame parser keeps the last frame it parsed until the
+        connection's next one arrives, so a whole-vector frame would stay pinned on every
+        connection for a phase (server memory O(n d)); a fragment bounds that to O(n)."""
         self.bytes_up += len(frame)
-        await self.ws.send(frame)
+        if len(frame) <= FRAGMENT:
+            await self.ws.send(frame)
+        else:
+            view = memoryview(frame)
+            await self.ws.send([view[i:i + FRAGMENT] for i in range(0, len(frame), FRAGMENT)])
 
     async def run(self, token: str | None) -> None:
         try:
