@@ -60,7 +60,9 @@ def expected_survivors(ids: list[int], graph: dict, t: int, drop_at: dict) -> se
 @given(data=st.data())
 def test_random_rounds_are_exact_or_fail_clearly(data) -> None:
     n = data.draw(st.integers(3, 200), label="n")
-    k = data.draw(st.integers(2, n - 1 if n <= 40 else 24), label="k")
+    # k anywhere in [2, n-1]; dense graphs of large n are slow, so they come less often
+    wide = data.draw(st.integers(0, 9), label="wide") == 0 or n <= 40
+    k = data.draw(st.integers(2, n - 1 if wide else min(24, n - 1)), label="k")
     degree = min(n - 1, k + k % 2)
     t = data.draw(st.integers(degree // 2 + 1, degree), label="t")
     ids = sorted(data.draw(st.lists(st.integers(0, 10**6), min_size=n, max_size=n,
