@@ -75,6 +75,20 @@ class _Round:
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
+def peak_resident_mb() -> float:
+    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, it is not
+    inherited from the parent across fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -171,6 +185,7 @@ class Aggregator:
             for conn in list(self.connections.values()):
                 await conn.ws.close(1001, "server shutting down")
         self.store.close()
+        log.info("stopped; peak resident memory %.1f MB", peak_resident_mb())
 
     def stop(self) -> None:
         self.stopping.set()

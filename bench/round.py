@@ -1,16 +1,15 @@
 """round: a real aggregator process and N devices over loopback, through full rounds.
 
 Reports the round's time and its phases, bytes per device up (against 4 bytes per
-parameter), and the server's peak RSS (from wait4) against N at fixed d and against d at
-fixed N: secure aggregation sums inputs as they arrive, so it must not grow with N beyond
-per-connection buffers.
+parameter), and the server's peak resident memory (VmHWM, which the server logs when it
+stops) against N at fixed d and against d at fixed N. Aggregation keeps one running sum,
+so memory must not grow with N beyond per-connection buffers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import resource
 import subprocess
@@ -88,9 +87,10 @@ def run_round(n: int, n_items: int, dim: int, workdir: Path) -> dict:
                                       for d in devices))
 
     reports = asyncio.run(everyone())
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+    if proc.wait() != 0:
         raise RuntimeError("aggregator failed:\n" + "".join(lines))
+    peak = re.search(r"peak resident memory ([\d.]+) MB", "".join(lines))
+    assert peak is not None, "".join(lines)
     store = Store(state.database)
     (round_row,) = store.rounds()
     store.close()
@@ -100,7 +100,7 @@ def run_round(n: int, n_items: int, dim: int, workdir: Path) -> dict:
     return {"seconds": round_row.finished_at - round_row.started_at,
             "phases": round_row.detail.get("phase_seconds", {}),
             "survivors": round_row.survivors, "n_params": n_params,
-            "bytes_up": float(np.mean(up)), "peak_rss_mb": usage.ru_maxrss / 1024}
+            "bytes_up": float(np.mean(up)), "peak_rss_mb": float(peak.group(1))}
 
 
 def bench_round(quick: bool) -> list[Row]:

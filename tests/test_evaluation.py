@@ -55,31 +55,27 @@ def test_split_keeps_last_basket_out_of_training() -> None:
         assert q.hidden in last and set(q.cart.tolist()) == last - {q.hidden}
 
 
-@pytest.mark.slow
-def test_uci_reference_figures(uci_split) -> None:
-    assert (len(uci_split.queries), uci_split.n_items) == (2592, 3644)
-    figures = {
-        "popularity": evaluate(baselines.popularity(uci_split), uci_split).hr,
-        "cooccurrence": evaluate(baselines.cooccurrence(uci_split), uci_split).hr,
-        "ease": evaluate(baselines.ease(uci_split, 500.0), uci_split).hr,
-        "own history": evaluate(baselines.own_history(uci_split), uci_split).hr,
-    }
-    assert {k: round(v, 4) for k, v in figures.items()} == {
-        "popularity": 0.0424, "cooccurrence": 0.3056, "ease": 0.3407, "own history": 0.2010}
+REFERENCE = {  # DESIGN.md section 6: queries, catalog, EASE lambda, HitRate@10 per row
+    "uci": (2592, 3644, 500.0, {"popularity": 0.0424, "cooccurrence": 0.3056,
+                                "ease": 0.3407, "own history": 0.2010}),
+    "instacart": (560, 13880, 250.0, {"popularity": 0.0696, "cooccurrence": 0.2429,
+                                      "ease": 0.2554, "own history": 0.3911}),
+}
 
 
 @pytest.mark.slow
-def test_instacart_reference_figures(instacart_split) -> None:
-    split = instacart_split
-    assert (len(split.queries), split.n_items) == (560, 13880)
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_reference_figures(name: str, request) -> None:
+    split = request.getfixturevalue(f"{name}_split")
+    queries, catalog, lam, expected = REFERENCE[name]
+    assert (len(split.queries), split.n_items) == (queries, catalog)
     figures = {
         "popularity": evaluate(baselines.popularity(split), split).hr,
         "cooccurrence": evaluate(baselines.cooccurrence(split), split).hr,
-        "ease": evaluate(baselines.ease(split, 250.0), split).hr,
+        "ease": evaluate(baselines.ease(split, lam), split).hr,
         "own history": evaluate(baselines.own_history(split), split).hr,
     }
-    assert {k: round(v, 4) for k, v in figures.items()} == {
-        "popularity": 0.0696, "cooccurrence": 0.2429, "ease": 0.2554, "own history": 0.3911}
+    assert {k: round(v, 4) for k, v in figures.items()} == expected
 
 
 def test_ease_matches_a_direct_numpy_solution(small_split) -> None:
