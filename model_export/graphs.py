@@ -193,7 +193,9 @@ def convert_to_ort(onnx_path: Path) -> Path:
     )
 
     onnx_path = Path(onnx_path)
-    logging.getLogger("ort_format_model").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):  # the converter sets its own levels
+        if name.startswith("ort_format_model"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()):
         convert_onnx_models_to_ort(onnx_path, output_dir=onnx_path.parent,
                                    optimization_styles=[OptimizationStyle.Fixed])
