@@ -55,6 +55,7 @@ __all__ = ["Aggregator"]
 
 log = logging.getLogger("fedcart.aggregator")
 CHECKIN_TIMEOUT = 10.0
+BUNDLE_SENDS = 8  # bundles being sent at once
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Aggregator:
         self.round: _Round | None = None
         self.metrics = _Metrics()
         self.stopping = asyncio.Event()
+        self._bundle_sends = asyncio.Semaphore(BUNDLE_SENDS)
         self.rounds_done = 0
         self.noise_multiplier = config.noise_multiplier
         if config.target_epsilon > 0 and config.mechanism == "gaussian":
@@ -271,9 +273,13 @@ class Aggregator:
         return conn
 
     async def _send_model(self, conn: _Connection) -> None:
+        """Send the current bundle. A send returns once the connection's buffer has drained,
+        so the semaphore bounds how many bundles sit in buffers at once: without it, every
+        device checking in at the same moment held a whole bundle (O(n * model) memory)."""
         frame = self.bundle_frame
         with contextlib.suppress(Exception):
-            await conn.ws.send(frame)
+            async with self._bundle_sends:
+                await conn.ws.send(frame)
             conn.model_version = self.model_version
             self.metrics.bytes_down.inc(len(frame))
 
