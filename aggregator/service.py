@@ -143,8 +143,12 @@ class Aggregator:
                         "stands", round_id)
         published = {Path(m.bundle_dir).name for m in self.store.models()}
         for entry in self.state.bundles.iterdir():
-            if entry.name.removesuffix(".zip") not in published:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+            if entry.name.removesuffix(".zip") in published:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
         latest = self.store.latest_model()
         if latest is None:
             raise RuntimeError(f"{self.state.root} has no model: run fedcart-aggregator init")

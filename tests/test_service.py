@@ -245,7 +245,13 @@ def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
     asyncio.run(until_killed())
     server.wait()
     assert Store(state.database).integrity_ok()
+    # what a kill during publishing would leave: a bundle no model row points at
+    (state.bundles / "v00000001").mkdir()
+    (state.bundles / "v00000001" / "weights.bin").write_bytes(b"half")
+    (state.bundles / ".v00000001.zip.tmp").write_bytes(b"torn")
     restarted = Server(state.root)
+    assert not (state.bundles / "v00000001" / "weights.bin").exists()
+    assert not (state.bundles / ".v00000001.zip.tmp").exists()
     assert "ok model_version=0" in restarted.http("/healthz")
 
     async def resume() -> list:
