@@ -49,7 +49,23 @@ def bench_recommend(quick: bool) -> list[Row]:
                         "numpy", numpy_s * 1e6, numpy_s / onnx_s))
         rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",
                         "read-bandwidth bound", bound_s * 1e6, bound_s / onnx_s))
+        torch_top10 = _torch("recommender", w)
+        if torch_top10 is not None:
+            assert np.array_equal(torch_top10(CART), ids[0]), "PyTorch ranks differently"
+            torch_s = seconds_per_call(lambda f=torch_top10: f(CART))
+            rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",
+                            "PyTorch eager", torch_s * 1e6, torch_s / onnx_s))
     return rows
+
+
+def _torch(name: str, *args):  # type: ignore[no-untyped-def]
+    """A PyTorch baseline from bench/torch_baseline.py, or None without torch installed."""
+    try:
+        from bench import torch_baseline
+    except ImportError:
+        print("(torch not installed: pip install -e '.[bench]' for the PyTorch baseline)")
+        return None
+    return getattr(torch_baseline, name)(*args)
 
 
 def bench_train(quick: bool) -> list[Row]:
@@ -66,7 +82,18 @@ def bench_train(quick: bool) -> list[Row]:
         numpy_s = seconds_per_call(lambda w=w, b=batch: sgd_step(
             w, b.ctx, b.hist_ids, b.hist_w, b.targets, LEARNING_RATES), repeats=3)
         size = len(batch.targets)
-        rows.append(Row("train", {"V": n_items, "d": dim, "batch": size}, "examples/s",
-                        size / onnx_s, "ex/s", "numpy", size / numpy_s, numpy_s / onnx_s))
+        params = {"V": n_items, "d": dim, "batch": size}
+        rows.append(Row("train", params, "examples/s", size / onnx_s, "ex/s", "numpy",
+                        size / numpy_s, numpy_s / onnx_s))
+        made = _torch("trainer", w, LEARNING_RATES)
+        if made is not None:
+            torch_step, torch_weights = made
+            _, after = step(w, batch, LEARNING_RATES)
+            torch_step(batch)
+            for name, value in torch_weights().items():
+                assert np.allclose(value, after.tensors()[name], atol=1e-4), name
+            torch_s = seconds_per_call(lambda f=torch_step, b=batch: f(b))
+            rows.append(Row("train", params, "examples/s", size / onnx_s, "ex/s",
+                            "PyTorch eager", size / torch_s, torch_s / onnx_s))
     return rows
 

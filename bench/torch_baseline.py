@@ -1,0 +1,80 @@
+"""PyTorch eager versions of the FedCart model, as benchmark baselines (the ``bench`` extra
+installs the torch 2.13.0 CPU build). Same parameters, same scores, same SGD step as
+model_export/model.py: EmbeddingBag (sum, scaled by 1/sqrt(n)) for the cart, a Linear layer
+for e_out and the bias, the history blend added at the history items."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_export.features import Batch
+from model_export.model import Weights
+
+torch.set_num_threads(1)
+
+
+class TorchModel(nn.Module):
+    def __init__(self, w: Weights) -> None:
+        super().__init__()
+        n_items, dim = w.e_in.shape
+        self.e_in = nn.EmbeddingBag(n_items, dim, mode="sum", sparse=True)
+        self.out = nn.Linear(dim, n_items)
+        self.blend = nn.Parameter(torch.from_numpy(w.blend.copy()))
+        with torch.no_grad():
+            self.e_in.weight.copy_(torch.from_numpy(w.e_in))
+            self.out.weight.copy_(torch.from_numpy(w.e_out))
+            self.out.bias.copy_(torch.from_numpy(w.bias))
+
+    def forward(self, ctx: torch.Tensor, hist_ids: torch.Tensor,
+                hist_w: torch.Tensor) -> torch.Tensor:
+        valid = ctx >= 0
+        counts = valid.sum(dim=1).clamp(min=1).to(torch.float32)
+        weights = valid.to(torch.float32) / counts.sqrt().unsqueeze(1)
+        u = self.e_in(ctx.clamp(min=0), per_sample_weights=weights)
+        logits = self.out(u)
+        h_valid = hist_ids >= 0
+        bonus = (self.blend[0] * torch.log1p(hist_w) + self.blend[1]) * h_valid
+        return logits.scatter_add(1, hist_ids.clamp(min=0), bonus)
+
+
+def recommender(w: Weights):  # type: ignore[no-untyped-def]
+    model = TorchModel(w).eval()
+
+    def top10(cart: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            ctx = torch.from_numpy(cart).unsqueeze(0)
+            empty = torch.full((1, 1), -1, dtype=torch.int64)
+            scores = model(ctx, empty, torch.zeros(1, 1))
+            scores[0, ctx[0]] = -torch.inf
+            return torch.topk(scores, 10, dim=1).indices[0].numpy()
+
+    return top10
+
+
+def trainer(w: Weights, learning_rates: np.ndarray):  # type: ignore[no-untyped-def]
+    model = TorchModel(w)
+    optim = torch.optim.SGD([
+        {"params": [model.e_in.weight], "lr": float(learning_rates[0])},
+        {"params": [model.out.weight], "lr": float(learning_rates[1])},
+        {"params": [model.out.bias], "lr": float(learning_rates[2])},
+        {"params": [model.blend], "lr": float(learning_rates[3])},
+    ])
+
+    def step(batch: Batch) -> float:
+        optim.zero_grad()
+        logits = model(torch.from_numpy(batch.ctx), torch.from_numpy(batch.hist_ids),
+                       torch.from_numpy(batch.hist_w))
+        loss = nn.functional.cross_entropy(logits, torch.from_numpy(batch.targets))
+        loss.backward()
+        optim.step()
+        return float(loss)
+
+    def weights() -> dict[str, np.ndarray]:
+        return {"e_in": model.e_in.weight.detach().numpy(),
+                "e_out": model.out.weight.detach().numpy(),
+                "bias": model.out.bias.detach().numpy(),
+                "blend": model.blend.detach().numpy()}
+
+    return step, weights
