@@ -99,7 +99,7 @@ class Manifest:
                 history_decay=float(body["history"]["decay"]),
                 files={str(k): str(v) for k, v in body["files"].items()},
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise BundleError(f"manifest.json is malformed: {exc!r}") from exc
         if manifest.format != FORMAT_VERSION:
             raise BundleError(f"bundle format {manifest.format} is not supported "
