@@ -121,7 +121,6 @@ class Bundle:
 
     manifest: Manifest
     files: Mapping[str, bytes]
-    signer: bytes
 
     def weights(self) -> Weights:
         flat = np.frombuffer(self.files[WEIGHTS_FILE], dtype="<f4").astype(np.float32)
@@ -197,7 +196,7 @@ def read_bundle(path: Path | str, verify_key: bytes, *,
         raise BundleError(f"{path}: model version {manifest.model_version} is older than "
                           f"the {min_model_version} already installed (downgrade refused)")
     payload = {name: members[name] for name in PAYLOAD_FILES}
-    return Bundle(manifest=manifest, files=payload, signer=bytes(verify_key))
+    return Bundle(manifest=manifest, files=payload)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -72,9 +72,6 @@ class Weights:
         return cls(parts[0].reshape(n_items, dim), parts[1].reshape(n_items, dim),
                    parts[2], parts[3])
 
-    def copy(self) -> Weights:
-        return Weights(*(t.copy() for t in self.tensors().values()))
-
     def astype(self, dtype: type) -> Weights:
         return Weights(*(t.astype(dtype) for t in self.tensors().values()))
 

@@ -106,6 +106,7 @@ class ServerRound:
         self._answers: dict[int, Message] = {}
         self._keys: dict[int, AdvertiseKeys] = {}
         self._shares_sent: dict[int, EncryptedShares] = {}
+        self._held_by: dict[int, list[int]] = {}
         self._total = np.zeros(vector_len, dtype=np.uint32)
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
@@ -202,20 +203,14 @@ class ServerRound:
                    consistency_statement(self.round_id, self._survivors), m.signature,
                    f"client {client}'s survivor-set signature")
         elif isinstance(m, UnmaskShares):
-            expected = {}
-            for v in self._holders_of(client):
-                expected[v] = SELF_MASK if v in self._survivors else MASK_KEY
+            expected = {v: SELF_MASK if v in self._survivors else MASK_KEY
+                        for v in self._held_by.get(client, ())}
             got = dict(zip(m.owners, m.kinds, strict=True))
             if got != expected or m.shares.shape != (len(m.owners), shamir.WORDS):
                 raise ProtocolViolation(f"client {client} answered the unmask request with "
                                         "other shares than it holds")
             if m.shares.size and m.shares.max() >= shamir.PRIME:
                 raise ProtocolViolation(f"client {client}'s shares are not field elements")
-
-    def _holders_of(self, client: int) -> list[int]:
-        """The owners whose shares ``client`` holds: the sharers among its neighbours."""
-        return sorted(v for v, sent in self._shares_sent.items()
-                      if client in sent.recipients and client != v)
 
     # -- phase ends ----------------------------------------------------------------------
     def _enter(self, state: ServerState, expected: set[int]) -> None:
@@ -255,6 +250,8 @@ class ServerRound:
             for v, ciphertext in zip(sent.recipients, sent.ciphertexts, strict=True):
                 if v in inbox:
                     inbox[v].append((u, ciphertext))
+        # whose shares each sharer holds: what its unmask answer must cover
+        self._held_by = {v: [u for u, _ in items] for v, items in inbox.items()}
         for v, items in inbox.items():
             self._outbox.append((v, SharesForYou(self.round_id, SERVER,
                                                  tuple(u for u, _ in items),
