@@ -41,7 +41,7 @@ from aggregator.privacy import (
 )
 from aggregator.statedir import StateDir
 from aggregator.store import ModelRow, Store
-from model_export.bundle import read_bundle, zip_bundle
+from model_export.bundle import GRAPH_FILES, VOCABULARY_FILE, pack_members, read_bundle
 from model_export.export import export_bundle
 from model_export.model import Weights
 from model_export.update import L1, L2, UpdateFormat
@@ -64,6 +64,8 @@ class _Connection:
     public_key: bytes
     ws: ServerConnection
     model_version: int
+    held_files: frozenset[str]  # sha256 of bundle files the device says it holds
+    follow_model: bool  # send it every new version, not only when it is sampled
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Aggregator:
                         "stands", round_id)
         published = {Path(m.bundle_dir).name for m in self.store.models()}
         for entry in self.state.bundles.iterdir():
-            if entry.name.removesuffix(".zip") in published:
+            if entry.name in published:
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -158,8 +160,13 @@ class Aggregator:
     def _load_model(self, row: ModelRow) -> None:
         bundle_dir = self.state.root / row.bundle_dir
         self.bundle = read_bundle(bundle_dir, self.identity.public)
-        # one frame per version, shared by every send (not a copy per device)
-        self.bundle_frame = bytes([channel.BUNDLE]) + bundle_dir.with_suffix(".zip").read_bytes()
+        # two frames per version, shared by every send (not a copy per device): the whole
+        # bundle, and for a device that holds the files that never change, the rest
+        constant = (VOCABULARY_FILE, *GRAPH_FILES)
+        self.constant_files = frozenset(self.bundle.manifest.files[n] for n in constant)
+        self.bundle_frame = bytes([channel.BUNDLE]) + pack_members(self.bundle.members())
+        self.update_frame = bytes([channel.BUNDLE]) + pack_members(
+            self.bundle.members(without=constant))
         self.weights = self.bundle.weights()
         self.model_version = row.version
         self.metrics.model_version.set(row.version)
@@ -258,6 +265,11 @@ class Aggregator:
             if client_id is None:
                 raise ProtocolViolation("this device is not enrolled")
             model_version = int(hello.get("model_version", -1))
+            held = hello.get("held_files", [])
+            if not isinstance(held, list) or len(held) > 16:
+                raise ProtocolViolation("held_files must be a list of at most 16 digests")
+            held_files = frozenset(str(d) for d in held)
+            follow_model = bool(hello.get("follow_model", True))
         except (TimeoutError, RemoteProtocolError, KeyError, ValueError, TypeError) as exc:
             reason = str(exc) or type(exc).__name__
             log.info("check-in refused: %s", reason)
@@ -268,23 +280,28 @@ class Aggregator:
         old = self.connections.get(client_id)
         if old is not None:
             await old.ws.close(1000, "replaced by a newer connection")
-        conn = _Connection(client_id, public_key, ws, model_version)
+        conn = _Connection(client_id, public_key, ws, model_version, held_files, follow_model)
         self.connections[client_id] = conn
         await ws.send(channel.control("welcome", client_id=client_id,
                                       model_version=self.model_version))
-        if model_version < self.model_version:
+        if follow_model:
             await self._send_model(conn)
         return conn
 
     async def _send_model(self, conn: _Connection) -> None:
-        """Send the current bundle. A send returns once the connection's buffer has drained,
-        so the semaphore bounds how many bundles sit in buffers at once: without it, every
-        device checking in at the same moment held a whole bundle (O(n * model) memory)."""
-        frame = self.bundle_frame
+        """Send the current bundle if the device is behind: without the files it already
+        holds. A send returns once the connection's buffer has drained, so the semaphore
+        bounds how many bundles sit in buffers at once: without it, every device checking
+        in at the same moment held a whole bundle (O(n * model) memory)."""
+        if conn.model_version >= self.model_version:
+            return
+        frame = (self.update_frame if self.constant_files <= conn.held_files
+                 else self.bundle_frame)
         with contextlib.suppress(Exception):
             async with self._bundle_sends:
                 await conn.ws.send(frame)
             conn.model_version = self.model_version
+            conn.held_files = self.constant_files
             self.metrics.bytes_down.inc(len(frame))
 
     # -- rounds --------------------------------------------------------------------------
@@ -310,7 +327,7 @@ class Aggregator:
         probability q (what the accountant assumes)."""
         threshold = round(self.config.sampling_rate * 2**53)
         return {cid: c.public_key for cid, c in sorted(self.connections.items())
-                if c.model_version == self.model_version and secrets.randbits(53) < threshold}
+                if secrets.randbits(53) < threshold}
 
     async def _run_round(self) -> str:
         cfg = self.config
@@ -339,6 +356,8 @@ class Aggregator:
                   "clip_norm": cfg.clip_norm, "weight_cap": cfg.weight_cap, "norm": fmt.norm,
                   "training": {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
                                "learning_rates": list(cfg.learning_rates)}}
+        await asyncio.gather(*(self._send_model(self.connections[cid]) for cid in cohort
+                               if cid in self.connections))
         for cid in cohort:
             await self._send(cid, channel.control("round", client_id=cid, **notice))
         try:
@@ -443,11 +462,11 @@ class Aggregator:
         new = Weights.from_flat(flat.astype(np.float32), m.n_items, m.dim)
         version = self.model_version + 1
         name = f"v{version:08d}"
-        manifest = export_bundle(self.state.bundles / name, new, self.bundle.manifest.items,
-                                 self.bundle.manifest.names, self.signing_key,
+        manifest = export_bundle(self.state.bundles / name, new, self.bundle.items,
+                                 self.bundle.names, self.signing_key,
                                  model_version=version, round_id=current.round_id,
-                                 history_decay=self.bundle.manifest.history_decay)
-        zip_bundle(self.state.bundles / name, self.state.bundles / f"{name}.zip")
+                                 history_decay=self.bundle.manifest.history_decay,
+                                 graphs={n: self.bundle.files[n] for n in GRAPH_FILES})
         digest = hashlib.sha256(manifest.to_json()).hexdigest()
         detail["epsilon"] = epsilon_spent(self.store.ledger(), cfg.delta)
         self.store.publish(ModelRow(version, current.round_id, f"bundles/{name}", digest),
@@ -459,5 +478,6 @@ class Aggregator:
         log.info("round %d: %d survivors, model version %d, epsilon %.4g", current.round_id,
                  survivors, version, detail["epsilon"])
         for conn in list(self.connections.values()):
-            await self._send_model(conn)
+            if conn.follow_model:
+                await self._send_model(conn)
 

@@ -15,7 +15,6 @@ import numpy as np
 
 from aggregator.config import DEFAULT_TOML
 from aggregator.store import ModelRow, Store
-from model_export.bundle import zip_bundle
 from model_export.export import export_bundle
 from model_export.keys import load_or_create_signing_key
 from model_export.model import init_weights
@@ -74,7 +73,6 @@ def init_state(root: Path, items: list[str], names: list[str], dim: int = 128,
     weights = init_weights(len(items), dim, np.random.default_rng(seed))
     manifest = export_bundle(state.bundles / "v00000000", weights, items, names, key,
                              model_version=0, round_id=0, history_decay=HISTORY_DECAY)
-    zip_bundle(state.bundles / "v00000000", state.bundles / "v00000000.zip")
     store = Store(state.database)
     store.publish(ModelRow(0, None, "bundles/v00000000",
                            hashlib.sha256(manifest.to_json()).hexdigest()), {}, None, None, {})

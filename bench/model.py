@@ -38,7 +38,7 @@ def bench_recommend(quick: bool) -> list[Row]:
     rows = []
     for n_items, dim in QUICK_GRID if quick else GRID:
         w = init_weights(n_items, dim, np.random.default_rng(0), popularity=np.arange(n_items))
-        rec = Recommender(recommend_graph(w).SerializeToString(), n_items)
+        rec = Recommender(recommend_graph(n_items, w.dim).SerializeToString(), w)
         ids, _ = rec.top_k([CART], 10)
         assert np.array_equal(ids[0], numpy_top10(w.e_in, w.e_out, w.bias, CART))
         onnx_s = seconds_per_call(lambda rec=rec: rec.top_k([CART], 10))

@@ -9,11 +9,10 @@ key and check-in signature, protocol messages, and one masked vector per round.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,17 @@ from websockets.asyncio.client import connect
 
 from edge_client.recommender import OfflineRecommender, Recommendation
 from edge_client.store import DeviceStore
-from model_export.bundle import Bundle, BundleError, read_bundle
+from model_export.bundle import (
+    GRAPH_FILES,
+    MANIFEST,
+    SIGNATURE,
+    VOCABULARY_FILE,
+    Bundle,
+    BundleError,
+    Manifest,
+    unpack_members,
+    verify_members,
+)
 from model_export.features import ExampleSet
 from model_export.runtime import TrainStep
 from model_export.update import UpdateFormat
@@ -51,26 +60,50 @@ class RoundReport:
 
 class Device:
     """One shopper's device. ``server_key`` is the aggregator's pinned Ed25519 key: it
-    signs bundles and round configs."""
+    signs bundles and round configs. ``blob_dir``: a bundle file store shared with other
+    profiles on this host (see DeviceStore); the device's own by default.
 
-    def __init__(self, state_dir: Path | str, server_key: bytes) -> None:
-        self.store = DeviceStore(Path(state_dir))
+    Only the current bundle's manifest stays in memory: the files are read back and verified
+    when they are used, so a process can hold thousands of idle devices."""
+
+    def __init__(self, state_dir: Path | str, server_key: bytes,
+                 blob_dir: Path | None = None) -> None:
+        self.store = DeviceStore(Path(state_dir), blob_dir)
         self.server_key = server_key
         seed = self.store.get("identity_seed")
         if seed is None:
             seed = os.urandom(32).hex()
             self.store.put("identity_seed", seed)
         self.identity = IdentityKey(bytes.fromhex(seed))
-        self.bundle: Bundle | None = None
         self._recommender: OfflineRecommender | None = None
-        current = self.store.current_bundle()
-        if current is not None:
-            self._use(read_bundle(current, server_key))
+        current = self.current_bundle()
+        self.manifest: Manifest | None = None if current is None else current.manifest
 
     # -- offline use ---------------------------------------------------------------------
     @property
     def model_version(self) -> int:
-        return -1 if self.bundle is None else self.bundle.manifest.model_version
+        return -1 if self.manifest is None else self.manifest.model_version
+
+    def current_bundle(self) -> Bundle | None:
+        """The installed bundle, verified again as it is read; None if there is none or it
+        no longer verifies (then the next round's download replaces it)."""
+        files = self.store.current_files()
+        if not files:
+            return None
+        members = {n: data for n in (MANIFEST, SIGNATURE)
+                   if (data := self.store.blob(files.get(n, ""))) is not None}
+        try:
+            return verify_members(members, self.server_key, lookup=self.store.blob,
+                                  origin=f"{self.store.dir}: installed bundle")
+        except BundleError as exc:
+            log.warning("%s", exc)
+            return None
+
+    def held_files(self) -> list[str]:
+        """sha256 of the current bundle's files that do not change between model versions:
+        the server leaves them out of the next download."""
+        return [d for n, d in sorted(self.store.current_files().items())
+                if n in (VOCABULARY_FILE, *GRAPH_FILES) and self.store.has_blob(d)]
 
     def add_basket(self, items: Sequence[str]) -> None:
         self.store.add_basket(list(items))
@@ -78,32 +111,26 @@ class Device:
     def recommend(self, cart: Sequence[str], k: int = 10) -> list[Recommendation]:
         """Top-k for ``cart``, blended with this device's own purchase history (offline)."""
         if self._recommender is None:
-            raise RuntimeError("no model installed yet: take part in a round first")
+            bundle = self.current_bundle()
+            if bundle is None:
+                raise RuntimeError("no model installed yet: take part in a round first")
+            self._recommender = OfflineRecommender(bundle)
         known = [[i for i in b if i in self._recommender.index] for b in self.store.baskets()]
         return self._recommender.recommend(cart, k, [b for b in known if b])
 
     def install(self, data: bytes) -> Bundle:
-        """Verify bundle bytes (signature, hashes, vocabulary, no downgrade) and swap them in;
-        on any failure the current bundle keeps serving."""
-        tmp = self.store.dir / ".incoming.zip"
-        tmp.write_bytes(data)
-        try:
-            pinned = self.store.get("vocabulary_sha256")
-            bundle = read_bundle(tmp, self.server_key, vocabulary_sha256=pinned,
-                                 min_model_version=self.model_version + 1)
-        finally:
-            tmp.unlink(missing_ok=True)
-        digest = hashlib.sha256(data).hexdigest()
-        self.store.install_bundle(data, bundle.manifest.model_version, digest)
+        """Verify received bundle bytes (signature, hashes, vocabulary, no downgrade), taking
+        the files left out of them from this device's store, and swap them in; on any
+        failure the current bundle keeps serving."""
+        pinned = self.store.get("vocabulary_sha256")
+        bundle = verify_members(unpack_members(data), self.server_key, lookup=self.store.blob,
+                                origin="received bundle", vocabulary_sha256=pinned,
+                                min_model_version=self.model_version + 1)
+        self.store.install_bundle(bundle.members())
         if pinned is None:
             self.store.put("vocabulary_sha256", bundle.manifest.vocabulary_sha256)
-        self._use(bundle)
+        self.manifest, self._recommender = bundle.manifest, None
         return bundle
-
-    def _use(self, bundle: Bundle) -> None:
-        self.bundle = bundle
-        self._recommender = OfflineRecommender(bundle)
-        self._train_step: TrainStep | None = None
 
     # -- local training ------------------------------------------------------------------
     def local_update(self, epochs: int, learning_rates: Sequence[float], batch_size: int,
@@ -112,36 +139,44 @@ class Device:
         """(delta = local weights - global weights, number of examples) after ``epochs`` of
         SGD on this device's own baskets through train_step.ort. ``history`` (the stored
         baskets by default) lets a worker thread train without touching the database."""
-        assert self.bundle is not None and self._recommender is not None
-        index = self._recommender.index
+        bundle = self.current_bundle()
+        if bundle is None:
+            raise RuntimeError("no model installed: nothing to train")
+        index = {item: i for i, item in enumerate(bundle.items)}
         history = self.store.baskets() if history is None else history
         baskets = [np.array(sorted(index[i] for i in b if i in index), dtype=np.int64)
                    for b in history]
         baskets = [b for b in baskets if len(b)]
-        m = self.bundle.manifest
+        m = bundle.manifest
         examples = ExampleSet([baskets], m.n_items, m.history_decay)
-        start = self.bundle.weights()
+        start = bundle.weights()
         if len(examples) == 0:
             return np.zeros(start.flat().size, np.float64), 0
-        if self._train_step is None:
-            self._train_step = TrainStep(self.bundle.files["train_step.ort"])
+        step = TrainStep(bundle.files["train_step.ort"])
         rng = np.random.default_rng(seed)
         weights = start
         for _ in range(epochs):
             for batch in examples.batches(batch_size, rng):
-                _, weights = self._train_step(weights, batch, learning_rates)
+                _, weights = step(weights, batch, learning_rates)
         return weights.flat().astype(np.float64) - start.flat(), len(examples)
 
     # -- federated rounds ----------------------------------------------------------------
-    async def participate(self, url: str, rounds: int = 1, token: str | None = None,
+    async def participate(self, url: str, rounds: int | None = 1, token: str | None = None,
                           ssl_context: ssl.SSLContext | None = None,
-                          timeout: float = 600.0) -> list[RoundReport]:
-        """Connect, check in, and take part in ``rounds`` rounds (or until the server
-        closes). Returns what happened in each round this device was sampled for."""
+                          timeout: float | None = 600.0, follow_model: bool = True,
+                          leave: Callable[[int], int | None] | None = None,
+                          ) -> list[RoundReport]:
+        """Connect, check in, and take part in ``rounds`` rounds (None: until the server
+        closes). Returns what happened in each round this device was sampled for.
+
+        ``follow_model``: receive every new model version while connected (an app that
+        recommends); otherwise the server sends the model only when the device is sampled
+        for a round and is behind. ``leave(round_id)``: how many protocol messages to send in
+        that round before vanishing (None: stay), to simulate a device going offline."""
         reports: list[RoundReport] = []
         async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
                            compression=None) as ws:  # masked vectors do not compress
-            session = _Session(self, ws, rounds, reports)
+            session = _Session(self, ws, rounds, reports, follow_model, leave)
             await asyncio.wait_for(session.run(token), timeout)
         return reports
 
@@ -150,11 +185,14 @@ class _Session:
     """One connection's state: check-in, then rounds."""
 
     def __init__(self, device: Device, ws: websockets.asyncio.client.ClientConnection,
-                 rounds: int, reports: list[RoundReport]) -> None:
+                 rounds: int | None, reports: list[RoundReport], follow_model: bool,
+                 leave: Callable[[int], int | None] | None) -> None:
         self.device, self.ws, self.rounds_wanted, self.reports = device, ws, rounds, reports
+        self.follow_model, self.leave = follow_model, leave
         self.round: ClientRound | None = None
         self.round_info: dict = {}
         self.bytes_up = self.bytes_down = 0
+        self.messages_left: int | None = None
 
     async def send(self, frame: bytes) -> None:
         """Send one message; a large one (a masked input) as websocket fragments of at most
@@ -196,6 +234,8 @@ class _Session:
                      "signature": self.device.identity.sign(
                          checkin_statement(nonce, self.device.server_key)).hex(),
                      "model_version": self.device.model_version,
+                     "held_files": self.device.held_files(),
+                     "follow_model": self.follow_model,
                      "last_round": int(self.device.store.get("last_round") or 0)}
             if token:
                 hello["token"] = token
@@ -208,12 +248,14 @@ class _Session:
         elif kind == "round_over":
             if self.round is not None:
                 self.finish(msg.get("status", "over"))
-            return len(self.reports) >= self.rounds_wanted and self.device.model_version >= \
-                int(msg.get("model_version", -1))
+            if self.rounds_wanted is None or len(self.reports) < self.rounds_wanted:
+                return False
+            return not self.follow_model or \
+                self.device.model_version >= int(msg.get("model_version", -1))
         return False
 
     async def start_round(self, msg: dict) -> None:
-        if self.device.bundle is None or msg["model_version"] != self.device.model_version:
+        if self.device.manifest is None or msg["model_version"] != self.device.model_version:
             log.warning("round %s is for model %s, this device has %s", msg.get("round_id"),
                         msg.get("model_version"), self.device.model_version)
             return
@@ -221,7 +263,10 @@ class _Session:
         self.round = ClientRound(msg["client_id"], self.device.identity, self.device.server_key,
                                  last_round_id=last)
         self.round_info = msg
-        self.bytes_up = self.bytes_down = 0
+        self.messages_left = None if self.leave is None else self.leave(msg["round_id"])
+        if self.messages_left == 0:
+            await self.vanish()
+            return
         training = msg["training"]
         delta, examples = await asyncio.to_thread(
             self.device.local_update, training["epochs"], training["learning_rates"],
@@ -251,6 +296,16 @@ class _Session:
         assert self.round is not None
         for data in self.round.data_to_send():
             await self.send(bytes([channel.SECAGG]) + data)
+            if self.messages_left is not None:
+                self.messages_left -= 1
+                if self.messages_left <= 0:
+                    await self.vanish()
+                    return
+
+    async def vanish(self) -> None:
+        """Go offline mid-round, as a phone does: the connection just closes."""
+        self.finish("left")
+        await self.ws.close(1001, "going offline")
 
     def on_bundle(self, data: bytes) -> None:
         try:
@@ -263,3 +318,4 @@ class _Session:
                                         int(self.round_info.get("examples", 0)),
                                         self.bytes_up, self.bytes_down))
         self.round = None
+        self.bytes_up = self.bytes_down = 0

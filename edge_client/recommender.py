@@ -38,8 +38,9 @@ class OfflineRecommender:
 
     def __init__(self, bundle: Bundle) -> None:
         self.manifest = bundle.manifest
-        self.index = {item: i for i, item in enumerate(self.manifest.items)}
-        self._recommender = Recommender(bundle.files["recommend.ort"], self.manifest.n_items)
+        self.items, self.names = bundle.items, bundle.names
+        self.index = {item: i for i, item in enumerate(self.items)}
+        self._recommender = Recommender(bundle.files["recommend.ort"], bundle.weights())
 
     def indices(self, items: Sequence[str]) -> np.ndarray:
         unknown = [i for i in items if i not in self.index]
@@ -55,5 +56,5 @@ class OfflineRecommender:
         past = [self.indices(b) for b in history]
         features = history_of(past, self.manifest.n_items, self.manifest.history_decay)
         top_ids, scores = self._recommender.top_k([ids], k, [features])
-        return [Recommendation(self.manifest.items[i], self.manifest.names[i], float(s))
+        return [Recommendation(self.items[i], self.names[i], float(s))
                 for i, s in zip(top_ids[0], scores[0], strict=True) if np.isfinite(s)]

@@ -4,27 +4,42 @@ secure-aggregation client.
 
 Layout of the state directory:
     device.db        SQLite: baskets (newest MAX_BASKETS kept), settings
-    bundles/         verified bundle zips, named by version and manifest hash
-    current          the name of the bundle in use (replaced by rename: never half-written)
+    blobs/           bundle files named by their sha256 (written whole: temp, fsync, rename)
+    current          JSON {file name: sha256} of the bundle in use, replaced by rename, so
+                     it names the old bundle or the new one, never a mix
+
+Blobs are content-addressed, so one blob directory may serve several device profiles on a
+host (the simulation's devices share one per worker: each model version is stored once). A
+private blob directory keeps only the current bundle's files; a shared one is never pruned
+by a device. Whatever is read back is verified again against the signed manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import sqlite3
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["MAX_BASKETS", "DeviceStore"]
 
 MAX_BASKETS = 500
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class DeviceStore:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, blob_dir: Path | None = None) -> None:
         self.dir = Path(state_dir)
-        (self.dir / "bundles").mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shared_blobs = blob_dir is not None
+        self.blobs = Path(blob_dir) if blob_dir is not None else self.dir / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.dir / "device.db", isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -65,35 +80,60 @@ class DeviceStore:
                 self.db.execute("SELECT items FROM baskets ORDER BY at, id")]
 
     # -- bundles -------------------------------------------------------------------------
-    def current_bundle(self) -> Path | None:
-        pointer = self.dir / "current"
-        if not pointer.exists():
+    def blob(self, digest: str) -> bytes | None:
+        """A stored file by sha256 (hex), or None."""
+        if not _DIGEST.fullmatch(digest):
             return None
-        path = self.dir / "bundles" / pointer.read_text().strip()
-        return path if path.is_file() else None
+        try:
+            return (self.blobs / digest).read_bytes()
+        except OSError:
+            return None
 
-    def install_bundle(self, data: bytes, version: int, digest: str) -> Path:
-        """Write verified bundle bytes and switch to them: temp file, fsync, rename, then the
-        pointer the same way. A crash leaves the old bundle or the new one in use."""
-        name = f"v{version:08d}-{digest[:16]}.zip"
-        target = self.dir / "bundles" / name
-        _write_atomically(target, data)
-        _write_atomically(self.dir / "current", name.encode())
-        for old in (self.dir / "bundles").iterdir():
-            if old.name != name and not old.name.startswith("."):
-                old.unlink()
-        return target
+    def has_blob(self, digest: str) -> bool:
+        return bool(_DIGEST.fullmatch(digest)) and (self.blobs / digest).is_file()
+
+    def current_files(self) -> dict[str, str]:
+        """{file name: sha256} of the bundle in use; empty when there is none."""
+        try:
+            pointer = json.loads((self.dir / "current").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(pointer, dict):
+            return {}
+        return {str(k): str(v) for k, v in pointer.items()}
+
+    def install_bundle(self, files: Mapping[str, bytes]) -> None:
+        """Store verified bundle files and switch to them: each blob whole (temp, fsync,
+        rename), then the pointer the same way. A crash leaves the old bundle or the new one
+        in use."""
+        digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        for name, digest in digests.items():
+            if not (self.blobs / digest).is_file():
+                _write_atomically(self.blobs / digest, files[name])
+        _write_atomically(self.dir / "current", json.dumps(digests, sort_keys=True).encode())
+        if not self.shared_blobs:
+            keep = set(digests.values())
+            for old in self.blobs.iterdir():
+                if old.name not in keep and not old.name.startswith("."):
+                    old.unlink(missing_ok=True)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    """Temp file (a unique name: another process may write the same blob), fsync, rename,
+    fsync the directory."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fsync(fd)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
+        os.close(dir_fd)

@@ -2,11 +2,16 @@
 
 A bundle is a directory (or a zip of one) holding
 
-    manifest.json      format version, model version, round, V, d, the item vocabulary with
-                       names, its sha256, the history feature settings, sha256 of every file
+    manifest.json      format version, model version, round, V, d, the vocabulary's sha256,
+                       the history feature settings, sha256 of every other file
     manifest.sig       Ed25519 signature (64 raw bytes) of manifest.json's exact bytes
-    recommend.onnx     recommend.ort    train_step.onnx    train_step.ort
+    vocabulary.json    the item keys in catalog order, with display names
+    recommend.onnx     recommend.ort    train_step.onnx    train_step.ort   (no weights)
     weights.bin        e_in, e_out, bias, blend as little-endian float32, in that order
+
+Only the manifest, its signature and weights.bin change from one model version to the next,
+so a device that holds the other files (matched by sha256) is sent only those three: a new
+model costs 4 bytes per parameter to download.
 
 Verification checks the signature first, then parses the manifest, then every file's hash
 and size; it keeps the verified bytes in memory so that what runs is what was checked.
@@ -16,12 +21,13 @@ Only json, hashlib, numpy and pynacl: a device imports this module.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,18 +42,21 @@ __all__ = [
     "Bundle",
     "BundleError",
     "Manifest",
+    "pack_members",
     "read_bundle",
+    "unpack_members",
+    "verify_members",
     "vocabulary_digest",
     "write_bundle",
-    "zip_bundle",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+VOCABULARY_FILE = "vocabulary.json"
 GRAPH_FILES = ("recommend.onnx", "recommend.ort", "train_step.onnx", "train_step.ort")
 WEIGHTS_FILE = "weights.bin"
-PAYLOAD_FILES = (*GRAPH_FILES, WEIGHTS_FILE)
+PAYLOAD_FILES = (VOCABULARY_FILE, *GRAPH_FILES, WEIGHTS_FILE)
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 2 << 30
 
@@ -69,8 +78,6 @@ class Manifest:
     round: int
     n_items: int
     dim: int
-    items: tuple[str, ...]
-    names: tuple[str, ...]
     vocabulary_sha256: str
     history_decay: float
     files: Mapping[str, str]
@@ -82,7 +89,6 @@ class Manifest:
             "vocabulary_sha256": self.vocabulary_sha256,
             "history": {"decay": self.history_decay},
             "files": dict(sorted(self.files.items())),
-            "items": [[k, n] for k, n in zip(self.items, self.names, strict=True)],
         }
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -90,11 +96,9 @@ class Manifest:
     def from_json(cls, raw: bytes) -> Manifest:
         try:
             body = json.loads(raw)
-            items = body["items"]
             manifest = cls(
                 format=int(body["format"]), model_version=int(body["model_version"]),
                 round=int(body["round"]), n_items=int(body["n_items"]), dim=int(body["dim"]),
-                items=tuple(str(k) for k, _ in items), names=tuple(str(n) for _, n in items),
                 vocabulary_sha256=str(body["vocabulary_sha256"]),
                 history_decay=float(body["history"]["decay"]),
                 files={str(k): str(v) for k, v in body["files"].items()},
@@ -104,99 +108,168 @@ class Manifest:
         if manifest.format != FORMAT_VERSION:
             raise BundleError(f"bundle format {manifest.format} is not supported "
                               f"(this reader knows format {FORMAT_VERSION})")
-        if len(manifest.items) != manifest.n_items:
-            raise BundleError(f"manifest lists {len(manifest.items)} items but says V = "
-                              f"{manifest.n_items}")
-        if vocabulary_digest(manifest.items) != manifest.vocabulary_sha256:
-            raise BundleError("manifest's vocabulary does not match its vocabulary_sha256")
         if set(manifest.files) != set(PAYLOAD_FILES):
             raise BundleError(f"manifest lists files {sorted(manifest.files)}, expected "
                               f"{sorted(PAYLOAD_FILES)}")
         return manifest
 
 
+def _vocabulary_json(items: Sequence[str], names: Sequence[str]) -> bytes:
+    body = {"items": [[k, n] for k, n in zip(items, names, strict=True)]}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _parse_vocabulary(raw: bytes, manifest: Manifest) -> tuple[tuple[str, ...],
+                                                               tuple[str, ...]]:
+    try:
+        pairs = json.loads(raw)["items"]
+        items = tuple(str(k) for k, _ in pairs)
+        names = tuple(str(n) for _, n in pairs)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{VOCABULARY_FILE} is malformed: {exc!r}") from exc
+    if len(items) != manifest.n_items:
+        raise BundleError(f"{VOCABULARY_FILE} lists {len(items)} items but the manifest says "
+                          f"V = {manifest.n_items}")
+    if vocabulary_digest(items) != manifest.vocabulary_sha256:
+        raise BundleError(f"{VOCABULARY_FILE} does not match the manifest's vocabulary_sha256")
+    return items, names
+
+
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle: its manifest and the exact bytes that were checked."""
+    """A verified bundle: its manifest, signature, vocabulary and the exact bytes that were
+    checked."""
 
     manifest: Manifest
+    manifest_json: bytes  # the exact signed bytes
+    signature: bytes
+    items: tuple[str, ...]
+    names: tuple[str, ...]
     files: Mapping[str, bytes]
+
+    def members(self, without: Sequence[str] = ()) -> dict[str, bytes]:
+        """Every file by name (manifest and signature included), less ``without``."""
+        out = {MANIFEST: self.manifest_json, SIGNATURE: self.signature, **self.files}
+        return {n: b for n, b in out.items() if n not in without}
 
     def weights(self) -> Weights:
         flat = np.frombuffer(self.files[WEIGHTS_FILE], dtype="<f4").astype(np.float32)
         return Weights.from_flat(flat, self.manifest.n_items, self.manifest.dim)
 
 
-def _read_members(path: Path) -> dict[str, bytes]:
-    """The bundle's files by name, from a directory or a zip, each size-bounded."""
-    wanted = (MANIFEST, SIGNATURE, *PAYLOAD_FILES)
-    limits = {MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: 64}
+_LIMITS = {MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: 64}
+
+
+def _read_zip(source: Path | io.BytesIO, origin: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
-        if path.is_dir():
-            for name in wanted:
-                member = path / name
-                if member.is_file():
-                    if member.stat().st_size > limits.get(name, MAX_FILE_BYTES):
-                        raise BundleError(f"{name} is larger than a bundle file may be")
-                    out[name] = member.read_bytes()
-        elif zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if info.filename in wanted:
-                        if info.file_size > limits.get(info.filename, MAX_FILE_BYTES):
-                            raise BundleError(f"{info.filename} is larger than a bundle "
-                                              "file may be")
-                        out[info.filename] = zf.read(info)
-        else:
-            raise BundleError(f"{path} is neither a bundle directory nor a zip")
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-        raise BundleError(f"{path}: cannot read the bundle ({exc})") from exc
+        with zipfile.ZipFile(source) as zf:
+            for info in zf.infolist():
+                if info.filename in (MANIFEST, SIGNATURE, *PAYLOAD_FILES):
+                    if info.file_size > _LIMITS.get(info.filename, MAX_FILE_BYTES):
+                        raise BundleError(f"{origin}: {info.filename} is larger than a "
+                                          "bundle file may be")
+                    out[info.filename] = zf.read(info)
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
+            NotImplementedError) as exc:
+        raise BundleError(f"{origin}: cannot read the bundle ({exc})") from exc
     return out
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """The bundle's files by name, from a directory or a zip, each size-bounded."""
+    if path.is_dir():
+        out: dict[str, bytes] = {}
+        for name in (MANIFEST, SIGNATURE, *PAYLOAD_FILES):
+            member = path / name
+            try:
+                if member.is_file():
+                    if member.stat().st_size > _LIMITS.get(name, MAX_FILE_BYTES):
+                        raise BundleError(f"{path}: {name} is larger than a bundle file may be")
+                    out[name] = member.read_bytes()
+            except OSError as exc:
+                raise BundleError(f"{path}: cannot read the bundle ({exc})") from exc
+        return out
+    if not zipfile.is_zipfile(path):
+        raise BundleError(f"{path} is neither a bundle directory nor a zip")
+    return _read_zip(path, str(path))
+
+
+def pack_members(members: Mapping[str, bytes]) -> bytes:
+    """A bundle's files (all, or the part a device lacks) as one zip, stored: ORT files and
+    weights barely compress."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def unpack_members(data: bytes) -> dict[str, bytes]:
+    """The files of a zip made by :func:`pack_members`, size-bounded; not yet verified."""
+    return _read_zip(io.BytesIO(data), "received bundle")
 
 
 def read_bundle(path: Path | str, verify_key: bytes, *,
                 vocabulary_sha256: str | None = None,
                 min_model_version: int | None = None) -> Bundle:
-    """Verify and load a bundle, or raise :class:`BundleError` saying why not.
+    """Verify and load a bundle directory or zip, or raise :class:`BundleError` saying why
+    not (see :func:`verify_members`)."""
+    path = Path(path)
+    return verify_members(_read_members(path), verify_key, origin=str(path),
+                          vocabulary_sha256=vocabulary_sha256,
+                          min_model_version=min_model_version)
+
+
+def verify_members(members: Mapping[str, bytes], verify_key: bytes, *, origin: str = "bundle",
+                   lookup: Callable[[str], bytes | None] | None = None,
+                   vocabulary_sha256: str | None = None,
+                   min_model_version: int | None = None) -> Bundle:
+    """Verify a bundle's files given by name, or raise :class:`BundleError` saying why not.
 
     ``verify_key`` is the aggregator's Ed25519 public key (32 bytes), pinned by the device.
-    ``vocabulary_sha256`` pins the catalog a device's stored carts refer to;
-    ``min_model_version`` refuses a downgrade.
+    ``lookup`` finds a file ``members`` lacks by the sha256 the signed manifest gives (a
+    device's store of files from earlier versions). ``vocabulary_sha256`` pins the catalog a
+    device's stored carts refer to; ``min_model_version`` refuses a downgrade. ``origin``
+    names the source in errors.
     """
-    path = Path(path)
-    members = _read_members(path)
     if MANIFEST not in members:
-        raise BundleError(f"{path}: no {MANIFEST}: not a bundle")
+        raise BundleError(f"{origin}: no {MANIFEST}: not a bundle")
     if SIGNATURE not in members:
-        raise BundleError(f"{path}: unsigned bundle ({SIGNATURE} is missing)")
+        raise BundleError(f"{origin}: unsigned bundle ({SIGNATURE} is missing)")
     try:
         nacl.signing.VerifyKey(verify_key).verify(members[MANIFEST], members[SIGNATURE])
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError,
             nacl.exceptions.TypeError) as exc:
-        raise BundleError(f"{path}: the signature does not verify with the pinned key "
+        raise BundleError(f"{origin}: the signature does not verify with the pinned key "
                           "(tampered manifest, or signed by another key)") from exc
     manifest = Manifest.from_json(members[MANIFEST])
+    files: dict[str, bytes] = {}
     for name, expected in manifest.files.items():
-        if name not in members:
-            raise BundleError(f"{path}: {name} is missing (truncated bundle)")
-        actual = hashlib.sha256(members[name]).hexdigest()
+        data = members.get(name)
+        if data is None and lookup is not None:
+            data = lookup(expected)
+        if data is None:
+            raise BundleError(f"{origin}: {name} is missing (truncated bundle)")
+        files[name] = data
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
-            raise BundleError(f"{path}: {name} is tampered or truncated (sha256 {actual[:16]}…"
-                              f", manifest says {expected[:16]}…)")
+            raise BundleError(f"{origin}: {name} is tampered or truncated (sha256 "
+                              f"{actual[:16]}…, manifest says {expected[:16]}…)")
     n_params = 2 * manifest.n_items * manifest.dim + manifest.n_items + 2
-    if len(members[WEIGHTS_FILE]) != 4 * n_params:
-        raise BundleError(f"{path}: weights.bin holds {len(members[WEIGHTS_FILE])} bytes, "
+    if len(files[WEIGHTS_FILE]) != 4 * n_params:
+        raise BundleError(f"{origin}: weights.bin holds {len(files[WEIGHTS_FILE])} bytes, "
                           f"V = {manifest.n_items}, d = {manifest.dim} needs {4 * n_params}")
     if vocabulary_sha256 is not None and manifest.vocabulary_sha256 != vocabulary_sha256:
-        raise BundleError(f"{path}: the bundle is for another item vocabulary "
+        raise BundleError(f"{origin}: the bundle is for another item vocabulary "
                           f"({manifest.vocabulary_sha256[:16]}…, expected "
                           f"{vocabulary_sha256[:16]}…)")
     if min_model_version is not None and manifest.model_version < min_model_version:
-        raise BundleError(f"{path}: model version {manifest.model_version} is older than "
+        raise BundleError(f"{origin}: model version {manifest.model_version} is older than "
                           f"the {min_model_version} already installed (downgrade refused)")
-    payload = {name: members[name] for name in PAYLOAD_FILES}
-    return Bundle(manifest=manifest, files=payload)
+    items, names = _parse_vocabulary(files[VOCABULARY_FILE], manifest)
+    return Bundle(manifest=manifest, manifest_json=bytes(members[MANIFEST]),
+                  signature=bytes(members[SIGNATURE]), items=items, names=names, files=files)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -221,11 +294,11 @@ def write_bundle(out_dir: Path | str, *, weights: Weights, items: Sequence[str],
         raise ValueError(f"graphs must be exactly {GRAPH_FILES}, got {sorted(graphs)}")
     if weights.n_items != len(items) or len(names) != len(items):
         raise ValueError("weights, items and names disagree on the catalog size")
-    payload = {**graphs, WEIGHTS_FILE: weights.flat().astype("<f4").tobytes()}
+    payload = {**graphs, VOCABULARY_FILE: _vocabulary_json(items, names),
+               WEIGHTS_FILE: weights.flat().astype("<f4").tobytes()}
     manifest = Manifest(
         format=FORMAT_VERSION, model_version=model_version, round=round_id,
-        n_items=weights.n_items, dim=weights.dim, items=tuple(items), names=tuple(names),
-        vocabulary_sha256=vocabulary_digest(items), history_decay=history_decay,
+        n_items=weights.n_items, dim=weights.dim, vocabulary_sha256=vocabulary_digest(items), history_decay=history_decay,
         files={n: hashlib.sha256(b).hexdigest() for n, b in payload.items()},
     )
     raw = manifest.to_json()
@@ -247,19 +320,3 @@ def write_bundle(out_dir: Path | str, *, weights: Weights, items: Sequence[str],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def zip_bundle(bundle_dir: Path | str, zip_path: Path | str) -> Path:
-    """Pack a bundle directory into one zip file (stored, not compressed: ORT files and
-    weights barely compress), written whole or not at all."""
-    bundle_dir, zip_path = Path(bundle_dir), Path(zip_path)
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
-            for name in (MANIFEST, SIGNATURE, *PAYLOAD_FILES):
-                zf.write(bundle_dir / name, arcname=name)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, zip_path)
-    _fsync_dir(zip_path.parent)
-    return zip_path

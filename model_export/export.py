@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nacl.signing
@@ -16,10 +16,11 @@ from model_export.model import Weights
 __all__ = ["build_graphs", "export_bundle"]
 
 
-def build_graphs(weights: Weights) -> dict[str, bytes]:
-    """recommend and train_step as .onnx and as .ort (ONNX Runtime Mobile)."""
-    models = {"recommend": recommend_graph(weights),
-              "train_step": train_step_graph(weights.n_items, weights.dim)}
+def build_graphs(n_items: int, dim: int) -> dict[str, bytes]:
+    """recommend and train_step as .onnx and as .ort (ONNX Runtime Mobile). They hold no
+    weights: one build serves every model version of a catalog and dimension."""
+    models = {"recommend": recommend_graph(n_items, dim),
+              "train_step": train_step_graph(n_items, dim)}
     out: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="fedcart-export-") as tmp:
         for stem, model in models.items():
@@ -32,10 +33,13 @@ def build_graphs(weights: Weights) -> dict[str, bytes]:
 
 def export_bundle(out_dir: Path | str, weights: Weights, items: Sequence[str],
                   names: Sequence[str], signing_key: nacl.signing.SigningKey, *,
-                  model_version: int = 0, round_id: int = 0,
-                  history_decay: float = 1.0) -> Manifest:
-    """Build every graph for ``weights`` and write them as a signed bundle."""
+                  model_version: int = 0, round_id: int = 0, history_decay: float = 1.0,
+                  graphs: Mapping[str, bytes] | None = None) -> Manifest:
+    """Write ``weights`` as a signed bundle, with ``graphs`` from an earlier bundle of the
+    same V and d, or freshly built."""
+    if graphs is None:
+        graphs = build_graphs(weights.n_items, weights.dim)
     return write_bundle(out_dir, weights=weights, items=items, names=names,
-                        graphs=build_graphs(weights), model_version=model_version,
+                        graphs=graphs, model_version=model_version,
                         round_id=round_id, history_decay=history_decay,
                         signing_key=signing_key)

@@ -7,6 +7,9 @@ scientist evaluates is the model a phone runs. Only onnxruntime and numpy.
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +18,11 @@ import onnxruntime as ort
 from model_export.features import Batch, pad_rows
 from model_export.model import PAD, TENSOR_NAMES, Weights
 
-__all__ = ["Recommender", "TrainStep", "make_session"]
+__all__ = ["Recommender", "TrainStep", "make_session", "shared_session"]
+
+SESSION_CACHE = 8
+_sessions: OrderedDict[tuple[str, int], ort.InferenceSession] = OrderedDict()
+_sessions_lock = threading.Lock()
 
 
 def make_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
@@ -30,12 +37,28 @@ def make_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
-class Recommender:
-    """Top-k items for carts, blended with each user's history, via recommend.onnx/.ort."""
+def shared_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
+    """One session per distinct graph in this process (least recently used of
+    SESSION_CACHE kept). The graphs hold no weights, so every model version, and in a
+    simulation every device of a worker, runs on the same session: ``run`` is thread-safe."""
+    key = (hashlib.sha256(model).hexdigest(), threads)
+    with _sessions_lock:
+        session = _sessions.pop(key, None) or make_session(model, threads)
+        _sessions[key] = session
+        while len(_sessions) > SESSION_CACHE:
+            _sessions.popitem(last=False)
+    return session
 
-    def __init__(self, model: bytes, n_items: int, threads: int = 1) -> None:
-        self.session = make_session(model, threads)
-        self.n_items = n_items
+
+class Recommender:
+    """Top-k items for carts, blended with each user's history, via recommend.onnx/.ort
+    with ``weights`` fed as inputs (numpy arrays are passed without a copy)."""
+
+    def __init__(self, model: bytes, weights: Weights, threads: int = 1) -> None:
+        self.session = shared_session(model, threads)
+        self.n_items = weights.n_items
+        self.weights = {n: np.ascontiguousarray(t, np.float32)
+                        for n, t in weights.tensors().items()}
 
     def top_k(self, carts: Sequence[Sequence[int]], k: int,
               histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
@@ -58,7 +81,7 @@ class Recommender:
             hist_ids = pad_rows([h[0] for h in histories], np.int64, PAD)
             hist_w = pad_rows([h[1] for h in histories], np.float32, 0.0)
         ids, scores = self.session.run(["top_ids", "top_scores"], {
-            "cart": cart, "hist_ids": hist_ids, "hist_w": hist_w,
+            **self.weights, "cart": cart, "hist_ids": hist_ids, "hist_w": hist_w,
             "k": np.array([k], np.int64)})
         return ids, scores
 
@@ -84,7 +107,7 @@ class TrainStep:
     """One SGD step of train_step.onnx on a batch."""
 
     def __init__(self, model: bytes, threads: int = 1) -> None:
-        self.session = make_session(model, threads)
+        self.session = shared_session(model, threads)
         self.outputs = ["loss", *(f"{n}_out" for n in TENSOR_NAMES)]
 
     def __call__(self, weights: Weights, batch: Batch,

@@ -64,7 +64,8 @@ def train_central(split: Split, config: TrainConfig,
 def model_scorer(weights: Weights, split: Split, history_decay: float,
                  use_history: bool = True) -> Scorer:
     """Score queries with recommend.onnx, each user's history built as a device would."""
-    recommender = Recommender(recommend_graph(weights).SerializeToString(), split.n_items)
+    recommender = Recommender(
+        recommend_graph(split.n_items, weights.dim).SerializeToString(), weights)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
 
     def score(queries: list[Query]) -> np.ndarray:

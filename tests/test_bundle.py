@@ -13,13 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_export.bundle import (
+    GRAPH_FILES,
     MANIFEST,
     PAYLOAD_FILES,
     SIGNATURE,
     BundleError,
+    pack_members,
     read_bundle,
+    unpack_members,
+    verify_members,
     vocabulary_digest,
-    zip_bundle,
 )
 from model_export.export import export_bundle
 from model_export.model import init_weights
@@ -50,15 +53,41 @@ def test_round_trip(original: Path) -> None:
                          min_model_version=3)
     m = bundle.manifest
     assert (m.model_version, m.round, m.n_items, m.dim) == (3, 7, 20, 4)
-    assert m.items == tuple(ITEMS) and m.names == tuple(NAMES)
+    assert bundle.items == tuple(ITEMS) and bundle.names == tuple(NAMES)
     expected = init_weights(len(ITEMS), 4, np.random.default_rng(0))
     np.testing.assert_array_equal(bundle.weights().e_out, expected.e_out)
-    ids, _ = Recommender(bundle.files["recommend.ort"], m.n_items).top_k([[0, 1]], 3)
+    ids, _ = Recommender(bundle.files["recommend.ort"], bundle.weights()).top_k([[0, 1]], 3)
     assert ids.shape == (1, 3)
 
 
+def test_a_new_version_differs_only_in_manifest_and_weights(original: Path,
+                                                            tmp_path: Path) -> None:
+    """What lets a device download 4 bytes per parameter per model version."""
+    first = read_bundle(original, PUBLIC)
+    weights = init_weights(len(ITEMS), 4, np.random.default_rng(5))
+    export_bundle(tmp_path / "v4", weights, ITEMS, NAMES, KEY, model_version=4,
+                  history_decay=0.9, graphs={n: first.files[n] for n in GRAPH_FILES})
+    second = read_bundle(tmp_path / "v4", PUBLIC)
+    changed = {n for n in (MANIFEST, SIGNATURE, *PAYLOAD_FILES)
+               if first.members()[n] != second.members()[n]}
+    assert changed == {MANIFEST, SIGNATURE, "weights.bin"}
+
+
+def test_packed_members_verify_and_a_partial_set_is_refused(original: Path) -> None:
+    bundle = read_bundle(original, PUBLIC)
+    packed = pack_members(bundle.members())
+    assert verify_members(unpack_members(packed), PUBLIC).weights().flat().tobytes() == \
+        bundle.weights().flat().tobytes()
+    partial = unpack_members(pack_members(bundle.members(without=GRAPH_FILES)))
+    with pytest.raises(BundleError, match="missing"):
+        verify_members(partial, PUBLIC)
+    with pytest.raises(BundleError, match="cannot read"):
+        unpack_members(packed[: len(packed) // 2])
+
+
 def test_zip_round_trip(original: Path, tmp_path: Path) -> None:
-    packed = zip_bundle(original, tmp_path / "b.zip")
+    packed = tmp_path / "b.zip"
+    packed.write_bytes(pack_members(read_bundle(original, PUBLIC).members()))
     assert read_bundle(packed, PUBLIC).manifest.model_version == 3
 
 
@@ -107,8 +136,9 @@ def test_truncated(copy: Path) -> None:
 
 
 def test_truncated_zip(original: Path, tmp_path: Path) -> None:
-    packed = zip_bundle(original, tmp_path / "b.zip")
-    packed.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    packed = tmp_path / "b.zip"
+    whole = pack_members(read_bundle(original, PUBLIC).members())
+    packed.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(BundleError):
         read_bundle(packed, PUBLIC)
 

@@ -3,7 +3,6 @@ bounded cart store, and the local update it would send."""
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,14 @@ import pytest
 from aggregator.statedir import init_state
 from edge_client.device import Device
 from edge_client.store import MAX_BASKETS
-from model_export.bundle import BundleError, zip_bundle
+from model_export.bundle import (
+    GRAPH_FILES,
+    VOCABULARY_FILE,
+    BundleError,
+    pack_members,
+    read_bundle,
+    unpack_members,
+)
 from model_export.export import export_bundle
 from model_export.model import init_weights
 from model_export.update import UpdateFormat
@@ -25,11 +31,14 @@ def served(tmp_path: Path):
     """An aggregator state (model v0) and a v1 bundle signed by the same key."""
     state = init_state(tmp_path / "agg", ITEMS, ITEMS, dim=4, seed=0)
     key = state.signing_key()
+    public = bytes(key.verify_key)
+    first = read_bundle(state.bundles / "v00000000", public)
     export_bundle(tmp_path / "v1", init_weights(25, 4, np.random.default_rng(9)), ITEMS,
-                  ITEMS, key, model_version=1, round_id=1, history_decay=0.9)
-    v0 = (state.bundles / "v00000000.zip").read_bytes()
-    v1 = zip_bundle(tmp_path / "v1", tmp_path / "v1.zip").read_bytes()
-    return bytes(key.verify_key), v0, v1
+                  ITEMS, key, model_version=1, round_id=1, history_decay=0.9,
+                  graphs={n: first.files[n] for n in GRAPH_FILES})
+    v0 = pack_members(first.members())
+    v1 = pack_members(read_bundle(tmp_path / "v1", public).members())
+    return public, v0, v1
 
 
 def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(served, tmp_path) -> None:
@@ -42,13 +51,10 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(served, tmp_path)
     for bad in (bytes(tampered), v1[:1000], b"not a zip"):
         with pytest.raises(BundleError):
             device.install(bad)
-    unsigned = tmp_path / "unsigned.zip"
-    with zipfile.ZipFile(tmp_path / "v1.zip") as src, zipfile.ZipFile(unsigned, "w") as dst:
-        for name in src.namelist():
-            if name != "manifest.sig":
-                dst.writestr(name, src.read(name))
+    unsigned = unpack_members(v1)
+    del unsigned["manifest.sig"]
     with pytest.raises(BundleError, match="unsigned"):
-        device.install(unsigned.read_bytes())
+        device.install(pack_members(unsigned))
     assert device.model_version == 0 and device.recommend(["sku01"], 5) == before
     device.install(v1)
     assert device.model_version == 1
@@ -62,12 +68,36 @@ def test_a_crash_mid_swap_leaves_the_old_bundle(served, tmp_path) -> None:
     server_key, v0, v1 = served
     device = Device(tmp_path / "device", server_key)
     device.install(v0)
-    bundles = tmp_path / "device" / "bundles"
-    (bundles / ".v00000001-deadbeef.zip.tmp").write_bytes(v1[: len(v1) // 3])  # torn write
-    (tmp_path / "device" / ".current.tmp").write_bytes(b"v00000001-deadbeef.zip")
+    blobs = tmp_path / "device" / "blobs"
+    (blobs / ".deadbeef.x.tmp").write_bytes(v1[: len(v1) // 3])  # torn write
+    (tmp_path / "device" / ".current.x.tmp").write_bytes(b'{"manifest.json": "dead"}')
     restarted = Device(tmp_path / "device", server_key)
     assert restarted.model_version == 0
     assert restarted.recommend(["sku02"], 3)
+
+
+def test_a_new_version_needs_only_manifest_and_weights(served, tmp_path) -> None:
+    """The server leaves out the files a device says it holds; a device whose store lost
+    one refuses the partial bundle and keeps its current one."""
+    server_key, v0, v1 = served
+    device = Device(tmp_path / "device", server_key)
+    device.install(v0)
+    held = set(device.held_files())
+    manifest = read_bundle(tmp_path / "v1", server_key).manifest
+    assert held == {manifest.files[n] for n in (VOCABULARY_FILE, *GRAPH_FILES)}
+    lean = unpack_members(v1)
+    for name in (VOCABULARY_FILE, *GRAPH_FILES):
+        del lean[name]
+    (device.store.blobs / manifest.files["train_step.ort"]).rename(tmp_path / "aside")
+    with pytest.raises(BundleError, match=r"train_step\.ort is missing"):
+        device.install(pack_members(lean))
+    assert device.model_version == 0
+    (tmp_path / "aside").rename(device.store.blobs / manifest.files["train_step.ort"])
+    device.install(pack_members(lean))
+    assert device.model_version == 1 and device.recommend(["sku01"], 3)
+    # a private store keeps only the current bundle's files
+    assert {p.name for p in device.store.blobs.iterdir()} == set(
+        device.store.current_files().values())
 
 
 def test_cart_store_is_bounded_and_ordered(served, tmp_path) -> None:

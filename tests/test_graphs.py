@@ -26,7 +26,7 @@ def weights():
 
 @pytest.fixture(scope="module")
 def graphs(weights):
-    return build_graphs(weights)
+    return build_graphs(weights.n_items, weights.dim)
 
 
 def inputs(rng: np.random.Generator):
@@ -38,7 +38,7 @@ def inputs(rng: np.random.Generator):
 
 
 def test_graphs_pass_the_checker_at_the_declared_opset(weights) -> None:
-    for model in (recommend_graph(weights), train_step_graph(V, D)):
+    for model in (recommend_graph(V, D), train_step_graph(V, D)):
         onnx.checker.check_model(model, full_check=True)
         assert model.opset_import[0].version == OPSET >= 17
 
@@ -51,8 +51,8 @@ def test_recommend_matches_reference_and_excludes_cart(weights, graphs, graph) -
     for row, cart in zip(ref, ctx, strict=True):
         row[cart[cart >= 0]] = -np.inf
     session = make_session(graphs[graph])
-    ids, got = session.run(None, {"cart": ctx, "hist_ids": hist_ids, "hist_w": hist_w,
-                                  "k": np.array([10])})
+    ids, got = session.run(None, {**weights.tensors(), "cart": ctx, "hist_ids": hist_ids,
+                                  "hist_w": hist_w, "k": np.array([10])})
     assert ids.shape == (4, 10)
     expected = np.sort(ref, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -61,8 +61,8 @@ def test_recommend_matches_reference_and_excludes_cart(weights, graphs, graph) -
         assert not set(row.tolist()) & set(cart[cart >= 0].tolist())
 
 
-def test_k_larger_than_catalog_is_clamped(graphs) -> None:
-    rec = Recommender(graphs["recommend.onnx"], V)
+def test_k_larger_than_catalog_is_clamped(weights, graphs) -> None:
+    rec = Recommender(graphs["recommend.onnx"], weights)
     ids, got = rec.top_k([[1, 2]], k=10 * V)
     assert ids.shape == (1, V)
     assert np.isneginf(got[0, -2:]).all() and np.isfinite(got[0, :-2]).all()

@@ -248,10 +248,10 @@ def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
     # what a kill during publishing would leave: a bundle no model row points at
     (state.bundles / "v00000001").mkdir()
     (state.bundles / "v00000001" / "weights.bin").write_bytes(b"half")
-    (state.bundles / ".v00000001.zip.tmp").write_bytes(b"torn")
+    (state.bundles / ".v00000001.tmpdir").mkdir()
     restarted = Server(state.root)
     assert not (state.bundles / "v00000001" / "weights.bin").exists()
-    assert not (state.bundles / ".v00000001.zip.tmp").exists()
+    assert not (state.bundles / ".v00000001.tmpdir").exists()
     assert "ok model_version=0" in restarted.http("/healthz")
 
     async def resume() -> list:
