@@ -3,12 +3,14 @@ standard library's tomllib and checked into a typed, frozen value."""
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_TOML", "AggregatorConfig", "ConfigError", "load_config"]
+__all__ = ["DEFAULT_TOML", "AggregatorConfig", "ConfigError", "load_config", "render_config"]
 
 
 class ConfigError(ValueError):
@@ -27,6 +29,7 @@ tls_key = ""
 [round]
 sampling_rate = 0.5     # q: each connected, enrolled device joins a round with probability q
 min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
+min_connected = 0       # no round starts until this many devices are checked in
 secagg_degree = 20      # k: SecAgg+ neighbours per device (k >= cohort-1: classic SecAgg)
 phase_timeout = 30.0    # seconds a protocol phase waits before going on without stragglers
 round_interval = 0.0    # seconds between rounds
@@ -64,6 +67,7 @@ class AggregatorConfig:
     tls_key: str = ""
     sampling_rate: float = 0.5
     min_clients: int = 3
+    min_connected: int = 0
     secagg_degree: int = 20
     phase_timeout: float = 30.0
     round_interval: float = 0.0
@@ -89,6 +93,7 @@ class AggregatorConfig:
         checks = [
             (0 < self.sampling_rate <= 1, "round.sampling_rate must lie in (0, 1]"),
             (self.min_clients >= 2, "round.min_clients must be at least 2"),
+            (self.min_connected >= 0, "round.min_connected must not be negative"),
             (self.secagg_degree >= 2, "round.secagg_degree must be at least 2"),
             (self.phase_timeout > 0, "round.phase_timeout must be positive"),
             (self.mechanism in ("gaussian", "laplace", "none"),
@@ -136,3 +141,30 @@ def load_config(path: Path) -> AggregatorConfig:
                                   f"got {value!r}")
             values[name] = value
     return AggregatorConfig(**values)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def render_config(config: AggregatorConfig) -> str:
+    """``config`` as a TOML file: DEFAULT_TOML with each value replaced, comments kept."""
+    inverse = {v: k for k, v in _RENAMED.items()}
+    lines, section = [], ""
+    for line in DEFAULT_TOML.splitlines():
+        header = re.match(r"\[(\w+)\]", line)
+        entry = re.match(r"(\w+)(\s*=\s*)(\S+)(\s*#.*)?$", line)
+        if header:
+            section = header.group(1)
+        elif entry:
+            key = entry.group(1)
+            name = next((n for n, (sec, k) in inverse.items() if (sec, k) == (section, key)),
+                        key)
+            value = _toml_value(getattr(config, name))
+            line = f"{key}{entry.group(2)}{value}{entry.group(4) or ''}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -331,6 +331,8 @@ class Aggregator:
 
     async def _run_round(self) -> str:
         cfg = self.config
+        if len(self.connections) < cfg.min_connected:
+            return "skipped"
         cohort = self._sample()
         if len(cohort) < cfg.min_clients:
             return "skipped"

@@ -117,16 +117,22 @@ class Store:
     # -- enrollment --------------------------------------------------------------------
     def enroll(self, public_key: bytes) -> int:
         """The client id of ``public_key``, enrolling it if new."""
-        if len(public_key) != 32:
+        return self.enroll_many([public_key])[0]
+
+    def enroll_many(self, public_keys: list[bytes]) -> list[int]:
+        """Client ids of ``public_keys``, enrolling the new ones in one transaction."""
+        if any(len(k) != 32 for k in public_keys):
             raise ValueError("a device key is a 32-byte Ed25519 public key")
+        ids = []
         with self.transaction() as db:
-            row = db.execute("SELECT client_id FROM clients WHERE public_key = ?",
-                             (public_key,)).fetchone()
-            if row:
-                return int(row[0])
-            cur = db.execute("INSERT INTO clients (public_key, enrolled_at) VALUES (?, ?)",
-                             (public_key, time.time()))
-            return int(cur.lastrowid or 0)
+            for key in public_keys:
+                row = db.execute("SELECT client_id FROM clients WHERE public_key = ?",
+                                 (key,)).fetchone()
+                if row is None:
+                    row = (db.execute("INSERT INTO clients (public_key, enrolled_at) "
+                                      "VALUES (?, ?)", (key, time.time())).lastrowid,)
+                ids.append(int(row[0]))
+        return ids
 
     def client_of(self, public_key: bytes) -> int | None:
         row = self.db.execute("SELECT client_id FROM clients WHERE public_key = ?",

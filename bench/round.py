@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import resource
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 
+from aggregator.process import AggregatorProcess
 from aggregator.statedir import init_state
 from aggregator.store import Store
 from bench.common import Row
@@ -62,45 +60,27 @@ def run_round(n: int, n_items: int, dim: int, workdir: Path) -> dict:
         store.enroll(device.identity.public)
         devices.append(device)
     store.close()
-    proc = subprocess.Popen([sys.executable, "-m", "aggregator.cli", "serve", "--state",
-                             str(state.root), "--port", "0"], stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    started = threading.Event()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving on" in line:
-                started.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not started.wait(120):
-        proc.kill()
-        raise RuntimeError("aggregator did not start:\n" + "".join(lines))
-    port = re.search(r":(\d+) \(model", "".join(lines))
-    assert port is not None
-    url = f"ws://127.0.0.1:{port.group(1)}/ws"
-
+    server = AggregatorProcess(state.root)
+    url = server.url
     async def everyone() -> list:
         return await asyncio.gather(*(d.participate(url, rounds=1, timeout=900)
                                       for d in devices))
 
     reports = asyncio.run(everyone())
-    if proc.wait() != 0:
-        raise RuntimeError("aggregator failed:\n" + "".join(lines))
-    peak = re.search(r"peak resident memory ([\d.]+) MB", "".join(lines))
-    assert peak is not None, "".join(lines)
+    if server.wait(300) != 0:
+        raise RuntimeError("aggregator failed:\n" + server.log())
+    peak = server.peak_memory_mb()
+    assert peak is not None, server.log()
     store = Store(state.database)
     (round_row,) = store.rounds()
     store.close()
-    assert round_row.status == "completed", "".join(lines)
+    assert round_row.status == "completed", server.log()
     n_params = 2 * n_items * dim + n_items + 2
     up = [r[0].bytes_up for r in reports if r]
     return {"seconds": round_row.finished_at - round_row.started_at,
             "phases": round_row.detail.get("phase_seconds", {}),
             "survivors": round_row.survivors, "n_params": n_params,
-            "bytes_up": float(np.mean(up)), "peak_rss_mb": float(peak.group(1))}
+            "bytes_up": float(np.mean(up)), "peak_rss_mb": peak}
 
 
 def bench_round(quick: bool) -> list[Row]:

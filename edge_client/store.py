@@ -64,12 +64,19 @@ class DeviceStore:
     # -- purchase history ----------------------------------------------------------------
     def add_basket(self, items: list[str], at: float | None = None) -> None:
         """Record a purchased basket (distinct item ids); the oldest beyond MAX_BASKETS go."""
-        distinct = sorted(set(items))
-        if not distinct:
+        self.add_baskets([items], None if at is None else [at])
+
+    def add_baskets(self, baskets: list[list[str]], at: list[float] | None = None) -> None:
+        """Record several baskets, oldest first, in one transaction (an app importing its
+        order history)."""
+        rows = [sorted(set(items)) for items in baskets]
+        if any(not row for row in rows):
             raise ValueError("a basket needs at least one item")
+        now = time.time()
+        times = at if at is not None else [now] * len(rows)
         self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute("INSERT INTO baskets (at, items) VALUES (?, ?)",
-                        (time.time() if at is None else at, json.dumps(distinct)))
+        self.db.executemany("INSERT INTO baskets (at, items) VALUES (?, ?)",
+                            [(t, json.dumps(row)) for t, row in zip(times, rows, strict=True)])
         self.db.execute("DELETE FROM baskets WHERE id NOT IN (SELECT id FROM baskets "
                         "ORDER BY at DESC, id DESC LIMIT ?)", (MAX_BASKETS,))
         self.db.execute("COMMIT")

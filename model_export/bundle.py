@@ -20,6 +20,7 @@ Only json, hashlib, numpy and pynacl: a device imports this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -119,18 +120,22 @@ def _vocabulary_json(items: Sequence[str], names: Sequence[str]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _parse_vocabulary(raw: bytes, manifest: Manifest) -> tuple[tuple[str, ...],
-                                                               tuple[str, ...]]:
+@functools.lru_cache(maxsize=4)
+def _parse_vocabulary(raw: bytes, n_items: int, vocabulary_sha256: str,
+                      ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Items and names of a vocabulary file whose hash the manifest vouches for. Cached:
+    every model version of a catalog has the same file, and a process that verifies
+    bundles for thousands of simulated devices would otherwise parse it each time."""
     try:
         pairs = json.loads(raw)["items"]
         items = tuple(str(k) for k, _ in pairs)
         names = tuple(str(n) for _, n in pairs)
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{VOCABULARY_FILE} is malformed: {exc!r}") from exc
-    if len(items) != manifest.n_items:
+    if len(items) != n_items:
         raise BundleError(f"{VOCABULARY_FILE} lists {len(items)} items but the manifest says "
-                          f"V = {manifest.n_items}")
-    if vocabulary_digest(items) != manifest.vocabulary_sha256:
+                          f"V = {n_items}")
+    if vocabulary_digest(items) != vocabulary_sha256:
         raise BundleError(f"{VOCABULARY_FILE} does not match the manifest's vocabulary_sha256")
     return items, names
 
@@ -267,7 +272,8 @@ def verify_members(members: Mapping[str, bytes], verify_key: bytes, *, origin: s
     if min_model_version is not None and manifest.model_version < min_model_version:
         raise BundleError(f"{origin}: model version {manifest.model_version} is older than "
                           f"the {min_model_version} already installed (downgrade refused)")
-    items, names = _parse_vocabulary(files[VOCABULARY_FILE], manifest)
+    items, names = _parse_vocabulary(files[VOCABULARY_FILE], manifest.n_items,
+                                     manifest.vocabulary_sha256)
     return Bundle(manifest=manifest, manifest_json=bytes(members[MANIFEST]),
                   signature=bytes(members[SIGNATURE]), items=items, names=names, files=files)
 
@@ -298,7 +304,8 @@ def write_bundle(out_dir: Path | str, *, weights: Weights, items: Sequence[str],
                WEIGHTS_FILE: weights.flat().astype("<f4").tobytes()}
     manifest = Manifest(
         format=FORMAT_VERSION, model_version=model_version, round=round_id,
-        n_items=weights.n_items, dim=weights.dim, vocabulary_sha256=vocabulary_digest(items), history_decay=history_decay,
+        n_items=weights.n_items, dim=weights.dim, vocabulary_sha256=vocabulary_digest(items),
+        history_decay=history_decay,
         files={n: hashlib.sha256(b).hexdigest() for n, b in payload.items()},
     )
     raw = manifest.to_json()

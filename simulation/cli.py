@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,8 @@ from model_export.evaluation import Split
 from model_export.keys import load_or_create_signing_key
 from model_export.train import TrainConfig
 from simulation.central import Row, baseline_rows, central_rows
+from simulation.federated import FederatedSettings, RoundRecord, RunResult, run_federated
+from simulation.report import privacy_utility_rows, write_report
 
 console = Console(stderr=True)
 out = Console()
@@ -61,9 +65,12 @@ def with_clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """FedCart simulation: baselines, central training, and (later) federated runs on real
-    basket data, evaluated with the protocol of DESIGN.md section 6 (last basket of each
-    user held out, one hidden item per test basket, HitRate@10, NDCG@10, MRR)."""
+    """FedCart simulation: federated runs of the real service and devices on real basket
+    data, central baselines and central training, all evaluated with the protocol of
+    DESIGN.md section 6 (last basket of each user held out, one hidden item per test
+    basket, HitRate@10, NDCG@10, MRR).
+
+    Start with: fedcart-sim run --data uci --report out/run"""
 
 
 @main.command()
@@ -132,6 +139,212 @@ def central(out_dir: Path, key_path: Path | None, epochs: int, dim: int, lr: flo
     print_rows(f"Central training on {split.name} ({epochs} epochs, {seconds:.0f} s)", rows)
     write_json(json_path, split, rows, data_sha256=digest, config=config.__dict__,
                train_seconds=seconds)
+
+
+def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of a federated run, shared by run and sweep."""
+    d = FederatedSettings()
+    options = [
+        click.option("--rounds", type=click.IntRange(1), default=d.rounds, show_default=True,
+                     help="Completed rounds to run."),
+        click.option("--clients-per-round", type=click.FloatRange(min=1), default=None,
+                     help=f"Expected cohort M; each device joins a round with probability "
+                          f"q = M / N (Poisson sampling). Default {d.clients_per_round:g}."),
+        click.option("--q", "sampling_rate", type=click.FloatRange(0, 1, min_open=True),
+                     help="The sampling rate q itself, instead of --clients-per-round."),
+        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+                     default=d.dropout, show_default=True,
+                     help="Probability that a sampled device goes offline at a random "
+                          "protocol step of its round."),
+        click.option("--secagg-k", type=click.IntRange(2), default=d.secagg_k,
+                     show_default=True, help="SecAgg+ neighbours per device."),
+        click.option("--local-epochs", type=click.IntRange(1), default=d.local_epochs,
+                     show_default=True, help="Passes over its own baskets a device makes."),
+        click.option("--dim", type=click.IntRange(1), default=d.dim, show_default=True,
+                     help="Embedding size d."),
+        click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True),
+                     default=d.clip_norm, show_default=True,
+                     help="C: each device clips its update to this L2 norm (L1: Laplace)."),
+        click.option("--server-lr", type=click.FloatRange(min=0, min_open=True),
+                     default=d.optimizer_lr, show_default=True,
+                     help="FedAdam's server learning rate."),
+        click.option("--workers", type=click.IntRange(1), default=d.workers,
+                     show_default=True, help="Processes the simulated devices run in."),
+        click.option("--eval-every", type=click.IntRange(1), default=d.eval_every,
+                     show_default=True, help="Evaluate every n-th published model (and "
+                                             "the last)."),
+        click.option("--seed", type=int, default=d.seed, show_default=True,
+                     help="Seeds model v0 and the dropout draws (sampling and masks use "
+                          "the OS CSPRNG, as in production)."),
+        click.option("--report", "report_dir", required=True,
+                     type=click.Path(file_okay=False, path_type=Path),
+                     help="Directory for index.html, report.md, the PNG plots and "
+                          "metrics.json."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Also copy metrics.json to this file."),
+        click.option("--baselines/--no-baselines", "with_baselines", default=True,
+                     show_default=True, help="Score the central baselines for the report."),
+        click.option("--central/--no-central", "with_central", default=True,
+                     show_default=True, help="Train the model centrally (no privacy) for "
+                                             "the report's reference row."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(rounds: int, clients_per_round: float | None, sampling_rate: float | None,
+              server_lr: float, **kwargs: Any) -> FederatedSettings:
+    if clients_per_round is None and sampling_rate is None:
+        clients_per_round = FederatedSettings().clients_per_round
+    return FederatedSettings(rounds=rounds, clients_per_round=clients_per_round,
+                             sampling_rate=sampling_rate, optimizer_lr=server_lr, **kwargs)
+
+
+def _reference_rows(split: Split, dim: int, with_baselines: bool,
+                    with_central: bool) -> tuple[list[Row], list[Row]]:
+    base: list[Row] = []
+    central: list[Row] = []
+    if with_baselines:
+        with console.status("scoring the central baselines ..."):
+            base = baseline_rows(split)
+    if with_central:
+        config = TrainConfig(dim=dim)
+        with Progress(TextColumn("central training (reference row)"), BarColumn(),
+                      TextColumn("epoch {task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task("central", total=config.epochs)
+            _, central = central_rows(split, config, lambda e, _: progress.update(
+                task, completed=e + 1))
+    return base, central
+
+
+def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedSettings,
+                       index: str) -> RunResult:
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("round {task.completed}/{task.total}"),
+               TextColumn("HR@10 {task.fields[hr]}  eps {task.fields[eps]}  "
+                          "survivors {task.fields[survivors]}  {task.fields[status]}"),
+               TimeElapsedColumn()]
+    with tempfile.TemporaryDirectory(prefix="fedcart-sim-") as tmp, \
+            Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{index}{settings.name()}", total=settings.rounds, hr="-",
+                                 eps="-", survivors="-", status="")
+
+        def on_round(record: RoundRecord) -> None:
+            fields: dict[str, Any] = {"survivors": f"{record.survivors}/{record.sampled}",
+                                      "status": "" if record.status == "completed"
+                                      else f"(round {record.round} {record.status})"}
+            if record.status == "completed":
+                progress.advance(task)
+                fields["eps"] = (f"{record.epsilon:.2f}" if settings.mechanism != "none"
+                                 else "none")
+            if record.hr is not None:
+                fields["hr"] = f"{record.hr:.4f}"
+            progress.update(task, **fields)
+
+        result = run_federated(split, names, settings, Path(tmp), on_round=on_round,
+                               on_status=lambda m: progress.update(task, status=m))
+    if result.interrupted:
+        console.print("[yellow]stopped early: the report covers the rounds done[/]")
+    return result
+
+
+def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
+           dim: int, base: list[Row], central: list[Row], results: list[RunResult]) -> None:
+    users = sum(1 for baskets in split.train if baskets)
+    report = {
+        "tool": "fedcart-sim", "command": " ".join(["fedcart-sim", *sys.argv[1:]]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": {"name": split.name, "sha256": digest, "devices": users,
+                 "catalog": split.n_items, "queries": len(split.queries)},
+        "model": {"dim": dim, "parameters": 2 * split.n_items * dim + split.n_items + 2},
+        "baselines": [r.as_json() for r in base], "central": [r.as_json() for r in central],
+        "runs": [r.as_json() for r in results],
+    }
+    index = write_report(report_dir, report)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report_dir / "metrics.json", json_path)
+    table = Table(title=f"Privacy and utility on {split.name}")
+    for column in ("model", "HR@10", "NDCG@10", "MRR", "epsilon"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in privacy_utility_rows(report):
+        table.add_row(row["name"], f"{row['hr']:.4f}", f"{row['ndcg']:.4f}",
+                      f"{row['mrr']:.4f}", "-" if row["epsilon"] is None
+                      else f"{row['epsilon']:.2f}")
+    out.print(table)
+    console.print(f"report: [bold]{index}[/] (also report.md, metrics.json, PNG plots)")
+
+
+@main.command()
+@data_options
+@federated_options
+@click.option("--epsilon", type=click.FloatRange(min=0, min_open=True),
+              help="Gaussian DP: calibrate the noise so the run spends this epsilon.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="DP delta (default 1 / N^1.1 for N devices).")
+@click.option("--noise-multiplier", type=click.FloatRange(min=0, min_open=True),
+              help="DP with this noise multiplier z (noise std z*C) instead of a target "
+                   "epsilon.")
+@click.option("--laplace", is_flag=True, help="Laplace noise (pure epsilon, L1 clip) with "
+                                              "--noise-multiplier, instead of Gaussian.")
+@click.option("--no-dp", is_flag=True, help="Secure aggregation without DP noise (the "
+                                            "default when no DP option is given).")
+@with_clean_errors
+def run(epsilon: float | None, delta: float | None, noise_multiplier: float | None,
+        laplace: bool, no_dp: bool, report_dir: Path, json_path: Path | None,
+        with_baselines: bool, with_central: bool, data_spec: str, user_col: str | None,
+        item_col: str | None, time_col: str | None, basket_col: str | None,
+        name_col: str | None, **options: Any) -> None:
+    """A federated deployment on real data: the aggregator service and one edge client per
+    user, over loopback websockets, with secure aggregation (and DP unless --no-dp) in
+    every round; writes the report. Ctrl-C stops and still writes the report."""
+    if no_dp and (epsilon or noise_multiplier or laplace):
+        raise click.UsageError("--no-dp excludes --epsilon, --noise-multiplier and --laplace")
+    mechanism = ("none" if not (epsilon or noise_multiplier)
+                 else "laplace" if laplace else "gaussian")
+    settings = _settings(mechanism=mechanism, epsilon=epsilon, delta=delta,
+                         noise_multiplier=noise_multiplier, **options)
+    split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
+                                      name_col)
+    base, central = _reference_rows(split, settings.dim, with_baselines, with_central)
+    result = _run_with_progress(split, names, settings, "")
+    _write(report_dir, json_path, split, digest, settings.dim, base, central, [result])
+
+
+@main.command()
+@data_options
+@federated_options
+@click.option("--epsilons", default="2,8", show_default=True, metavar="E,E,...",
+              help="Target epsilons of the DP runs (Gaussian, delta 1/N^1.1); a run "
+                   "without DP comes first.")
+@with_clean_errors
+def sweep(epsilons: str, report_dir: Path, json_path: Path | None, with_baselines: bool,
+          with_central: bool, data_spec: str, user_col: str | None, item_col: str | None,
+          time_col: str | None, basket_col: str | None, name_col: str | None,
+          **options: Any) -> None:
+    """The privacy-utility table: one run without DP, then one per target epsilon, all
+    with secure aggregation and the same settings; one combined report."""
+    try:
+        targets = [float(e) for e in epsilons.split(",") if e.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"not a list of numbers: {epsilons!r}",
+                                 param_hint="--epsilons") from exc
+    if any(e <= 0 for e in targets):
+        raise click.BadParameter("epsilons must be positive", param_hint="--epsilons")
+    plans = [_settings(**options)] + [_settings(mechanism="gaussian", epsilon=e, **options)
+                                      for e in targets]
+    split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
+                                      name_col)
+    base, central = _reference_rows(split, plans[0].dim, with_baselines, with_central)
+    results: list[RunResult] = []
+    for i, settings in enumerate(plans, 1):
+        result = _run_with_progress(split, names, settings, f"[{i}/{len(plans)}] ")
+        results.append(result)
+        if result.interrupted:
+            break
+    _write(report_dir, json_path, split, digest, plans[0].dim, base, central, results)
 
 
 if __name__ == "__main__":

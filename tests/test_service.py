@@ -7,13 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import dp_accounting
@@ -21,6 +17,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
+from aggregator.process import AGGREGATOR, AggregatorProcess
 from aggregator.statedir import init_state
 from aggregator.store import Store
 from edge_client import device as device_module
@@ -33,7 +30,6 @@ from secagg.client import ClientState
 from secagg.crypto import IdentityKey
 from tests.conftest import synthetic_data
 
-AGGREGATOR = [sys.executable, "-m", "aggregator.cli"]
 CONFIG = """
 [round]
 sampling_rate = 1.0
@@ -49,47 +45,6 @@ delta = 1e-5
 [training]
 lr_embeddings = 2.0
 """
-
-
-class Server:
-    """`fedcart-aggregator serve` in a subprocess; its port read from its log."""
-
-    def __init__(self, state: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [*AGGREGATOR, "serve", "--state", str(state), "--port", "0", *extra],
-            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-        self.lines: list[str] = []
-        found = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if "serving on" in line:
-                    found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(60):
-            self.proc.kill()
-            raise RuntimeError("aggregator did not start:\n" + "".join(self.lines))
-        match = re.search(r"serving on (wss?)://[\d.]+:(\d+)", "".join(self.lines))
-        assert match
-        self.port = int(match.group(2))
-        self.url = f"{match.group(1)}://127.0.0.1:{self.port}/ws"
-
-    def http(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
-            return r.read().decode()
-
-    def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("aggregator did not stop:\n" + self.log()) from None
-
-    def log(self) -> str:
-        return "".join(self.lines)
 
 
 def cli(*args: str) -> str:
@@ -191,7 +146,7 @@ def test_rounds_survive_dropouts_garbage_and_strangers(world, monkeypatch) -> No
     store = Store(state.database)
     store.enroll(garbage_key.public)
     store.close()
-    server = Server(state.root)
+    server = AggregatorProcess(state.root)
     server_key = bytes(state.signing_key().verify_key)
     v0 = read_bundle(state.bundles / "v00000000", server_key).weights().flat()
 
@@ -227,7 +182,7 @@ def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
     state.config.write_text(CONFIG.format(timeout=30.0, rounds=2))
     # one device stalls before sending its input, so round 1 waits in its MASKED phase
     drop_schedule(monkeypatch, {(devices[0].identity.public, 1): "stall"})
-    server = Server(state.root)
+    server = AggregatorProcess(state.root)
 
     async def until_killed() -> None:
         tasks = [asyncio.create_task(d.participate(server.url, rounds=2, timeout=120))
@@ -249,7 +204,7 @@ def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
     (state.bundles / "v00000001").mkdir()
     (state.bundles / "v00000001" / "weights.bin").write_bytes(b"half")
     (state.bundles / ".v00000001.tmpdir").mkdir()
-    restarted = Server(state.root)
+    restarted = AggregatorProcess(state.root)
     assert not (state.bundles / "v00000001" / "weights.bin").exists()
     assert not (state.bundles / ".v00000001.tmpdir").exists()
     assert "ok model_version=0" in restarted.http("/healthz")
@@ -274,7 +229,7 @@ def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
 def test_metrics_and_health(world) -> None:
     state, _ = world
     state.config.write_text(CONFIG.format(timeout=4.0, rounds=0))
-    server = Server(state.root)
+    server = AggregatorProcess(state.root)
     try:
         assert server.http("/healthz").startswith("ok")
         metrics = server.http("/metrics")
@@ -319,7 +274,7 @@ def test_token_enrollment_tls_laplace_and_fedadam(world, tmp_path) -> None:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    server = Server(state.root, "--tls-cert", str(cert_path), "--tls-key", str(key_path))
+    server = AggregatorProcess(state.root, "--tls-cert", str(cert_path), "--tls-key", str(key_path))
     assert server.url.startswith("wss://")
     trust = ssl.create_default_context(cafile=str(cert_path))
 
@@ -347,7 +302,7 @@ def test_server_stops_before_the_budget_is_exceeded(world) -> None:
     # z = 1.5 at q = 1: one round spends ~3.3 at delta 1e-5, two ~4.8: budget 4 allows one
     state.config.write_text(CONFIG.format(timeout=5.0, rounds=0).replace(
         "budget_epsilon = 1000.0", "budget_epsilon = 4.0"))
-    server = Server(state.root)
+    server = AggregatorProcess(state.root)
 
     async def run() -> list:
         return await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=60)

@@ -1,0 +1,112 @@
+"""Simulated devices in worker processes: each worker holds a shard of the population, every
+device with its own state directory (SQLite cart store, identity key) and only its own
+baskets, and runs them as asyncio tasks against the aggregator over loopback websockets.
+
+This is the seam where a cluster backend (Ray, as DESIGN.md section 9 plans) would place the
+shards on other machines: a worker needs only its shard, the server's public key and URL,
+and sends back the device keys and per-round reports.
+
+Worker protocol over a multiprocessing pipe (no pickle crosses the network: the pipe is
+between a parent and its own children):
+    worker -> parent   ("keys", [public key bytes, ...])  once its devices exist
+    parent -> worker   ("go", url)   or   ("stop", None)
+    worker -> parent   ("report", (round_id, status, bytes_up, bytes_down))  per device round
+    worker -> parent   ("done", None)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import resource
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import websockets
+
+from edge_client.device import Device
+
+__all__ = ["PROTOCOL_MESSAGES", "Shard", "worker_main"]
+
+# Messages a device sends in a round (keys, shares, masked input, consistency signature,
+# unmask answers): a device that drops out leaves after 0 to 4 of them.
+PROTOCOL_MESSAGES = 5
+RECONNECT_DELAY = 0.1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One worker's part of the population."""
+
+    worker: int
+    root: Path  # the run's directory: devices/ and blobs/ go under it
+    server_key: bytes
+    users: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]  # (user id, baskets)
+    dropout: float
+    seed: int
+
+
+def _raise_fd_limit() -> None:
+    """Each device holds a socket and its SQLite files open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    del soft
+
+
+def _make_devices(shard: Shard) -> list[Device]:
+    blobs = shard.root / "blobs" / f"worker{shard.worker}"
+    devices = []
+    for index, (_, baskets) in enumerate(shard.users):
+        device = Device(shard.root / "devices" / f"w{shard.worker}-{index:06d}",
+                        shard.server_key, blob_dir=blobs)
+        if not device.store.baskets():
+            device.store.add_baskets([list(b) for b in baskets],
+                                     at=[float(t) for t in range(len(baskets))])
+        devices.append(device)
+    return devices
+
+
+async def _live(device: Device, url: str, rng: random.Random, dropout: float,
+                pipe: Connection) -> None:
+    """Keep the device checked in until the server goes away; reconnect after it dropped
+    out of a round (a phone coming back online)."""
+
+    def leave(round_id: int) -> int | None:
+        del round_id
+        return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
+
+    while True:
+        try:
+            reports = await device.participate(url, rounds=None, timeout=None,
+                                               follow_model=False, leave=leave)
+        except (OSError, TimeoutError, websockets.WebSocketException):
+            return  # the server has stopped listening: the run is over
+        for r in reports:
+            pipe.send(("report", (r.round_id, r.status, r.bytes_up, r.bytes_down)))
+        if not any(r.status == "left" for r in reports):
+            return  # the server closed the connection itself: the run is over
+        await asyncio.sleep(RECONNECT_DELAY)
+
+
+async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) -> None:
+    master = random.Random(shard.seed * 1_000_003 + shard.worker)
+    await asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
+                                 shard.dropout, pipe) for d in devices))
+
+
+def worker_main(shard: Shard, pipe: Connection) -> None:
+    """Entry point of a worker process."""
+    logging.basicConfig(level=logging.ERROR)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    _raise_fd_limit()
+    devices = _make_devices(shard)
+    pipe.send(("keys", [d.identity.public for d in devices]))
+    command, url = pipe.recv()
+    if command == "go":
+        asyncio.run(_run(devices, url, shard, pipe))
+    for device in devices:
+        device.store.close()
+    pipe.send(("done", None))
