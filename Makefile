@@ -6,8 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_DIR ?= out/demo
+DEMO_ARGS ?= --epsilons 2,8 --dp-rounds 5
 
-.PHONY: venv demo test lint bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv demo test lint bench clean chromium
 
 venv: $(STAMP)
 
@@ -18,18 +21,26 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The main job. Until the federated run lands, this is the central run: the baselines and
-# the central FedCart model on UCI Online Retail, a signed bundle, and a JSON report.
+# The main job: federated runs on the bundled UCI data (one device per customer, the real
+# aggregator, SecAgg): 40 rounds without DP, then 5 rounds each with DP at epsilon 2 and 8;
+# against the central baselines and the centrally trained model. Report: $(DEMO_DIR)/index.html
+# Then a device recommends from the federated model, offline, after checking its signature.
 demo: venv
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/fedcart-sim central --data uci --out $(DEMO_DIR)/bundle \
-		--json $(DEMO_DIR)/central.json
-	@echo "report: $(DEMO_DIR)/central.json  bundle: $(DEMO_DIR)/bundle"
-	$(VENV)/bin/fedcart-device recommend --bundle $(DEMO_DIR)/bundle \
-		--public-key $(DEMO_DIR)/signing.pub --cart 85123A,71053 --k 5
+	$(VENV)/bin/fedcart-sim sweep --data uci $(DEMO_ARGS) --report $(DEMO_DIR)
+	$(VENV)/bin/fedcart-device recommend --bundle $(DEMO_DIR)/models/no-dp/bundle \
+		--public-key $(DEMO_DIR)/models/no-dp/signing.pub --cart 85123A,71053 --k 5
+	@echo "report: $(DEMO_DIR)/index.html (and report.md, metrics.json, PNG plots)"
+
+# The report test opens the report in Debian's chromium (headless).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "installing Debian's chromium for the report rendering test"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
-test: venv
+test: venv chromium
 	$(PY) -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status

@@ -3,7 +3,6 @@ standard library's tomllib and checked into a typed, frozen value."""
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from dataclasses import dataclass, fields
@@ -146,8 +145,10 @@ def load_config(path: Path) -> AggregatorConfig:
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, str):  # a TOML basic string: escape quote, backslash, controls
+        return '"' + "".join(
+            f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c
+            for c in value) + '"'
     return repr(value)
 
 

@@ -243,8 +243,15 @@ class Aggregator:
             raise ProtocolViolation("text frames are not part of the protocol")
         self.metrics.bytes_up.inc(len(frame))
         kind, payload = channel.parse(frame)
+        if kind == channel.CONTROL and payload.get("type") == "leave":
+            # a device that refuses the round (say, a server message it could not verify)
+            # says so, instead of leaving the phase to wait for its deadline
+            log.info("device %d left round: %s", conn.client_id,
+                     str(payload.get("reason", ""))[:200])
+            self._drop_from_round(conn.client_id, "left")
+            return
         if kind != channel.SECAGG:
-            raise ProtocolViolation("devices send only check-in and secagg frames")
+            raise ProtocolViolation("devices send only check-in, leave and secagg frames")
         await self._secagg_from(conn, payload)
 
     async def _check_in(self, ws: ServerConnection) -> _Connection | None:

@@ -9,9 +9,12 @@ key and check-in signature, protocol messages, and one masked vector per round.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import ssl
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,31 @@ class RoundReport:
     bytes_down: int
 
 
+# Bundles verified in this process, by (server key, manifest sha256): the devices a
+# simulation worker holds all run the same model version, and each would otherwise read and
+# hash the same files again. Only verified bytes go in, so what runs is what was checked.
+VERIFIED_CACHE = 2
+_verified: OrderedDict[tuple[bytes, str], Bundle] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+def _verified_bundle(server_key: bytes, manifest_sha256: str) -> Bundle | None:
+    with _verified_lock:
+        bundle = _verified.get((server_key, manifest_sha256))
+        if bundle is not None:
+            _verified.move_to_end((server_key, manifest_sha256))
+        return bundle
+
+
+def _remember(server_key: bytes, bundle: Bundle) -> None:
+    key = (server_key, hashlib.sha256(bundle.manifest_json).hexdigest())
+    with _verified_lock:
+        _verified[key] = bundle
+        _verified.move_to_end(key)
+        while len(_verified) > VERIFIED_CACHE:
+            _verified.popitem(last=False)
+
+
 class Device:
     """One shopper's device. ``server_key`` is the aggregator's pinned Ed25519 key: it
     signs bundles and round configs. ``blob_dir``: a bundle file store shared with other
@@ -85,19 +113,25 @@ class Device:
         return -1 if self.manifest is None else self.manifest.model_version
 
     def current_bundle(self) -> Bundle | None:
-        """The installed bundle, verified again as it is read; None if there is none or it
-        no longer verifies (then the next round's download replaces it)."""
+        """The installed bundle, verified again as it is read (or as verified earlier in this
+        process: the bytes kept then are what runs); None if there is none or it no longer
+        verifies (then the next round's download replaces it)."""
         files = self.store.current_files()
         if not files:
             return None
+        cached = _verified_bundle(self.server_key, files.get(MANIFEST, ""))
+        if cached is not None:
+            return cached
         members = {n: data for n in (MANIFEST, SIGNATURE)
                    if (data := self.store.blob(files.get(n, ""))) is not None}
         try:
-            return verify_members(members, self.server_key, lookup=self.store.blob,
-                                  origin=f"{self.store.dir}: installed bundle")
+            bundle = verify_members(members, self.server_key, lookup=self.store.blob,
+                                    origin=f"{self.store.dir}: installed bundle")
         except BundleError as exc:
             log.warning("%s", exc)
             return None
+        _remember(self.server_key, bundle)
+        return bundle
 
     def held_files(self) -> list[str]:
         """sha256 of the current bundle's files that do not change between model versions:
@@ -126,7 +160,8 @@ class Device:
         bundle = verify_members(unpack_members(data), self.server_key, lookup=self.store.blob,
                                 origin="received bundle", vocabulary_sha256=pinned,
                                 min_model_version=self.model_version + 1)
-        self.store.install_bundle(bundle.members())
+        self.store.install_bundle(bundle.members(), known=bundle.manifest.files)
+        _remember(self.server_key, bundle)
         if pinned is None:
             self.store.put("vocabulary_sha256", bundle.manifest.vocabulary_sha256)
         self.manifest, self._recommender = bundle.manifest, None
@@ -287,6 +322,7 @@ class _Session:
         except (RemoteProtocolError, RoundFailed) as exc:
             log.warning("left round %s: %s", self.round_info.get("round_id"), exc)
             self.finish(f"refused: {exc}")
+            await self.send(channel.control("leave", reason=str(exc)[:200]))
             return
         if self.round.config is not None:
             self.device.store.put("last_round", str(self.round.config.round_id))

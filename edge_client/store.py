@@ -109,11 +109,14 @@ class DeviceStore:
             return {}
         return {str(k): str(v) for k, v in pointer.items()}
 
-    def install_bundle(self, files: Mapping[str, bytes]) -> None:
+    def install_bundle(self, files: Mapping[str, bytes],
+                       known: Mapping[str, str] | None = None) -> None:
         """Store verified bundle files and switch to them: each blob whole (temp, fsync,
         rename), then the pointer the same way. A crash leaves the old bundle or the new one
-        in use."""
-        digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        in use. ``known``: sha256 of files already hashed during verification."""
+        known = known or {}
+        digests = {name: known.get(name) or hashlib.sha256(data).hexdigest()
+                   for name, data in files.items()}
         for name, digest in digests.items():
             if not (self.blobs / digest).is_file():
                 _write_atomically(self.blobs / digest, files[name])

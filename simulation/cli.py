@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -220,7 +221,7 @@ def _reference_rows(split: Split, dim: int, with_baselines: bool,
 
 
 def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedSettings,
-                       index: str) -> RunResult:
+                       index: str, keep_model: Path) -> RunResult:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("round {task.completed}/{task.total}"),
                TextColumn("HR@10 {task.fields[hr]}  eps {task.fields[eps]}  "
@@ -244,17 +245,33 @@ def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedS
             progress.update(task, **fields)
 
         result = run_federated(split, names, settings, Path(tmp), on_round=on_round,
-                               on_status=lambda m: progress.update(task, status=m))
+                               on_status=lambda m: progress.update(task, status=m),
+                               keep_model=keep_model)
     if result.interrupted:
         console.print("[yellow]stopped early: the report covers the rounds done[/]")
     return result
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command that repeats this run: every option that differs from its default."""
+    words = ["fedcart-sim", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if not isinstance(param, click.Option) or value == param.default or value is None:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            words.append(flag if value else (param.secondary_opts or [flag])[0])
+        else:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
            dim: int, base: list[Row], central: list[Row], results: list[RunResult]) -> None:
     users = sum(1 for baskets in split.train if baskets)
     report = {
-        "tool": "fedcart-sim", "command": " ".join(["fedcart-sim", *sys.argv[1:]]),
+        "tool": "fedcart-sim", "command": _command_line(click.get_current_context()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": {"name": split.name, "sha256": digest, "devices": users,
                  "catalog": split.n_items, "queries": len(split.queries)},
@@ -309,7 +326,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
                                       name_col)
     base, central = _reference_rows(split, settings.dim, with_baselines, with_central)
-    result = _run_with_progress(split, names, settings, "")
+    result = _run_with_progress(split, names, settings, "", report_dir / "model")
     _write(report_dir, json_path, split, digest, settings.dim, base, central, [result])
 
 
@@ -319,8 +336,11 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
 @click.option("--epsilons", default="2,8", show_default=True, metavar="E,E,...",
               help="Target epsilons of the DP runs (Gaussian, delta 1/N^1.1); a run "
                    "without DP comes first.")
+@click.option("--dp-rounds", type=click.IntRange(1),
+              help="Rounds of each DP run (default: --rounds). Fewer rounds spend the same "
+                   "epsilon with less noise per round.")
 @with_clean_errors
-def sweep(epsilons: str, report_dir: Path, json_path: Path | None, with_baselines: bool,
+def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Path | None, with_baselines: bool,
           with_central: bool, data_spec: str, user_col: str | None, item_col: str | None,
           time_col: str | None, basket_col: str | None, name_col: str | None,
           **options: Any) -> None:
@@ -333,14 +353,18 @@ def sweep(epsilons: str, report_dir: Path, json_path: Path | None, with_baseline
                                  param_hint="--epsilons") from exc
     if any(e <= 0 for e in targets):
         raise click.BadParameter("epsilons must be positive", param_hint="--epsilons")
-    plans = [_settings(**options)] + [_settings(mechanism="gaussian", epsilon=e, **options)
-                                      for e in targets]
+    plans = [_settings(**options)]
+    if dp_rounds is not None:
+        options["rounds"] = dp_rounds
+    plans += [_settings(mechanism="gaussian", epsilon=e, **options) for e in targets]
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
                                       name_col)
     base, central = _reference_rows(split, plans[0].dim, with_baselines, with_central)
     results: list[RunResult] = []
     for i, settings in enumerate(plans, 1):
-        result = _run_with_progress(split, names, settings, f"[{i}/{len(plans)}] ")
+        slug = "no-dp" if settings.mechanism == "none" else f"eps-{settings.epsilon:g}"
+        result = _run_with_progress(split, names, settings, f"[{i}/{len(plans)}] ",
+                                    report_dir / "models" / slug)
         results.append(result)
         if result.interrupted:
             break

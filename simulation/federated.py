@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -41,7 +42,7 @@ POLL_SECONDS = 0.2
 class FederatedSettings:
     """What ``fedcart-sim run`` sets; the defaults are the demo's (UCI, about 2 minutes)."""
 
-    rounds: int = 30
+    rounds: int = 40
     clients_per_round: float | None = 200.0  # expected cohort M; q = M / N
     sampling_rate: float | None = None  # or q directly
     dropout: float = 0.1
@@ -49,7 +50,7 @@ class FederatedSettings:
     epsilon: float | None = None  # Gaussian: calibrate z to spend this over `rounds`
     delta: float | None = None  # default 1 / N^1.1
     noise_multiplier: float | None = None
-    clip_norm: float = 1.0
+    clip_norm: float = 5.0
     secagg_k: int = 20
     local_epochs: int = 1
     batch_size: int = 64
@@ -59,9 +60,9 @@ class FederatedSettings:
     weight_cap: float = 100.0
     optimizer: str = "fedadam"
     optimizer_lr: float = 0.05
-    dim: int = 64
+    dim: int = 128
     workers: int = 2
-    eval_every: int = 1
+    eval_every: int = 5
     phase_timeout: float = 60.0
     seed: int = 0
     label: str = ""
@@ -234,9 +235,11 @@ def _shards(root: Path, server_key: bytes, settings: FederatedSettings,
 def run_federated(split: Split, names: dict[str, str], settings: FederatedSettings,
                   workdir: Path, on_round: Callable[[RoundRecord], None] | None = None,
                   on_status: Callable[[str], None] | None = None,
-                  stop: threading.Event | None = None) -> RunResult:
+                  stop: threading.Event | None = None,
+                  keep_model: Path | None = None) -> RunResult:
     """Run ``settings.rounds`` rounds (or until ``stop`` is set); evaluate each published
-    model. Returns whatever was done, also when stopped early."""
+    model. Returns whatever was done, also when stopped early. ``keep_model``: copy the
+    last published bundle there (``bundle/`` and the aggregator's ``signing.pub``)."""
     status = on_status or (lambda _: None)
     started = time.monotonic()
     users = population(split)
@@ -280,6 +283,13 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
             workers.send("stop", None)
         workers.finish(timeout=120)
     _add_bytes(result, workers.reports)
+    if keep_model is not None:
+        latest = Store(state.database).latest_model()
+        assert latest is not None
+        keep_model.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(state.root / latest.bundle_dir, keep_model / "bundle",
+                        dirs_exist_ok=True)
+        shutil.copyfile(state.root / "signing.pub", keep_model / "signing.pub")
     result.seconds = time.monotonic() - started
     return result
 

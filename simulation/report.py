@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["PLOTS", "privacy_utility_rows", "write_report"]
 
@@ -96,6 +97,7 @@ def _plot_quality(report: dict[str, Any], path: Path) -> None:
         ax.annotate(f"{row['name']} {row['hr@10']:.3f}", (1.0, row["hr@10"]),
                     xycoords=("axes fraction", "data"), xytext=(4, 0),
                     textcoords="offset points", va="center", fontsize=7, color="dimgrey")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("HitRate@10 (with the device's history)")
     ax.set_title(f"{report['data']['name']}: quality per round")
@@ -111,6 +113,7 @@ def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
         done = [r for r in run["rounds"] if r["status"] == "completed"]
         ax.plot([r["round"] for r in done], [r["epsilon"] for r in done], marker=".",
                 label=f"{run['name']} (delta {run['delta']:.1e})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent")
     ax.legend(fontsize=8)
@@ -133,6 +136,7 @@ def _plot_time(report: dict[str, Any], path: Path) -> None:
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.plot([r["round"] for r in done], [r["seconds"] for r in done], color="black",
             marker=".", linewidth=1, label="whole round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.set_title(f"{run['name']}: time per round")
@@ -151,6 +155,7 @@ def _plot_bytes(report: dict[str, Any], path: Path) -> None:
             label="down (model and protocol)")
     ax.axhline(4 * report["model"]["parameters"] / 1e6, color="grey", linestyle="--",
                label="4 bytes per parameter")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("MB per device")
     ax.set_title(f"{run['name']}: bytes per device")

@@ -3,6 +3,8 @@ synthetic split for fast unit tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,25 @@ def synthetic_data(n_users: int = 40, n_items: int = 30, seed: int = 0) -> Baske
 @pytest.fixture
 def small_split() -> Split:
     return make_split(synthetic_data())
+
+
+CSV_OPTS = ["--user-col", "customer", "--item-col", "sku", "--time-col", "day",
+            "--name-col", "title"]
+
+
+def write_basket_csv(path: Path) -> Path:
+    """A small retailer's export (60 customers), as a user would give it by path; CSV_OPTS
+    name its columns."""
+    data = synthetic_data(n_users=60, n_items=30, seed=2)
+    lines = ["customer,sku,day,title"]
+    for user, baskets in data.users.items():
+        for day, basket in enumerate(baskets):
+            lines += [f"{user},{item},2024-03-{day + 1:02d},{data.name_of(item)}"
+                      for item in basket]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def basket_csv(tmp_path: Path) -> Path:
+    return write_basket_csv(tmp_path / "shop.csv")

@@ -7,30 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from edge_client.cli import main as device_main
 from model_export.evaluation import make_split
 from simulation.cli import main as sim_main
-from tests.conftest import synthetic_data
-
-
-@pytest.fixture
-def basket_csv(tmp_path: Path) -> Path:
-    data = synthetic_data(n_users=60, n_items=30, seed=2)
-    lines = ["customer,sku,day,title"]
-    for user, baskets in data.users.items():
-        for day, basket in enumerate(baskets):
-            lines += [f"{user},{item},2024-03-{day + 1:02d},{data.name_of(item)}"
-                      for item in basket]
-    path = tmp_path / "shop.csv"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-CSV_OPTS = ["--user-col", "customer", "--item-col", "sku", "--time-col", "day",
-            "--name-col", "title"]
+from tests.conftest import CSV_OPTS, synthetic_data
 
 
 def test_baselines_on_a_csv_writes_json(basket_csv: Path, tmp_path: Path) -> None:

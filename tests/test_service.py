@@ -314,3 +314,42 @@ def test_server_stops_before_the_budget_is_exceeded(world) -> None:
     status = json.loads(cli("status", "--state", str(state.root), "--json"))
     assert [r["status"] for r in status["rounds"]] == ["completed"]
     assert status["epsilon"] <= 4.0
+
+
+async def leaving_client(url: str, key: IdentityKey, server_key: bytes) -> None:
+    """Checks in, then declines its round with a leave frame and stays connected."""
+    async with connect(url, max_size=None) as ws:
+        _, challenge = channel.parse(await ws.recv())
+        await ws.send(channel.control("hello", public_key=key.public.hex(), model_version=-1,
+                                      signature=key.sign(checkin_statement(
+                                          bytes.fromhex(challenge["nonce"]),
+                                          server_key)).hex(), follow_model=False))
+        async for frame in ws:
+            kind, body = channel.parse(frame)
+            if kind == channel.CONTROL and body["type"] == "round":
+                await ws.send(channel.control("leave", reason="cannot verify the config"))
+
+
+def test_a_device_that_leaves_does_not_hold_the_round_to_its_deadline(world) -> None:
+    state, devices = world
+    state.config.write_text(CONFIG.format(timeout=300.0, rounds=1))
+    leaver = IdentityKey.generate()
+    store = Store(state.database)
+    leaver_id = store.enroll(leaver.public)
+    store.close()
+    server = AggregatorProcess(state.root)
+    server_key = bytes(state.signing_key().verify_key)
+
+    async def everyone() -> None:
+        task = asyncio.create_task(leaving_client(server.url, leaver, server_key))
+        await asyncio.gather(*(d.participate(server.url, rounds=1, timeout=120)
+                               for d in devices))
+        task.cancel()
+
+    asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    (round_row,) = status["rounds"]
+    assert round_row["status"] == "completed" and round_row["survivors"] == len(devices)
+    assert round_row["detail"]["dropped"] == {str(leaver_id): "left"}
+    assert max(round_row["detail"]["phase_seconds"].values()) < 60  # not the 300 s deadline

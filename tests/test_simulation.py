@@ -1,0 +1,165 @@
+"""fedcart-sim run and sweep as a data scientist runs them: a CSV given by path, the real
+aggregator process and one device per user, the report, and the report rendered by a real
+browser (headless Chromium, driven over the DevTools protocol with websockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from websockets.asyncio.client import connect
+
+from simulation.cli import main as sim_main
+from simulation.report import PLOTS
+from tests.conftest import CSV_OPTS, write_basket_csv
+
+FAST = ["--dim", "8", "--clients-per-round", "30", "--secagg-k", "20", "--no-central"]
+
+
+def run_cli(*args: str) -> None:
+    result = CliRunner().invoke(sim_main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def csv_report(tmp_path_factory) -> Path:
+    """One DP run on a CSV of another retailer, given by path and column options."""
+    tmp = tmp_path_factory.mktemp("sim")
+    csv = write_basket_csv(tmp / "shop.csv")
+    report = tmp / "report"
+    run_cli("run", "--data", str(csv), *CSV_OPTS, "--rounds", "3", "--dropout", "0.2",
+            "--epsilon", "4", *FAST, "--report", str(report), "--json", str(tmp / "m.json"))
+    return report
+
+
+def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
+    metrics = json.loads((csv_report / "metrics.json").read_text())
+    assert metrics["data"]["devices"] == 60 and len(metrics["data"]["sha256"]) == 64
+    (run,) = metrics["runs"]
+    completed = [r for r in run["rounds"] if r["status"] == "completed"]
+    assert len(completed) == 3 and not run["interrupted"]
+    for r in completed:
+        assert 3 <= r["survivors"] <= r["sampled"]
+        assert set(r["phase_seconds"]) >= {"ADVERTISE", "SHARE", "MASKED", "UNMASK"}
+        assert r["bytes_up"] > 4 * metrics["model"]["parameters"]  # one masked vector
+    # the ledger spent at most the target, growing round by round
+    epsilons = [r["epsilon"] for r in completed]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= 4.0 * 1.001
+    assert run["noise_multiplier"] > 0 and run["delta"] == pytest.approx(60 ** -1.1)
+    assert completed[-1]["hr"] is not None and completed[-1]["hr_global"] is not None
+    names = [r["name"] for r in metrics["baselines"]]
+    assert names[:2] == ["popularity", "co-occurrence (cosine)"]
+    # the configuration the aggregator ran with, so the run can be repeated
+    assert run["aggregator_config"]["mechanism"] == "gaussian"
+    assert run["aggregator_config"]["population"] == 60
+
+
+def test_report_files_and_tables(csv_report: Path) -> None:
+    assert {p.name for p in csv_report.iterdir()} >= {"index.html", "report.md",
+                                                        "metrics.json", *PLOTS}
+    md = (csv_report / "report.md").read_text()
+    for row in ("popularity", "co-occurrence (cosine)", "own history (device only)",
+                "federated, SecAgg, DP eps=4"):
+        assert f"| {row} |" in md
+    assert "Repeat with: fedcart-sim run --data" in md
+    assert not list(csv_report.glob(".*.tmp*"))  # every file was renamed into place
+
+
+def test_sweep_writes_one_report_with_a_row_per_epsilon(basket_csv: Path,
+                                                         tmp_path: Path) -> None:
+    report = tmp_path / "sweep"
+    run_cli("sweep", "--data", str(basket_csv), *CSV_OPTS, "--rounds", "2",
+            "--epsilons", "2,8", "--no-baselines", "--dropout", "0", *FAST,
+            "--report", str(report))
+    metrics = json.loads((report / "metrics.json").read_text())
+    names = [r["name"] for r in metrics["runs"]]
+    assert names == ["federated, SecAgg, no DP", "federated, SecAgg, DP eps=2",
+                     "federated, SecAgg, DP eps=8"]
+    no_dp, low, high = metrics["runs"]
+    assert no_dp["noise_multiplier"] is None
+    assert low["noise_multiplier"] > high["noise_multiplier"] > 0  # less epsilon, more noise
+    for run in metrics["runs"]:
+        assert sum(r["status"] == "completed" for r in run["rounds"]) == 2
+
+
+def test_bad_options_are_clear_errors(basket_csv: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(sim_main, ["run", "--data", str(basket_csv), *CSV_OPTS,
+                                      "--no-dp", "--epsilon", "3", "--report",
+                                      str(tmp_path / "r")])
+    assert result.exit_code != 0 and "--no-dp excludes" in result.output
+    result = runner.invoke(sim_main, ["run", "--data", str(basket_csv), *CSV_OPTS,
+                                      "--laplace", "--epsilon", "3", "--report",
+                                      str(tmp_path / "r")])
+    assert result.exit_code != 0 and "Laplace takes --noise-multiplier" in result.output
+    result = runner.invoke(sim_main, ["sweep", "--data", str(basket_csv), *CSV_OPTS,
+                                      "--epsilons", "2,x", "--report", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "not a list of numbers" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+async def _images_in_chromium(page: Path) -> list[dict]:
+    """Open ``page`` in headless Chromium and return every <img> with its load state."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium package is missing: make test installs it"
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen(
+            [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
+            stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            endpoint = ""
+            for line in proc.stderr:
+                if "DevTools listening on" in line:
+                    endpoint = line.split("DevTools listening on", 1)[1].strip()
+                    break
+            assert endpoint, "Chromium did not open its DevTools endpoint"
+            async with connect(endpoint, max_size=None) as ws:
+                counter = 0
+
+                async def call(method: str, session: str | None = None, **params) -> dict:
+                    nonlocal counter
+                    counter += 1
+                    message = {"id": counter, "method": method, "params": params}
+                    if session:
+                        message["sessionId"] = session
+                    await ws.send(json.dumps(message))
+                    while True:
+                        reply = json.loads(await ws.recv())
+                        if reply.get("id") == counter:
+                            assert "error" not in reply, reply
+                            return reply["result"]
+
+                target = await call("Target.createTarget", url=page.as_uri())
+                session = (await call("Target.attachToTarget", targetId=target["targetId"],
+                                      flatten=True))["sessionId"]
+                script = ("location.href !== " + json.dumps(page.as_uri()) + " ? null : "
+                          "new Promise(r => { const done = () => r(JSON.stringify("
+                          "Array.from(document.images).map(i => ({src: i.getAttribute('src'),"
+                          " complete: i.complete, width: i.naturalWidth, height: "
+                          "i.naturalHeight})))); document.readyState === 'complete' ? "
+                          "done() : window.addEventListener('load', done); })")
+                for _ in range(50):
+                    result = await call("Runtime.evaluate", session, expression=script,
+                                        awaitPromise=True, returnByValue=True)
+                    if result["result"].get("value") is not None:
+                        return json.loads(result["result"]["value"])
+                    await asyncio.sleep(0.1)
+                raise AssertionError("the page never finished loading")
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_report_renders_in_chromium_with_every_plot(csv_report: Path) -> None:
+    images = asyncio.run(_images_in_chromium(csv_report / "index.html"))
+    assert sorted(i["src"] for i in images) == sorted(PLOTS)
+    for image in images:
+        assert image["complete"] and image["width"] > 300 and image["height"] > 150, image
