@@ -340,9 +340,9 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
               help="Rounds of each DP run (default: --rounds). Fewer rounds spend the same "
                    "epsilon with less noise per round.")
 @with_clean_errors
-def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Path | None, with_baselines: bool,
-          with_central: bool, data_spec: str, user_col: str | None, item_col: str | None,
-          time_col: str | None, basket_col: str | None, name_col: str | None,
+def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Path | None,
+          with_baselines: bool, with_central: bool, data_spec: str, user_col: str | None,
+          item_col: str | None, time_col: str | None, basket_col: str | None, name_col: str | None,
           **options: Any) -> None:
     """The privacy-utility table: one run without DP, then one per target epsilon, all
     with secure aggregation and the same settings; one combined report."""
