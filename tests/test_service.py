@@ -56,8 +56,12 @@ def cli(*args: str) -> str:
 
 @pytest.fixture
 def world(tmp_path: Path):
+    return make_world(tmp_path)
+
+
+def make_world(tmp_path: Path, n_users: int = 12) -> tuple:
     """An initialised aggregator and enrolled devices holding their users' baskets."""
-    data = synthetic_data(n_users=12, n_items=30, seed=4)
+    data = synthetic_data(n_users=n_users, n_items=30, seed=4)
     split = make_split(data)
     state = init_state(tmp_path / "agg", list(split.catalog),
                        [data.name_of(i) for i in split.catalog], dim=8, seed=0)

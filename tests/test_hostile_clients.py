@@ -1,0 +1,192 @@
+"""Hostile clients against a live aggregator on loopback: each is dropped (or never let in),
+the round completes for the honest devices, nothing from the attacker is persisted, and the
+service keeps answering its health check.
+
+Attackers that need a valid session (enrolled, checked in, in the round) are honest devices
+whose outgoing frames one rule rewrites: a message for another round, a message replayed
+in the wrong phase, a masked vector of the wrong length, a truncated message."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from aggregator.process import AggregatorProcess
+from aggregator.store import Store
+from edge_client import device as device_module
+from secagg import channel
+from secagg.channel import checkin_statement
+from secagg.crypto import IdentityKey
+from secagg.messages import _HEADER, MaskedInput, decode
+from tests.test_service import CONFIG, cli, make_world
+
+pytestmark = pytest.mark.reliability
+
+
+def rewrite_frames(monkeypatch, rules: dict[bytes, Callable[[bytes], list[bytes]]]) -> None:
+    """Route the secagg frames of the devices named (by public key) through a rule that
+    returns the frames to send instead."""
+    original = device_module._Session.send
+
+    async def send(self, frame: bytes) -> None:
+        rule = rules.get(self.device.identity.public)
+        if rule is None or frame[0] != channel.SECAGG:
+            await original(self, frame)
+            return
+        for out in rule(frame):
+            await original(self, out)
+
+    monkeypatch.setattr(device_module._Session, "send", send)
+
+
+def other_round(frame: bytes) -> list[bytes]:
+    magic, version, kind, flags, round_id, sender, length = _HEADER.unpack_from(frame, 1)
+    return [frame[:1] + _HEADER.pack(magic, version, kind, flags, round_id + 7, sender, length)
+            + frame[1 + _HEADER.size:]]
+
+
+def replayed(frame: bytes) -> list[bytes]:
+    return [frame, frame]  # the second copy arrives in the next phase
+
+
+def short_vector(frame: bytes) -> list[bytes]:
+    message = decode(frame[1:])
+    if isinstance(message, MaskedInput):
+        message = MaskedInput(message.round_id, message.sender, message.vector[:-1])
+    return [frame[:1] + message.encode()]
+
+
+def truncated(frame: bytes) -> list[bytes]:
+    return [frame[: len(frame) // 2]]
+
+
+@pytest.mark.parametrize("rule", [other_round, replayed, short_vector, truncated])
+def test_a_misbehaving_member_of_the_round_is_dropped_and_the_round_completes(
+        tmp_path: Path, monkeypatch, rule: Callable[[bytes], list[bytes]]) -> None:
+    state, devices = make_world(tmp_path, n_users=8)
+    state.config.write_text(CONFIG.format(timeout=10.0, rounds=1))
+    attacker = devices[0]
+    rewrite_frames(monkeypatch, {attacker.identity.public: rule})
+    server = AggregatorProcess(state.root)
+
+    async def everyone() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=1, timeout=60)
+                                      for d in devices), return_exceptions=True)
+
+    asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    (round_row,) = status["rounds"]
+    assert round_row["status"] == "completed", server.log()
+    assert round_row["survivors"] == len(devices) - 1
+    attacker_id = Store(state.database).client_of(attacker.identity.public)
+    assert str(attacker_id) in round_row["detail"]["dropped"]
+    assert "misbehaved and was disconnected" in server.log()
+    # nothing of the attacker's was kept: its input was never summed
+    assert round_row["detail"]["phase_seconds"]["ADVERTISE"] < 10  # not held to a deadline
+
+
+async def _checkin_frames(url: str, key: IdentityKey, server_key: bytes,
+                          tamper: Callable[[bytes], dict]) -> str:
+    async with connect(url) as ws:
+        _, challenge = channel.parse(await ws.recv())
+        hello = tamper(bytes.fromhex(challenge["nonce"]))
+        await ws.send(channel.control("hello", **hello))
+        _, reply = channel.parse(await ws.recv())
+        return reply.get("reason", reply["type"])
+
+
+def test_strangers_replays_floods_and_slow_clients_do_not_get_in_or_stop_rounds(
+        tmp_path: Path) -> None:
+    state, devices = make_world(tmp_path, n_users=6)
+    state.config.write_text(CONFIG.format(timeout=10.0, rounds=0))
+    server_key = bytes(state.signing_key().verify_key)
+    enrolled = devices[0].identity
+    stranger = IdentityKey.generate()
+    server = AggregatorProcess(state.root)
+    host, port = "127.0.0.1", server.port
+
+    def replay(nonce: bytes) -> dict:  # a signature captured for another nonce
+        old = bytes(32)
+        return {"public_key": enrolled.public.hex(), "model_version": -1,
+                "signature": enrolled.sign(checkin_statement(old, server_key)).hex()}
+
+    def unenrolled(nonce: bytes) -> dict:
+        return {"public_key": stranger.public.hex(), "model_version": -1,
+                "signature": stranger.sign(checkin_statement(nonce, server_key)).hex()}
+
+    def forged(nonce: bytes) -> dict:  # an enrolled key, signed by someone else
+        return {"public_key": enrolled.public.hex(), "model_version": -1,
+                "signature": stranger.sign(checkin_statement(nonce, server_key)).hex()}
+
+    async def oversize() -> str:
+        ws = await connect(server.url, max_size=None)
+        await ws.recv()
+        try:
+            await ws.send(b"\x00" * (64 << 20))  # far beyond the server's max_size
+            await asyncio.wait_for(ws.recv(), 10)
+        except Exception as exc:  # the server closing the connection is the point
+            return type(exc).__name__
+        finally:
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
+        return "still open"
+
+    def slowloris() -> float:
+        """A TCP client that sends its HTTP upgrade one byte a second; the time until the
+        server gives up on it."""
+        started = time.monotonic()
+        with socket.create_connection((host, port), timeout=30) as sock:
+            request = b"GET /ws HTTP/1.1\r\nHost: x\r\n"
+            try:
+                for byte in request:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(1.0)
+                    if time.monotonic() - started > 25:
+                        break
+                sock.settimeout(5)
+                sock.recv(1)
+            except OSError:
+                pass
+        return time.monotonic() - started
+
+    async def everything() -> tuple:
+        refusals = [await _checkin_frames(server.url, enrolled, server_key, t)
+                    for t in (replay, unenrolled, forged)]
+        big = await oversize()
+        idle = [await connect(server.url) for _ in range(300)]  # never check in
+        slow = asyncio.create_task(asyncio.to_thread(slowloris))
+        reports = await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=120)
+                                         for d in devices))
+        health = server.http("/healthz")
+        slow_seconds = await slow
+        await asyncio.sleep(1.0)
+        lingering = sum(1 for c in idle if c.state.name == "OPEN")
+        for c in idle:
+            with contextlib.suppress(Exception):
+                await c.close()
+        return refusals, big, lingering, slow_seconds, reports, health
+
+    refusals, big, lingering, slow_seconds, reports, health = asyncio.run(everything())
+    assert server.terminate() == 0, server.log()
+    assert "check-in" in refusals[0] and "signature" in refusals[0]
+    assert "not enrolled" in refusals[1]
+    assert "signature" in refusals[2]
+    assert big != "still open"  # the oversize frame closed that connection
+    assert slow_seconds < 25  # the slow client was cut off by the handshake timeout
+    assert lingering == 0  # connections that never checked in were closed by its timeout
+    assert health.startswith("ok")
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    first_two = status["rounds"][:2]
+    assert [r["status"] for r in first_two] == ["completed", "completed"]
+    assert all(r["survivors"] == len(devices) for r in first_two)
+    assert status["enrolled"] == len(devices)  # no stranger was enrolled
+    assert all(len(r) == 2 for r in reports)
