@@ -26,6 +26,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -174,9 +175,13 @@ def _read_zip(source: Path | io.BytesIO, origin: str) -> dict[str, bytes]:
                     if info.file_size > _LIMITS.get(info.filename, MAX_FILE_BYTES):
                         raise BundleError(f"{origin}: {info.filename} is larger than a "
                                           "bundle file may be")
+                    if info.compress_type != zipfile.ZIP_STORED:  # nothing to inflate
+                        raise BundleError(f"{origin}: {info.filename} is compressed; "
+                                          "bundles are stored")
                     out[info.filename] = zf.read(info)
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
-            NotImplementedError) as exc:
+            NotImplementedError, RuntimeError, struct.error) as exc:
+        # RuntimeError: zipfile's "encrypted, password required" (found by fuzzing)
         raise BundleError(f"{origin}: cannot read the bundle ({exc})") from exc
     return out
 

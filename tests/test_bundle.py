@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import nacl.signing
@@ -170,3 +172,24 @@ def test_any_flipped_byte_is_refused(original: Path, tmp_path_factory, data) -> 
     (target / name).write_bytes(bytes(raw))
     with pytest.raises(BundleError):
         read_bundle(target, PUBLIC)
+
+
+@pytest.mark.parametrize("encrypted, compression", [(True, zipfile.ZIP_STORED),
+                                                    (False, zipfile.ZIP_DEFLATED)])
+def test_encrypted_or_compressed_members_are_refused(original: Path, encrypted: bool,
+                                                     compression: int) -> None:
+    """An 'encrypted' member made zipfile raise RuntimeError (found by the atheris harness);
+    a compressed one would need inflating: both are refused as BundleError."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
+        for name, data in read_bundle(original, PUBLIC).members().items():
+            zf.writestr(name, data)
+    raw = bytearray(buffer.getvalue())
+    if encrypted:  # set bit 0 of the flags in every local and central header
+        for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = raw.find(signature)
+            while at >= 0:
+                raw[at + offset] |= 0x1
+                at = raw.find(signature, at + 4)
+    with pytest.raises(BundleError, match=r"cannot read|compressed"):
+        unpack_members(bytes(raw))
