@@ -28,7 +28,7 @@ tls_key = ""
 [round]
 sampling_rate = 0.5     # q: each connected, enrolled device joins a round with probability q
 min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
-min_connected = 0       # no round starts until this many devices are checked in
+min_connected = 0       # a round waits (up to phase_timeout) for this many checked-in devices
 secagg_degree = 20      # k: SecAgg+ neighbours per device (k >= cohort-1: classic SecAgg)
 phase_timeout = 30.0    # seconds a protocol phase waits before going on without stragglers
 round_interval = 0.0    # seconds between rounds

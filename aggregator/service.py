@@ -127,6 +127,7 @@ class Aggregator:
         self.metrics = _Metrics()
         self.stopping = asyncio.Event()
         self._bundle_sends = asyncio.Semaphore(BUNDLE_SENDS)
+        self._waiting_since: float | None = None
         self.rounds_done = 0
         self.noise_multiplier = config.noise_multiplier
         if config.target_epsilon > 0 and config.mechanism == "gaussian":
@@ -339,7 +340,15 @@ class Aggregator:
     async def _run_round(self) -> str:
         cfg = self.config
         if len(self.connections) < cfg.min_connected:
-            return "skipped"
+            # wait for the population to check in, but at most one phase timeout: a device
+            # that stays away must not stop the service (it is then simply not sampled)
+            now = time.monotonic()
+            self._waiting_since = self._waiting_since or now
+            if now - self._waiting_since < cfg.phase_timeout:
+                return "skipped"
+            log.warning("%d of %d devices checked in after %.0f s: the round goes ahead",
+                        len(self.connections), cfg.min_connected, cfg.phase_timeout)
+        self._waiting_since = None
         cohort = self._sample()
         if len(cohort) < cfg.min_clients:
             return "skipped"

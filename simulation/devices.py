@@ -35,6 +35,7 @@ __all__ = ["PROTOCOL_MESSAGES", "Shard", "worker_main"]
 # unmask answers): a device that drops out leaves after 0 to 4 of them.
 PROTOCOL_MESSAGES = 5
 RECONNECT_DELAY = 0.1
+MAX_TURNED_AWAY = 20  # sessions in a row without a round before a device gives up
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,17 @@ def _make_devices(shard: Shard) -> list[Device]:
 
 async def _live(device: Device, url: str, rng: random.Random, dropout: float,
                 pipe: Connection) -> None:
-    """Keep the device checked in until the server goes away; reconnect after it dropped
-    out of a round (a phone coming back online)."""
+    """Keep the device checked in until the server goes away: it reconnects whenever its
+    connection ends (it dropped out of a round, as a phone going offline does, or a busy
+    server timed its check-in out), and stops when the server no longer accepts
+    connections or keeps turning it away."""
 
     def leave(round_id: int) -> int | None:
         del round_id
         return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
 
-    while True:
+    turned_away = 0
+    while turned_away < MAX_TURNED_AWAY:
         try:
             reports = await device.participate(url, rounds=None, timeout=None,
                                                follow_model=False, leave=leave)
@@ -86,8 +90,7 @@ async def _live(device: Device, url: str, rng: random.Random, dropout: float,
             return  # the server has stopped listening: the run is over
         for r in reports:
             pipe.send(("report", (r.round_id, r.status, r.bytes_up, r.bytes_down)))
-        if not any(r.status == "left" for r in reports):
-            return  # the server closed the connection itself: the run is over
+        turned_away = 0 if reports else turned_away + 1
         await asyncio.sleep(RECONNECT_DELAY)
 
 

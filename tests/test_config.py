@@ -41,5 +41,5 @@ def test_rendered_config_reads_back_equal(tmp_path_factory, config: AggregatorCo
 
 def test_rendering_keeps_the_comments() -> None:
     text = render_config(AggregatorConfig(min_connected=4335))
-    assert "min_connected = 4335       # no round starts until" in text
+    assert "min_connected = 4335       # a round waits (up to phase_timeout)" in text
     assert "# q: each connected, enrolled device joins a round" in text
