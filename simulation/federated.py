@@ -258,9 +258,9 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
     status(f"creating {len(users):,} devices in {settings.workers} worker processes")
     workers = _Workers(_shards(workdir, server_key, settings, users))
     server: AggregatorProcess | None = None
+    store = Store(state.database)
     try:
         keys = workers.keys(timeout=600)
-        store = Store(state.database)
         store.enroll_many(keys)
         status("starting the aggregator")
         server = AggregatorProcess(state.root, log_file=workdir / "aggregator.log")
@@ -269,8 +269,6 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
         status(f"devices checking in to {server.url}")
         _follow(store, state.root, server_key, split, settings, result, workers, server,
                 on_round, stop)
-        ledger = store.ledger()
-        result.noise_multiplier = ledger[-1].noise_multiplier if ledger else None
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
@@ -283,8 +281,11 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
             workers.send("stop", None)
         workers.finish(timeout=120)
     _add_bytes(result, workers.reports)
+    ledger = store.ledger()
+    result.noise_multiplier = ledger[-1].noise_multiplier if ledger else None
+    latest = store.latest_model()
+    store.close()
     if keep_model is not None:
-        latest = Store(state.database).latest_model()
         assert latest is not None
         keep_model.mkdir(parents=True, exist_ok=True)
         shutil.copytree(state.root / latest.bundle_dir, keep_model / "bundle",
