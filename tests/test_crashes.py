@@ -76,14 +76,14 @@ def test_thirty_random_sigkills_lose_nothing_and_never_undercount(tmp_path: Path
     state, server_key, devices = _world(tmp_path)
     rng = random.Random(1234)
     for _ in range(KILLS):
-        server = AggregatorProcess(state.root, start_timeout=60)
+        server = AggregatorProcess(state.root)
         asyncio.run(_serve_then_kill(server.url, devices, server.proc.pid,
                                      rng.uniform(0.05, 1.5)))
         server.proc.wait(30)
         # every restart must find a consistent store
         assert Store(state.database).integrity_ok()
     # a final clean stretch: the service resumes and completes rounds again
-    server = AggregatorProcess(state.root, "--max-rounds", "2", start_timeout=60)
+    server = AggregatorProcess(state.root, "--max-rounds", "2")
 
     async def resume() -> None:
         await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=120)
