@@ -108,9 +108,9 @@ def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | N
     state = _state(state_dir)
     try:
         config = load_config(state.config)
-        overrides = {k: v for k, v in {"host": host, "port": port, "tls_cert": tls_cert,
-                                       "tls_key": tls_key, "max_rounds": max_rounds}.items()
-                     if v is not None}
+        given = {"host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key,
+                 "max_rounds": max_rounds}
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         config = dataclasses.replace(config, **overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc

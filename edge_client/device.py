@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import websockets
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from edge_client.recommender import OfflineRecommender, Recommendation
 from edge_client.store import DeviceStore
@@ -219,7 +219,7 @@ class Device:
 class _Session:
     """One connection's state: check-in, then rounds."""
 
-    def __init__(self, device: Device, ws: websockets.asyncio.client.ClientConnection,
+    def __init__(self, device: Device, ws: ClientConnection,
                  rounds: int | None, reports: list[RoundReport], follow_model: bool,
                  leave: Callable[[int], int | None] | None) -> None:
         self.device, self.ws, self.rounds_wanted, self.reports = device, ws, rounds, reports

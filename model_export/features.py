@@ -43,7 +43,7 @@ def _sparse_top(counts: np.ndarray, max_items: int) -> tuple[np.ndarray, np.ndar
 def pad_rows(rows: Sequence[np.ndarray], dtype: type, fill: float | int) -> np.ndarray:
     """Stack ragged rows into [len(rows), max(1, longest)] padded with ``fill``."""
     width = max(1, max((len(r) for r in rows), default=0))
-    out = np.full((len(rows), width), fill, dtype=dtype)
+    out: np.ndarray = np.full((len(rows), width), fill, dtype=dtype)
     for i, row in enumerate(rows):
         out[i, :len(row)] = row
     return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 __all__ = [
     "PAD",
@@ -92,12 +93,12 @@ def init_weights(n_items: int, dim: int, rng: np.random.Generator, scale: float 
 
 
 def history_features(hist_ids: np.ndarray, hist_w: np.ndarray, n_items: int,
-                     dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+                     dtype: DTypeLike = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Dense per-item features (log(1 + h), [in history]), [B, V], of padded history ids
     (distinct within a row) and weights."""
     valid = hist_ids >= 0
     rows = np.nonzero(valid)[0]
-    f_log = np.zeros((hist_ids.shape[0], n_items), dtype=dtype)
+    f_log: np.ndarray = np.zeros((hist_ids.shape[0], n_items), dtype=dtype)
     f_any = np.zeros_like(f_log)
     f_log[rows, hist_ids[valid]] = np.log1p(hist_w[valid].astype(dtype))
     f_any[rows, hist_ids[valid]] = 1.0

@@ -60,7 +60,7 @@ class Recommender:
         self.weights = {n: np.ascontiguousarray(t, np.float32)
                         for n, t in weights.tensors().items()}
 
-    def top_k(self, carts: Sequence[Sequence[int]], k: int,
+    def top_k(self, carts: Sequence[Sequence[int] | np.ndarray], k: int,
               histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
               ) -> tuple[np.ndarray, np.ndarray]:
         """(ids [B, k'], scores [B, k']) with k' = min(k, V); cart items come last with
@@ -93,7 +93,7 @@ class Recommender:
         ids.flags.writeable = weights.flags.writeable = False
         return ids, weights
 
-    def all_scores(self, carts: Sequence[Sequence[int]],
+    def all_scores(self, carts: Sequence[Sequence[int] | np.ndarray],
                    histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
                    ) -> np.ndarray:
         """Every item's score [B, V] (cart items -inf), read back from a full top-V."""
