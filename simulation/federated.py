@@ -40,7 +40,8 @@ POLL_SECONDS = 0.2
 
 @dataclass(frozen=True)
 class FederatedSettings:
-    """What ``fedcart-sim run`` sets; the defaults are the demo's (UCI, about 2 minutes)."""
+    """What ``fedcart-sim run`` sets; the defaults are the demo's no-DP run (UCI, about 5
+    minutes on 2 cores). They mirror AggregatorConfig where they feed it (aggregator_config)."""
 
     rounds: int = 40
     clients_per_round: float | None = 200.0  # expected cohort M; q = M / N
