@@ -8,8 +8,9 @@ score -inf, so they are never recommended ahead of any other item.
 
 ``train_step.onnx``: weights as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``, ``targets``
 int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after one SGD step. The
-backward pass is closed-form (see model.py): ``e_in`` is updated with a ScatterND-add over the
-context rows only, ``e_out`` with one Gemm.
+backward pass is closed-form (see model.py) and never forms the dense one-hot: ``e_in`` is
+updated with a ScatterND-add over the context rows only, ``e_out`` with one Gemm plus a
+ScatterND-add on the target rows.
 
 Both graphs share :func:`_scores`, so the score the device ranks by is the score it trains.
 Neither graph holds weights: they depend only on (V, d), so a new model version is one
@@ -147,43 +148,46 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
     g = _Graph()
     _common_consts(g)
     g.const("axis0", np.array([0], np.int64))
-    g.const("onehot_values", np.array([0.0, 1.0], np.float32))
-    g.const("depth", np.array(n_items, np.int64))
+    g.const("tiny", np.array(np.finfo(np.float32).tiny, np.float32))
     s = _scores(g, "e_in", "e_out", "bias", "blend", "ctx", "hist_ids", "hist_w")
     logits = s["logits"]
 
-    top = g.op("ReduceMax", logits, "axis1", keepdims=1)
-    shifted = g.op("Sub", logits, top)
-    lse = g.op("Add", top, g.op("Log", g.op("ReduceSum", g.op("Exp", shifted), "axis1",
-                                             keepdims=1)))
+    # d loss / d logits = (softmax - onehot) / B. The one-hot half touches only the B target
+    # columns, so it is applied as scatters and gathers on those rows, never as a dense
+    # [B, V] tensor: the graph makes two passes over [B, V] (Softmax, then the two products
+    # that read it) instead of one per elementwise op. Each group's step is scaled by its
+    # learning rate (lr = [e_in, e_out, bias, blend]) on the small [B, ...] side.
+    probs = g.op("Softmax", logits, axis=1)
     target_col = g.op("Unsqueeze", "targets", "axis_last")
-    target_logit = g.op("GatherElements", logits, target_col, axis=1)
-    g.op("ReduceMean", g.op("Sub", lse, target_logit), keepdims=0, out="loss")
+    target_p = g.op("Max", g.op("GatherElements", probs, target_col, axis=1), "tiny")
+    g.op("Neg", g.op("ReduceMean", g.op("Log", target_p), keepdims=0), out="loss")
 
-    # d loss / d logits = (softmax - onehot) / B, scaled by -1/B here and by each group's
-    # learning rate below (lr = [e_in, e_out, bias, blend]).
     batch = g.op("Cast", g.op("Gather", g.op("Shape", "targets"), "zero_i", axis=0), to=FLOAT)
-    probs = g.op("Exp", g.op("Sub", logits, lse))
-    onehot = g.op("OneHot", "targets", "depth", "onehot_values", axis=-1)
-    g_logits = g.op("Div", g.op("Sub", onehot, probs), batch)
-    lr = {name: g.op("Gather", "lr", g.const(f"lr_idx_{name}", np.array(i, np.int64)), axis=0)
-          for i, name in enumerate(TENSOR_NAMES)}
+    step = {name: g.op("Div", g.op("Gather", "lr", g.const(f"lr_idx_{name}",
+                                                           np.array(i, np.int64)), axis=0),
+                       batch)
+            for i, name in enumerate(TENSOR_NAMES)}
 
-    g.op("Add", "bias", g.op("Mul", g.op("ReduceSum", g_logits, "axis0", keepdims=0),
-                             lr["bias"]), out="bias_out")
-    g.op("Gemm", g.op("Mul", g_logits, lr["e_out"]), s["u"], "e_out", transA=1,
-         out="e_out_out")
-    g_u = g.op("Div", g.op("MatMul", g_logits, "e_out"), s["count"])
-    per_row = g.op("Mul", g.op("Unsqueeze", g.op("Mul", g_u, lr["e_in"]), "axis1"),
+    bias_step = g.op("Expand", step["bias"], g.op("Shape", "targets"))
+    bias_down = g.op("Sub", "bias", g.op("Mul", g.op("ReduceSum", probs, "axis0",
+                                                     keepdims=0), step["bias"]))
+    g.op("ScatterND", bias_down, target_col, bias_step, reduction="add", out="bias_out")
+    u_step = g.op("Mul", s["u"], step["e_out"])
+    e_out_down = g.op("Gemm", probs, u_step, "e_out", transA=1, alpha=-1.0, beta=1.0)
+    g.op("ScatterND", e_out_down, target_col, u_step, reduction="add", out="e_out_out")
+    g_u = g.op("Div", g.op("Sub", g.op("Gather", "e_out", "targets", axis=0),
+                           g.op("MatMul", probs, "e_out")), s["count"])
+    per_row = g.op("Mul", g.op("Unsqueeze", g.op("Mul", g_u, step["e_in"]), "axis1"),
                    g.op("Unsqueeze", s["mask"], "axis_last"))
     g.op("ScatterND", "e_in", g.op("Unsqueeze", s["safe_ctx"], "axis_last"), per_row,
          reduction="add", out="e_in_out")
-    g_hist = g.op("GatherElements", g_logits, s["safe_hist"], axis=1)
+    is_target = g.op("Cast", g.op("Equal", s["safe_hist"], target_col), to=FLOAT)
+    g_hist = g.op("Sub", is_target, g.op("GatherElements", probs, s["safe_hist"], axis=1))
     d_log = g.op("ReduceSum", g.op("Mul", g_hist, s["f_log"]), keepdims=0)
     d_any = g.op("ReduceSum", g.op("Mul", g_hist, s["f_any"]), keepdims=0)
     d_blend = g.op("Concat", g.op("Unsqueeze", d_log, "axis0"),
                    g.op("Unsqueeze", d_any, "axis0"), axis=0)
-    g.op("Add", "blend", g.op("Mul", d_blend, lr["blend"]), out="blend_out")
+    g.op("Add", "blend", g.op("Mul", d_blend, step["blend"]), out="blend_out")
 
     inputs = [*_weight_inputs(n_items, dim), _io("ctx", INT64, ["B", "L"]),
               *_history_inputs(), _io("targets", INT64, ["B"]), _io("lr", FLOAT, [4])]
