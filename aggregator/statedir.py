@@ -22,7 +22,7 @@ from model_export.model import init_weights
 __all__ = ["StateDir", "init_state"]
 
 HISTORY_DECAY = 0.9
-INITIAL_BLEND = (1.0, 1.0)  # weights of log(1 + h) and of "in history", see init_state
+INITIAL_BLEND = (1.0, 1.0, 1.0)  # weights of log(1 + h), "in history", log(1 + co): init_state
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def bench_train(quick: bool) -> list[Row]:
         onnx_s = seconds_per_call(
             lambda w=w, step=step, b=batch: step(w, b, LEARNING_RATES))
         numpy_s = seconds_per_call(lambda w=w, b=batch: sgd_step(
-            w, b.ctx, b.hist_ids, b.hist_w, b.targets, LEARNING_RATES), repeats=3)
+            w, b.ctx, b.hist_ids, b.hist_w, b.hist_co, b.targets, LEARNING_RATES), repeats=3)
         size = len(batch.targets)
         params = {"V": n_items, "d": dim, "batch": size}
         rows.append(Row("train", params, "examples/s", size / onnx_s, "ex/s", "numpy",

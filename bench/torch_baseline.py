@@ -28,14 +28,15 @@ class TorchModel(nn.Module):
             self.out.bias.copy_(torch.from_numpy(w.bias))
 
     def forward(self, ctx: torch.Tensor, hist_ids: torch.Tensor,
-                hist_w: torch.Tensor) -> torch.Tensor:
+                hist_w: torch.Tensor, hist_co: torch.Tensor) -> torch.Tensor:
         valid = ctx >= 0
         counts = valid.sum(dim=1).clamp(min=1).to(torch.float32)
         weights = valid.to(torch.float32) / counts.sqrt().unsqueeze(1)
         u = self.e_in(ctx.clamp(min=0), per_sample_weights=weights)
         logits = self.out(u)
         h_valid = hist_ids >= 0
-        bonus = (self.blend[0] * torch.log1p(hist_w) + self.blend[1]) * h_valid
+        bonus = (self.blend[0] * torch.log1p(hist_w) + self.blend[1]
+                 + self.blend[2] * torch.log1p(hist_co)) * h_valid
         return logits.scatter_add(1, hist_ids.clamp(min=0), bonus)
 
 
@@ -46,7 +47,7 @@ def recommender(w: Weights):  # type: ignore[no-untyped-def]
         with torch.inference_mode():
             ctx = torch.from_numpy(cart).unsqueeze(0)
             empty = torch.full((1, 1), -1, dtype=torch.int64)
-            scores = model(ctx, empty, torch.zeros(1, 1))
+            scores = model(ctx, empty, torch.zeros(1, 1), torch.zeros(1, 1))
             scores[0, ctx[0]] = -torch.inf
             return torch.topk(scores, 10, dim=1).indices[0].numpy()
 
@@ -65,7 +66,7 @@ def trainer(w: Weights, learning_rates: np.ndarray):  # type: ignore[no-untyped-
     def step(batch: Batch) -> float:
         optim.zero_grad()
         logits = model(torch.from_numpy(batch.ctx), torch.from_numpy(batch.hist_ids),
-                       torch.from_numpy(batch.hist_w))
+                       torch.from_numpy(batch.hist_w), torch.from_numpy(batch.hist_co))
         loss = nn.functional.cross_entropy(logits, torch.from_numpy(batch.targets))
         loss.backward()
         optim.step()

@@ -54,7 +54,7 @@ class OfflineRecommender:
         """Top-k items for ``cart``; ``history`` is the user's past baskets, oldest first."""
         ids = self.indices(cart)
         past = [self.indices(b) for b in history]
-        features = history_of(past, self.manifest.n_items, self.manifest.history_decay)
+        features = history_of(past, self.manifest.history_decay, ids)
         top_ids, scores = self._recommender.top_k([ids], k, [features])
         return [Recommendation(self.items[i], self.names[i], float(s))
                 for i, s in zip(top_ids[0], scores[0], strict=True) if np.isfinite(s)]

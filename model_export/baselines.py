@@ -91,9 +91,9 @@ def own_history(split: Split) -> Scorer:
     def score(queries: list[Query]) -> np.ndarray:
         rows = np.zeros((len(queries), split.n_items))
         for row, q in zip(rows, queries, strict=True):
-            ids, counts = history_of(split.train[q.user], split.n_items, decay=1.0,
-                                     max_items=split.n_items)
-            row[ids] = counts
+            history = history_of(split.train[q.user], decay=1.0, cart=q.cart,
+                                 max_items=split.n_items)
+            row[history.ids] = history.counts
         return rows * lead + pop
 
     return score

@@ -37,7 +37,7 @@ import nacl.exceptions
 import nacl.signing
 import numpy as np
 
-from model_export.model import Weights
+from model_export.model import Weights, n_parameters
 
 __all__ = [
     "FORMAT_VERSION",
@@ -52,7 +52,7 @@ __all__ = [
     "write_bundle",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: a third history feature (personal co-occurrence, input hist_co)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 VOCABULARY_FILE = "vocabulary.json"
@@ -266,7 +266,7 @@ def verify_members(members: Mapping[str, bytes], verify_key: bytes, *, origin: s
         if actual != expected:
             raise BundleError(f"{origin}: {name} is tampered or truncated (sha256 "
                               f"{actual[:16]}…, manifest says {expected[:16]}…)")
-    n_params = 2 * manifest.n_items * manifest.dim + manifest.n_items + 2
+    n_params = n_parameters(manifest.n_items, manifest.dim)
     if len(files[WEIGHTS_FILE]) != 4 * n_params:
         raise BundleError(f"{origin}: weights.bin holds {len(files[WEIGHTS_FILE])} bytes, "
                           f"V = {manifest.n_items}, d = {manifest.dim} needs {4 * n_params}")

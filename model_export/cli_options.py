@@ -10,9 +10,9 @@ import click
 from rich.console import Console
 
 from model_export.datasets import CsvColumns, DataError, load
-from model_export.evaluation import Split, make_split
+from model_export.evaluation import Split, make_split, validation_data
 
-__all__ = ["data_options", "load_split"]
+__all__ = ["data_options", "load_split", "validation_option"]
 
 console = Console(stderr=True)
 
@@ -35,9 +35,15 @@ def data_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+validation_option = click.option(
+    "--validation", is_flag=True,
+    help="Hold out each user's second-to-last basket instead of the last, and drop the "
+         "last: the split for choosing settings without touching the test baskets.")
+
+
 def load_split(data_spec: str, user_col: str | None, item_col: str | None,
                time_col: str | None, basket_col: str | None, name_col: str | None,
-               ) -> tuple[Split, dict[str, str], str]:
+               validation: bool = False) -> tuple[Split, dict[str, str], str]:
     columns = None
     if data_spec not in ("uci", "instacart"):
         missing = [flag for flag, value in (("--user-col", user_col), ("--item-col", item_col),
@@ -52,12 +58,13 @@ def load_split(data_spec: str, user_col: str | None, item_col: str | None,
             data = load(data_spec, columns)
         except DataError as exc:
             raise click.ClickException(str(exc)) from exc
-        split = make_split(data)
+        split = make_split(validation_data(data) if validation else data)
     if not split.queries:
         raise click.ClickException(f"{data_spec}: no user has a test basket with 2 or more "
                                    "catalog items; nothing to evaluate")
     console.print(f"[bold]{data.name}[/]: {len(data.users):,} users, {data.n_baskets:,} "
-                  f"baskets, catalog {split.n_items:,} items, {len(split.queries):,} test "
-                  f"queries (sha256 {data.sha256[:12]})")
+                  f"baskets, catalog {split.n_items:,} items, {len(split.queries):,} "
+                  f"{'validation' if validation else 'test'} queries "
+                  f"(sha256 {data.sha256[:12]})")
     names = {item: data.name_of(item) for item in split.catalog}
     return split, names, data.sha256

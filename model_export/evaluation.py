@@ -16,6 +16,7 @@ items. (Both rules reproduce the reference figures of DESIGN.md section 6 exactl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -68,6 +69,15 @@ class Split:
         indices = (np.concatenate(list(self.training_baskets())) if lengths
                    else np.zeros(0, np.int64))
         return indptr, indices
+
+
+def validation_data(data: BasketData) -> BasketData:
+    """``data`` without each user's last basket, so that :func:`make_split` holds out the
+    second-to-last: settings tuned on it never see a test basket. Users with one basket
+    keep it (they have no query either way)."""
+    return dataclasses.replace(data, name=f"{data.name} (validation)", users={
+        user: baskets[:-1] if len(baskets) >= 2 else baskets
+        for user, baskets in data.users.items()})
 
 
 def make_split(data: BasketData) -> Split:

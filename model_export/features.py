@@ -1,9 +1,17 @@
 """On-device features and training examples, shared by the device and central training.
 
-History: the user's own earlier baskets as item ids with recency-weighted counts (a basket
-``a`` baskets older than the newest weighs ``decay**a``), capped at the ``max_items``
-heaviest items. Examples: leave-one-out inside each basket (target t, context = basket
-minus t), each with the history of the baskets before it. Only numpy: a device imports it.
+History features, for each item the user bought in earlier baskets (a basket ``a`` baskets
+older than the newest weighs ``decay**a``), capped at the ``max_items`` heaviest items:
+
+- ``h``: the item's recency-weighted count of baskets;
+- ``co``: its personal co-occurrence with the current cart, the recency-weighted sum over
+  the user's earlier baskets holding it of the fraction of that basket the cart shares.
+  A user who bought the cart's items together with ``j`` before is likely to want ``j``
+  again: on UCI this feature alone lifts EASE from 0.341 to 0.38 HitRate@10 on the
+  validation protocol, and it needs nothing but the device's own baskets.
+
+Examples: leave-one-out inside each basket (target t, context = basket minus t), each with
+the features of the baskets before it. Only numpy: a device imports it.
 """
 
 from __future__ import annotations
@@ -15,29 +23,67 @@ import numpy as np
 
 from model_export.model import PAD
 
-__all__ = ["Batch", "ExampleSet", "history_of", "pad_rows"]
+__all__ = ["Batch", "ExampleSet", "History", "UserHistory", "history_feeds", "history_of",
+           "pad_histories", "pad_rows"]
 
 MAX_HISTORY = 512
 MAX_CONTEXT = 64
 
 
-def history_of(baskets: Sequence[np.ndarray], n_items: int, decay: float,
-               max_items: int = MAX_HISTORY) -> tuple[np.ndarray, np.ndarray]:
-    """Recency-weighted counts of the items in ``baskets`` (oldest first): (ids, weights),
-    ids ascending among the ``max_items`` heaviest."""
-    counts = np.zeros(n_items, dtype=np.float64)
-    for basket in baskets:
-        counts *= decay
-        counts[basket] += 1.0
-    return _sparse_top(counts, max_items)
+@dataclass(frozen=True)
+class History:
+    """One user's history features: distinct item ids (ascending) with ``h`` and ``co``."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+    co: np.ndarray
+
+    @classmethod
+    def empty(cls) -> History:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
 
 
-def _sparse_top(counts: np.ndarray, max_items: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.flatnonzero(counts)
-    if len(ids) > max_items:
-        keep = np.argsort(-counts[ids], kind="stable")[:max_items]
-        ids = np.sort(ids[keep])
-    return ids.astype(np.int64), counts[ids].astype(np.float32)
+class UserHistory:
+    """A user's baskets (catalog ids, oldest first) as a basket x item indicator over the
+    items they ever bought, so the features of any prefix and any cart are two small
+    products."""
+
+    def __init__(self, baskets: Sequence[np.ndarray], decay: float,
+                 max_items: int = MAX_HISTORY) -> None:
+        self.items = (np.unique(np.concatenate(baskets)).astype(np.int64) if len(baskets)
+                      else np.zeros(0, np.int64))
+        self.max_items = max_items
+        self.has = np.zeros((len(baskets), len(self.items)), dtype=np.float64)
+        for row, basket in zip(self.has, baskets, strict=True):
+            row[np.searchsorted(self.items, basket)] = 1.0
+        self.sizes = np.maximum(self.has.sum(axis=1), 1.0)
+        self.powers = decay ** np.arange(len(baskets), dtype=np.float64)
+        self.counts = np.zeros((len(baskets) + 1, len(self.items)))
+        for t in range(len(baskets)):
+            self.counts[t + 1] = self.counts[t] * decay + self.has[t]
+
+    def __len__(self) -> int:
+        return len(self.has)
+
+    def before(self, t: int, cart: np.ndarray) -> History:
+        """Features of baskets 0..t-1 for ``cart`` (catalog ids; items the user never
+        bought share no basket and count for nothing)."""
+        counts = self.counts[t]
+        keep = np.flatnonzero(counts)
+        if len(keep) > self.max_items:
+            keep = np.sort(keep[np.argsort(-counts[keep], kind="stable")[:self.max_items]])
+        where = np.searchsorted(self.items, cart[np.isin(cart, self.items)])
+        shared = self.has[:t, where].sum(axis=1)
+        basket_weights = self.powers[:t][::-1] * shared / self.sizes[:t]
+        co = basket_weights @ self.has[:t, keep]
+        return History(self.items[keep], counts[keep].astype(np.float32),
+                       co.astype(np.float32))
+
+
+def history_of(baskets: Sequence[np.ndarray], decay: float, cart: np.ndarray,
+               max_items: int = MAX_HISTORY) -> History:
+    """History features of all of ``baskets`` (oldest first) for ``cart``."""
+    return UserHistory(baskets, decay, max_items).before(len(baskets), cart)
 
 
 def pad_rows(rows: Sequence[np.ndarray], dtype: type, fill: float | int) -> np.ndarray:
@@ -54,11 +100,23 @@ class Batch:
     ctx: np.ndarray
     hist_ids: np.ndarray
     hist_w: np.ndarray
+    hist_co: np.ndarray
     targets: np.ndarray
 
     def feeds(self) -> dict[str, np.ndarray]:
-        return {"ctx": self.ctx, "hist_ids": self.hist_ids, "hist_w": self.hist_w,
-                "targets": self.targets}
+        return {"ctx": self.ctx, "targets": self.targets,
+                **history_feeds(self.hist_ids, self.hist_w, self.hist_co)}
+
+
+def history_feeds(ids: np.ndarray, counts: np.ndarray, co: np.ndarray) -> dict[str, np.ndarray]:
+    return {"hist_ids": ids, "hist_w": counts, "hist_co": co}
+
+
+def pad_histories(histories: Sequence[History]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, counts, co) padded to [B, H] with -1 / 0."""
+    return (pad_rows([h.ids for h in histories], np.int64, PAD),
+            pad_rows([h.counts for h in histories], np.float32, 0.0),
+            pad_rows([h.co for h in histories], np.float32, 0.0))
 
 
 class ExampleSet:
@@ -66,17 +124,15 @@ class ExampleSet:
 
     def __init__(self, users_baskets: Sequence[Sequence[np.ndarray]], n_items: int,
                  decay: float, use_history: bool = True) -> None:
+        self.n_items = n_items
+        self.use_history = use_history
         self.baskets: list[np.ndarray] = []
-        self.histories: list[tuple[np.ndarray, np.ndarray]] = []
-        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        self.owners: list[tuple[UserHistory, int]] = []
         for baskets in users_baskets:
-            counts = np.zeros(n_items, dtype=np.float64)
-            for basket in baskets:
-                self.histories.append(_sparse_top(counts, MAX_HISTORY) if use_history
-                                      else empty)
+            user = UserHistory([np.asarray(b, np.int64) for b in baskets], decay)
+            for t, basket in enumerate(baskets):
                 self.baskets.append(np.asarray(basket, dtype=np.int64))
-                counts *= decay
-                counts[basket] += 1.0
+                self.owners.append((user, t))
         sizes = np.array([len(b) for b in self.baskets], dtype=np.int64)
         usable = sizes >= 2
         self.example_basket = np.repeat(np.flatnonzero(usable), sizes[usable])
@@ -94,7 +150,7 @@ class ExampleSet:
             yield self.batch(order[start:start + batch_size], rng)
 
     def batch(self, examples: np.ndarray, rng: np.random.Generator) -> Batch:
-        ctx, hist_ids, hist_w, targets = [], [], [], []
+        ctx, histories, targets = [], [], []
         for e in examples:
             basket = self.baskets[self.example_basket[e]]
             pos = self.example_pos[e]
@@ -102,10 +158,9 @@ class ExampleSet:
             if len(rest) > MAX_CONTEXT:
                 rest = rng.choice(rest, MAX_CONTEXT, replace=False)
             ctx.append(rest)
-            ids, weights = self.histories[self.example_basket[e]]
-            hist_ids.append(ids)
-            hist_w.append(weights)
+            user, t = self.owners[self.example_basket[e]]
+            histories.append(user.before(t, rest) if self.use_history else History.empty())
             targets.append(basket[pos])
-        return Batch(ctx=pad_rows(ctx, np.int64, PAD), hist_ids=pad_rows(hist_ids, np.int64, PAD),
-                     hist_w=pad_rows(hist_w, np.float32, 0.0),
-                     targets=np.array(targets, dtype=np.int64))
+        ids, counts, co = pad_histories(histories)
+        return Batch(ctx=pad_rows(ctx, np.int64, PAD), hist_ids=ids, hist_w=counts,
+                     hist_co=co, targets=np.array(targets, dtype=np.int64))

@@ -2,12 +2,12 @@
 
 ``recommend.onnx``: inputs the weights ``e_in``, ``e_out``, ``bias``, ``blend``, then
 ``cart`` int64[B, L] and ``hist_ids`` int64[B, H] (both padded with -1; history ids distinct
-within a row), ``hist_w`` float32[B, H], ``k`` int64[1]; outputs
+within a row), ``hist_w`` and ``hist_co`` float32[B, H], ``k`` int64[1]; outputs
 ``top_ids`` int64[B, k'] and ``top_scores`` float32[B, k'] with k' = min(k, V). Cart items
 score -inf, so they are never recommended ahead of any other item.
 
-``train_step.onnx``: weights as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``, ``targets``
-int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after one SGD step. The
+``train_step.onnx``: weights as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``, ``hist_co``,
+``targets`` int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after one SGD step. The
 backward pass is closed-form (see model.py) and never forms the dense one-hot: ``e_in`` is
 updated with a ScatterND-add over the context rows only, ``e_out`` with one Gemm plus a
 ScatterND-add on the target rows.
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export.model import TENSOR_NAMES
+from model_export.model import N_BLEND, TENSOR_NAMES
 
 __all__ = ["OPSET", "convert_to_ort", "recommend_graph", "train_step_graph"]
 
@@ -74,12 +74,10 @@ def _common_consts(g: _Graph) -> None:
     g.const("one_f", np.array(1.0, np.float32))
     g.const("axis1", np.array([1], np.int64))
     g.const("axis_last", np.array([-1], np.int64))
-    g.const("blend_idx0", np.array(0, np.int64))
-    g.const("blend_idx1", np.array(1, np.int64))
 
 
 def _scores(g: _Graph, e_in: str, e_out: str, bias: str, blend: str, ctx: str,
-            hist_ids: str, hist_w: str) -> dict[str, str]:
+            hist_ids: str, hist_w: str, hist_co: str) -> dict[str, str]:
     """Forward pass shared by both graphs; returns the names of its intermediate values."""
     valid = g.op("GreaterOrEqual", ctx, "zero_i")
     safe_ctx = g.op("Where", valid, ctx, "zero_i")
@@ -90,17 +88,19 @@ def _scores(g: _Graph, e_in: str, e_out: str, bias: str, blend: str, ctx: str,
     u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)
     base = g.op("Gemm", u, e_out, bias, transB=1)
 
-    # The blend, on the H history entries only (ids are distinct within a row).
+    # The blend, on the H history entries only (ids are distinct within a row):
+    # features [B, H, N_BLEND] = (log(1 + h), [in history], log(1 + co)), dotted with blend.
     h_valid = g.op("GreaterOrEqual", hist_ids, "zero_i")
     safe_hist = g.op("Where", h_valid, hist_ids, "zero_i")
     f_any = g.op("Cast", h_valid, to=FLOAT)
     f_log = g.op("Mul", g.op("Log", g.op("Add", hist_w, "one_f")), f_any)
-    blend_log = g.op("Mul", f_log, g.op("Gather", blend, "blend_idx0", axis=0))
-    blend_any = g.op("Mul", f_any, g.op("Gather", blend, "blend_idx1", axis=0))
-    logits = g.op("ScatterElements", base, safe_hist, g.op("Add", blend_log, blend_any),
+    f_co = g.op("Mul", g.op("Log", g.op("Add", hist_co, "one_f")), f_any)
+    features = g.op("Concat", *(g.op("Unsqueeze", f, "axis_last") for f in (f_log, f_any, f_co)),
+                    axis=-1)
+    logits = g.op("ScatterElements", base, safe_hist, g.op("MatMul", features, blend),
                   axis=1, reduction="add")
     return {"valid": valid, "safe_ctx": safe_ctx, "mask": mask, "count": count, "u": u,
-            "safe_hist": safe_hist, "f_log": f_log, "f_any": f_any, "logits": logits}
+            "safe_hist": safe_hist, "features": features, "logits": logits}
 
 
 def _io(name: str, elem: int, shape: list[str | int]) -> onnx.ValueInfoProto:
@@ -108,11 +108,12 @@ def _io(name: str, elem: int, shape: list[str | int]) -> onnx.ValueInfoProto:
 
 
 def _history_inputs() -> list[onnx.ValueInfoProto]:
-    return [_io("hist_ids", INT64, ["B", "H"]), _io("hist_w", FLOAT, ["B", "H"])]
+    return [_io("hist_ids", INT64, ["B", "H"]), _io("hist_w", FLOAT, ["B", "H"]),
+            _io("hist_co", FLOAT, ["B", "H"])]
 
 
 def _weight_shapes(n_items: int, dim: int) -> dict[str, list[str | int]]:
-    return {"e_in": [n_items, dim], "e_out": [n_items, dim], "bias": [n_items], "blend": [2]}
+    return {"e_in": [n_items, dim], "e_out": [n_items, dim], "bias": [n_items], "blend": [N_BLEND]}
 
 
 def _weight_inputs(n_items: int, dim: int) -> list[onnx.ValueInfoProto]:
@@ -126,7 +127,7 @@ def recommend_graph(n_items: int, dim: int) -> onnx.ModelProto:
     g.const("n_items", np.array([n_items], np.int64))
     g.const("neg_inf", np.array(-np.inf, np.float32))
     g.const("pos_inf", np.array(np.inf, np.float32))
-    s = _scores(g, "e_in", "e_out", "bias", "blend", "cart", "hist_ids", "hist_w")
+    s = _scores(g, "e_in", "e_out", "bias", "blend", "cart", "hist_ids", "hist_w", "hist_co")
     exclusion = g.op("Where", s["valid"], "neg_inf", "pos_inf")
     ranked = g.op("ScatterElements", s["logits"], s["safe_ctx"], exclusion, axis=1,
                   reduction="min")
@@ -148,8 +149,9 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
     g = _Graph()
     _common_consts(g)
     g.const("axis0", np.array([0], np.int64))
+    g.const("axes01", np.array([0, 1], np.int64))
     g.const("tiny", np.array(np.finfo(np.float32).tiny, np.float32))
-    s = _scores(g, "e_in", "e_out", "bias", "blend", "ctx", "hist_ids", "hist_w")
+    s = _scores(g, "e_in", "e_out", "bias", "blend", "ctx", "hist_ids", "hist_w", "hist_co")
     logits = s["logits"]
 
     # d loss / d logits = (softmax - onehot) / B. The one-hot half touches only the B target
@@ -183,10 +185,8 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
          reduction="add", out="e_in_out")
     is_target = g.op("Cast", g.op("Equal", s["safe_hist"], target_col), to=FLOAT)
     g_hist = g.op("Sub", is_target, g.op("GatherElements", probs, s["safe_hist"], axis=1))
-    d_log = g.op("ReduceSum", g.op("Mul", g_hist, s["f_log"]), keepdims=0)
-    d_any = g.op("ReduceSum", g.op("Mul", g_hist, s["f_any"]), keepdims=0)
-    d_blend = g.op("Concat", g.op("Unsqueeze", d_log, "axis0"),
-                   g.op("Unsqueeze", d_any, "axis0"), axis=0)
+    d_blend = g.op("ReduceSum", g.op("Mul", g.op("Unsqueeze", g_hist, "axis_last"),
+                                     s["features"]), "axes01", keepdims=0)
     g.op("Add", "blend", g.op("Mul", d_blend, step["blend"]), out="blend_out")
 
     inputs = [*_weight_inputs(n_items, dim), _io("ctx", INT64, ["B", "L"]),

@@ -1,12 +1,13 @@
 """The FedCart model in numpy: the reference the ONNX graphs are tested against.
 
 Parameters (DESIGN.md section 2): ``e_in`` (V x d), ``e_out`` (V x d), ``bias`` (V) and
-``blend`` (2), the weights of the on-device history features. For a batch of carts (item ids
+``blend`` (3), the weights of the on-device history features. For a batch of carts (item ids
 padded with -1) and each user's history (distinct item ids with recency-weighted counts
-h > 0, padded with -1):
+h > 0 and personal co-occurrence with the cart c >= 0, see features.py; padded with -1):
 
     u      = sum of e_in rows of the cart's n items / sqrt(n) (0 for an empty cart)
-    s_j    = e_out[j] . u + bias_j + [j in history] (blend_0 log(1 + h_j) + blend_1)
+    s_j    = e_out[j] . u + bias_j
+             + [j in history] (blend_0 log(1 + h_j) + blend_1 + blend_2 log(1 + c_j))
 
 The blend touches only the H history entries, not the whole catalog. Pooling by sqrt(n)
 rather than the mean lets a large cart score more sharply than a small one (EASE and
@@ -26,18 +27,21 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 __all__ = [
+    "N_BLEND",
     "PAD",
     "TENSOR_NAMES",
     "Weights",
     "history_features",
     "init_weights",
     "loss_and_grads",
+    "n_parameters",
     "scores",
     "sgd_step",
 ]
 
 PAD = -1
 TENSOR_NAMES = ("e_in", "e_out", "bias", "blend")
+N_BLEND = 3  # history features: log(1 + h), "in history", log(1 + co)
 
 
 @dataclass
@@ -66,8 +70,8 @@ class Weights:
 
     @classmethod
     def from_flat(cls, flat: np.ndarray, n_items: int, dim: int) -> Weights:
-        sizes = [n_items * dim, n_items * dim, n_items, 2]
-        if flat.shape != (sum(sizes),):
+        sizes = [n_items * dim, n_items * dim, n_items, N_BLEND]
+        if flat.shape != (n_parameters(n_items, dim),):
             raise ValueError(f"flat weights have shape {flat.shape}, expected ({sum(sizes)},)")
         parts = np.split(flat, np.cumsum(sizes)[:-1])
         return cls(parts[0].reshape(n_items, dim), parts[1].reshape(n_items, dim),
@@ -75,6 +79,11 @@ class Weights:
 
     def astype(self, dtype: type) -> Weights:
         return Weights(*(t.astype(dtype) for t in self.tensors().values()))
+
+
+def n_parameters(n_items: int, dim: int) -> int:
+    """The length of the flat weight vector (what a device uploads per round)."""
+    return 2 * n_items * dim + n_items + N_BLEND
 
 
 def init_weights(n_items: int, dim: int, rng: np.random.Generator, scale: float = 0.1,
@@ -88,21 +97,21 @@ def init_weights(n_items: int, dim: int, rng: np.random.Generator, scale: float 
         e_in=(rng.standard_normal((n_items, dim)) * scale).astype(np.float32),
         e_out=(rng.standard_normal((n_items, dim)) * scale).astype(np.float32),
         bias=bias,
-        blend=np.zeros(2, np.float32),
+        blend=np.zeros(N_BLEND, np.float32),
     )
 
 
-def history_features(hist_ids: np.ndarray, hist_w: np.ndarray, n_items: int,
-                     dtype: DTypeLike = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Dense per-item features (log(1 + h), [in history]), [B, V], of padded history ids
-    (distinct within a row) and weights."""
+def history_features(hist_ids: np.ndarray, hist_w: np.ndarray, hist_co: np.ndarray,
+                     n_items: int, dtype: DTypeLike = np.float32) -> np.ndarray:
+    """Dense per-item features [N_BLEND, B, V] (log(1 + h), [in history], log(1 + co)) of
+    padded history ids (distinct within a row), counts and co-occurrences."""
     valid = hist_ids >= 0
     rows = np.nonzero(valid)[0]
-    f_log: np.ndarray = np.zeros((hist_ids.shape[0], n_items), dtype=dtype)
-    f_any = np.zeros_like(f_log)
-    f_log[rows, hist_ids[valid]] = np.log1p(hist_w[valid].astype(dtype))
-    f_any[rows, hist_ids[valid]] = 1.0
-    return f_log, f_any
+    features: np.ndarray = np.zeros((N_BLEND, hist_ids.shape[0], n_items), dtype=dtype)
+    features[0, rows, hist_ids[valid]] = np.log1p(hist_w[valid].astype(dtype))
+    features[1, rows, hist_ids[valid]] = 1.0
+    features[2, rows, hist_ids[valid]] = np.log1p(hist_co[valid].astype(dtype))
+    return features
 
 
 def _cart_vector(w: Weights, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,20 +122,20 @@ def _cart_vector(w: Weights, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return rows.sum(axis=1) / n, mask, n
 
 
-def scores(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray,
-           hist_w: np.ndarray) -> np.ndarray:
+def scores(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray, hist_w: np.ndarray,
+           hist_co: np.ndarray) -> np.ndarray:
     """Scores of every catalog item, [B, V] (cart items not yet excluded)."""
     u, _, _ = _cart_vector(w, ctx)
-    f_log, f_any = history_features(hist_ids, hist_w, w.n_items, w.e_in.dtype)
-    return u @ w.e_out.T + w.bias + w.blend[0] * f_log + w.blend[1] * f_any
+    features = history_features(hist_ids, hist_w, hist_co, w.n_items, w.e_in.dtype)
+    return u @ w.e_out.T + w.bias + np.tensordot(w.blend, features, axes=1)
 
 
 def loss_and_grads(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray, hist_w: np.ndarray,
-                   targets: np.ndarray) -> tuple[float, Weights]:
+                   hist_co: np.ndarray, targets: np.ndarray) -> tuple[float, Weights]:
     """Mean softmax cross-entropy and its exact gradient with respect to every parameter."""
     u, mask, n = _cart_vector(w, ctx)
-    f_log, f_any = history_features(hist_ids, hist_w, w.n_items, w.e_in.dtype)
-    logits = u @ w.e_out.T + w.bias + w.blend[0] * f_log + w.blend[1] * f_any
+    features = history_features(hist_ids, hist_w, hist_co, w.n_items, w.e_in.dtype)
+    logits = u @ w.e_out.T + w.bias + np.tensordot(w.blend, features, axes=1)
     top = logits.max(axis=1, keepdims=True)
     lse = top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
     batch = np.arange(len(targets))
@@ -143,16 +152,16 @@ def loss_and_grads(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray, hist_w: np
         e_in=g_in,
         e_out=g.T @ u,
         bias=g.sum(axis=0),
-        blend=np.array([(g * f_log).sum(), (g * f_any).sum()], dtype=w.blend.dtype),
+        blend=(features * g).sum(axis=(1, 2)).astype(w.blend.dtype),
     )
     return loss, grads
 
 
 def sgd_step(w: Weights, ctx: np.ndarray, hist_ids: np.ndarray, hist_w: np.ndarray,
-             targets: np.ndarray, lr: np.ndarray) -> tuple[float, Weights]:
+             hist_co: np.ndarray, targets: np.ndarray, lr: np.ndarray) -> tuple[float, Weights]:
     """One SGD step with a learning rate per parameter group (the order of TENSOR_NAMES):
     what train_step.onnx computes. The groups' gradients differ by orders of magnitude (a
     context row's is divided by the cart size, the blend's sums over the whole catalog)."""
-    loss, g = loss_and_grads(w, ctx, hist_ids, hist_w, targets)
+    loss, g = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
     return loss, Weights(*(p - rate * q for p, q, rate in zip(
         w.tensors().values(), g.tensors().values(), lr, strict=True)))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from model_export.features import Batch, pad_rows
+from model_export.features import Batch, History, history_feeds, pad_histories, pad_rows
 from model_export.model import PAD, TENSOR_NAMES, Weights
 
 __all__ = ["Recommender", "TrainStep", "make_session", "shared_session"]
@@ -61,10 +61,9 @@ class Recommender:
                         for n, t in weights.tensors().items()}
 
     def top_k(self, carts: Sequence[Sequence[int] | np.ndarray], k: int,
-              histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-              ) -> tuple[np.ndarray, np.ndarray]:
+              histories: Sequence[History] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids [B, k'], scores [B, k']) with k' = min(k, V); cart items come last with
-        score -inf. ``histories``: per cart, distinct item ids and their weights."""
+        score -inf. ``histories``: per cart, the user's history features for that cart."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         cart = (np.asarray(carts[0], np.int64).reshape(1, -1) if len(carts) == 1
@@ -74,28 +73,25 @@ class Recommender:
         if cart.max() >= self.n_items or cart.min() < PAD:
             raise ValueError(f"cart ids must lie in [0, {self.n_items})")
         if histories is None:
-            hist_ids, hist_w = self._no_history(len(carts))
+            history = self._no_history(len(carts))
         else:
-            if any(len(np.unique(h[0])) != len(h[0]) for h in histories):
+            if any(len(np.unique(h.ids)) != len(h.ids) for h in histories):
                 raise ValueError("history item ids must be distinct within a user's history")
-            hist_ids = pad_rows([h[0] for h in histories], np.int64, PAD)
-            hist_w = pad_rows([h[1] for h in histories], np.float32, 0.0)
+            history = history_feeds(*pad_histories(histories))
         ids, scores = self.session.run(["top_ids", "top_scores"], {
-            **self.weights, "cart": cart, "hist_ids": hist_ids, "hist_w": hist_w,
-            "k": np.array([k], np.int64)})
+            **self.weights, "cart": cart, **history, "k": np.array([k], np.int64)})
         return ids, scores
 
     @staticmethod
     @functools.cache
-    def _no_history(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    def _no_history(rows: int) -> dict[str, np.ndarray]:
         ids = np.full((rows, 1), PAD, np.int64)
         weights = np.zeros((rows, 1), np.float32)
         ids.flags.writeable = weights.flags.writeable = False
-        return ids, weights
+        return history_feeds(ids, weights, weights)
 
     def all_scores(self, carts: Sequence[Sequence[int] | np.ndarray],
-                   histories: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-                   ) -> np.ndarray:
+                   histories: Sequence[History] | None = None) -> np.ndarray:
         """Every item's score [B, V] (cart items -inf), read back from a full top-V."""
         ids, scores = self.top_k(carts, self.n_items, histories)
         full = np.empty((len(carts), self.n_items), dtype=np.float32)

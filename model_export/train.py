@@ -10,7 +10,7 @@ import numpy as np
 
 from model_export.baselines import basket_counts
 from model_export.evaluation import Query, Scorer, Split
-from model_export.features import ExampleSet, history_of
+from model_export.features import ExampleSet, History, history_of
 from model_export.graphs import recommend_graph, train_step_graph
 from model_export.model import Weights, init_weights
 from model_export.runtime import Recommender, TrainStep
@@ -66,11 +66,10 @@ def model_scorer(weights: Weights, split: Split, history_decay: float,
     """Score queries with recommend.onnx, each user's history built as a device would."""
     recommender = Recommender(
         recommend_graph(split.n_items, weights.dim).SerializeToString(), weights)
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
 
     def score(queries: list[Query]) -> np.ndarray:
-        histories = [history_of(split.train[q.user], split.n_items, history_decay)
-                     if use_history else empty for q in queries]
+        histories = [history_of(split.train[q.user], history_decay, q.cart)
+                     if use_history else History.empty() for q in queries]
         return recommender.all_scores([q.cart for q in queries], histories)
 
     return score

@@ -21,9 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from model_export.cli_options import data_options, load_split
+from model_export.cli_options import data_options, load_split, validation_option
 from model_export.evaluation import Split
 from model_export.keys import load_or_create_signing_key
+from model_export.model import n_parameters
 from model_export.train import TrainConfig
 from simulation.central import Row, baseline_rows, central_rows
 from simulation.federated import FederatedSettings, RoundRecord, RunResult, run_federated
@@ -76,6 +77,7 @@ def main() -> None:
 
 @main.command()
 @data_options
+@validation_option
 @click.option("--ease-lambda", type=float, default=None,
               help="EASE's L2 weight (default: 500 for uci, 250 otherwise).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -93,6 +95,7 @@ def baselines(json_path: Path | None, ease_lambda: float | None, **data: Any) ->
 
 @main.command()
 @data_options
+@validation_option
 @click.option("--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the signed model bundle to (must not exist).")
@@ -275,7 +278,7 @@ def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data": {"name": split.name, "sha256": digest, "devices": users,
                  "catalog": split.n_items, "queries": len(split.queries)},
-        "model": {"dim": dim, "parameters": 2 * split.n_items * dim + split.n_items + 2},
+        "model": {"dim": dim, "parameters": n_parameters(split.n_items, dim)},
         "baselines": [r.as_json() for r in base], "central": [r.as_json() for r in central],
         "runs": [r.as_json() for r in results],
     }
@@ -296,6 +299,7 @@ def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
 
 @main.command()
 @data_options
+@validation_option
 @federated_options
 @click.option("--epsilon", type=click.FloatRange(min=0, min_open=True),
               help="Gaussian DP: calibrate the noise so the run spends this epsilon.")
@@ -313,7 +317,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
         laplace: bool, no_dp: bool, report_dir: Path, json_path: Path | None,
         with_baselines: bool, with_central: bool, data_spec: str, user_col: str | None,
         item_col: str | None, time_col: str | None, basket_col: str | None,
-        name_col: str | None, **options: Any) -> None:
+        name_col: str | None, validation: bool, **options: Any) -> None:
     """A federated deployment on real data: the aggregator service and one edge client per
     user, over loopback websockets, with secure aggregation (and DP unless --no-dp) in
     every round; writes the report. Ctrl-C stops and still writes the report."""
@@ -324,7 +328,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
     settings = _settings(mechanism=mechanism, epsilon=epsilon, delta=delta,
                          noise_multiplier=noise_multiplier, **options)
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
-                                      name_col)
+                                      name_col, validation)
     base, central = _reference_rows(split, settings.dim, with_baselines, with_central)
     result = _run_with_progress(split, names, settings, "", report_dir / "model")
     _write(report_dir, json_path, split, digest, settings.dim, base, central, [result])
@@ -332,6 +336,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
 
 @main.command()
 @data_options
+@validation_option
 @federated_options
 @click.option("--epsilons", default="2,8", show_default=True, metavar="E,E,...",
               help="Target epsilons of the DP runs (Gaussian, delta 1/N^1.1); a run "
@@ -343,7 +348,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
 def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Path | None,
           with_baselines: bool, with_central: bool, data_spec: str, user_col: str | None,
           item_col: str | None, time_col: str | None, basket_col: str | None, name_col: str | None,
-          **options: Any) -> None:
+          validation: bool, **options: Any) -> None:
     """The privacy-utility table: one run without DP, then one per target epsilon, all
     with secure aggregation and the same settings; one combined report."""
     try:
@@ -358,7 +363,7 @@ def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Pat
         options["rounds"] = dp_rounds
     plans += [_settings(mechanism="gaussian", epsilon=e, **options) for e in targets]
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
-                                      name_col)
+                                      name_col, validation)
     base, central = _reference_rows(split, plans[0].dim, with_baselines, with_central)
     results: list[RunResult] = []
     for i, settings in enumerate(plans, 1):

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from model_export import baselines
-from model_export.evaluation import Query, evaluate, make_split, ranks_of_hidden
+from model_export.evaluation import (
+    Query,
+    evaluate,
+    make_split,
+    ranks_of_hidden,
+    validation_data,
+)
 from tests.conftest import synthetic_data
 
 
@@ -53,6 +59,19 @@ def test_split_keeps_last_basket_out_of_training() -> None:
     for q in split.queries:
         last = {split.catalog.index(i) for i in data.users[split.users[q.user]][-1]}
         assert q.hidden in last and set(q.cart.tolist()) == last - {q.hidden}
+
+
+def test_validation_split_holds_out_the_second_to_last_basket_and_never_the_last() -> None:
+    data = synthetic_data()
+    split = make_split(validation_data(data))
+    assert split.users == tuple(data.users)
+    for u, baskets in enumerate(data.users.values()):
+        assert len(split.train[u]) == max(len(baskets) - 2, 1)
+    assert split.queries
+    for q in split.queries:
+        baskets = data.users[split.users[q.user]]
+        held = {split.catalog.index(i) for i in baskets[-2] if i in split.catalog}
+        assert q.hidden in held and set(q.cart.tolist()) == held - {q.hidden}
 
 
 REFERENCE = {  # DESIGN.md section 6: queries, catalog, EASE lambda, HitRate@10 per row

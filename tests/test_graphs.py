@@ -20,7 +20,7 @@ LR = np.array([3.0, 2.0, 0.5, 0.1], np.float32)
 def weights():
     rng = np.random.default_rng(7)
     w = init_weights(V, D, rng, scale=0.3, popularity=rng.integers(0, 50, V))
-    w.blend[:] = [0.7, 1.3]
+    w.blend[:] = [0.7, 1.3, 0.4]
     return w
 
 
@@ -34,7 +34,8 @@ def inputs(rng: np.random.Generator):
                     [1, 2, 3, 4, 39]], np.int64)
     hist_ids = np.array([[5, 6, 7], [9, -1, -1], [-1, -1, -1], [0, 11, 39]], np.int64)
     hist_w = rng.uniform(0.1, 3.0, hist_ids.shape).astype(np.float32)
-    return ctx, hist_ids, hist_w
+    hist_co = rng.uniform(0.0, 2.0, hist_ids.shape).astype(np.float32)
+    return ctx, hist_ids, hist_w, hist_co
 
 
 def test_graphs_pass_the_checker_at_the_declared_opset(weights) -> None:
@@ -46,13 +47,14 @@ def test_graphs_pass_the_checker_at_the_declared_opset(weights) -> None:
 @pytest.mark.parametrize("graph", ["recommend.onnx", "recommend.ort"])
 def test_recommend_matches_reference_and_excludes_cart(weights, graphs, graph) -> None:
     rng = np.random.default_rng(0)
-    ctx, hist_ids, hist_w = inputs(rng)
-    ref = scores(weights.astype(np.float64), ctx, hist_ids, hist_w.astype(np.float64))
+    ctx, hist_ids, hist_w, hist_co = inputs(rng)
+    ref = scores(weights.astype(np.float64), ctx, hist_ids, hist_w.astype(np.float64),
+                 hist_co.astype(np.float64))
     for row, cart in zip(ref, ctx, strict=True):
         row[cart[cart >= 0]] = -np.inf
     session = make_session(graphs[graph])
     ids, got = session.run(None, {**weights.tensors(), "cart": ctx, "hist_ids": hist_ids,
-                                  "hist_w": hist_w, "k": np.array([10])})
+                                  "hist_w": hist_w, "hist_co": hist_co, "k": np.array([10])})
     assert ids.shape == (4, 10)
     expected = np.sort(ref, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -73,14 +75,15 @@ def test_k_larger_than_catalog_is_clamped(weights, graphs) -> None:
 @pytest.mark.parametrize("graph", ["train_step.onnx", "train_step.ort"])
 def test_train_step_matches_reference(weights, graphs, graph) -> None:
     rng = np.random.default_rng(1)
-    ctx, hist_ids, hist_w = inputs(rng)
+    ctx, hist_ids, hist_w, hist_co = inputs(rng)
     targets = np.array([4, 5, 0, 39], np.int64)
     session = make_session(graphs[graph])
     loss, *tensors = session.run(None, {**weights.tensors(), "ctx": ctx,
                                         "hist_ids": hist_ids, "hist_w": hist_w,
-                                        "targets": targets, "lr": LR})
+                                        "hist_co": hist_co, "targets": targets, "lr": LR})
     ref_loss, ref = sgd_step(weights.astype(np.float64), ctx, hist_ids,
-                             hist_w.astype(np.float64), targets, LR.astype(np.float64))
+                             hist_w.astype(np.float64), hist_co.astype(np.float64), targets,
+                             LR.astype(np.float64))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for got, want in zip(tensors, ref.tensors().values(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

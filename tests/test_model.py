@@ -19,8 +19,9 @@ def batch(rng: np.random.Generator, n_items: int) -> tuple[np.ndarray, ...]:
     ctx = np.array([[1, 2, 2, -1], [0, -1, -1, -1], [-1, -1, -1, -1], [3, 4, 5, 6]])
     hist_ids = np.array([[1, 7, -1], [2, -1, -1], [-1, -1, -1], [0, 3, 9]])
     hist_w = rng.uniform(0.1, 2.0, hist_ids.shape).astype(np.float64)
+    hist_co = rng.uniform(0.0, 3.0, hist_ids.shape).astype(np.float64)
     targets = rng.integers(0, n_items, ctx.shape[0])
-    return ctx, hist_ids, hist_w, targets
+    return ctx, hist_ids, hist_w, hist_co, targets
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -28,18 +29,18 @@ def test_gradients_match_finite_differences(seed: int) -> None:
     rng = np.random.default_rng(seed)
     w = init_weights(12, 5, rng, scale=0.5, popularity=rng.integers(0, 9, 12)).astype(
         np.float64)
-    w.blend[:] = rng.normal(size=2)
-    ctx, hist_ids, hist_w, targets = batch(rng, 12)
-    _, grads = loss_and_grads(w, ctx, hist_ids, hist_w, targets)
+    w.blend[:] = rng.normal(size=3)
+    ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 12)
+    _, grads = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
     eps = 1e-6
     for name, tensor in w.tensors().items():
         flat = tensor.reshape(-1)
         for index in rng.choice(flat.size, min(flat.size, 12), replace=False):
             saved = flat[index]
             flat[index] = saved + eps
-            up, _ = loss_and_grads(w, ctx, hist_ids, hist_w, targets)
+            up, _ = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
             flat[index] = saved - eps
-            down, _ = loss_and_grads(w, ctx, hist_ids, hist_w, targets)
+            down, _ = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
             flat[index] = saved
             numeric = (up - down) / (2 * eps)
             analytic = grads.tensors()[name].reshape(-1)[index]
@@ -49,17 +50,22 @@ def test_gradients_match_finite_differences(seed: int) -> None:
 def test_padding_and_empty_cart() -> None:
     rng = np.random.default_rng(0)
     w = init_weights(6, 3, rng)
-    padded = scores(w, np.array([[2, 4, -1, -1]]), np.full((1, 1), -1), np.zeros((1, 1)))
-    tight = scores(w, np.array([[4, 2]]), np.full((1, 1), -1), np.zeros((1, 1)))
+    padded = scores(w, np.array([[2, 4, -1, -1]]), np.full((1, 1), -1), np.zeros((1, 1)),
+                    np.zeros((1, 1)))
+    tight = scores(w, np.array([[4, 2]]), np.full((1, 1), -1), np.zeros((1, 1)),
+                    np.zeros((1, 1)))
     np.testing.assert_allclose(padded, tight, rtol=1e-6)
-    empty = scores(w, np.array([[-1]]), np.full((1, 1), -1), np.zeros((1, 1)))
+    empty = scores(w, np.array([[-1]]), np.full((1, 1), -1), np.zeros((1, 1)),
+                    np.zeros((1, 1)))
     np.testing.assert_allclose(empty[0], w.bias)
 
 
 def test_history_features_ignore_padding() -> None:
-    f_log, f_any = history_features(np.array([[2, 0, -1]]), np.array([[1.5, 0.25, 9.0]]), 4)
+    f_log, f_any, f_co = history_features(np.array([[2, 0, -1]]), np.array([[1.5, 0.25, 9.0]]),
+                                          np.array([[0.5, 0.0, 7.0]]), 4)
     np.testing.assert_allclose(f_log, [[np.log(1.25), 0.0, np.log(2.5), 0.0]], rtol=1e-6)
     np.testing.assert_array_equal(f_any, [[1, 0, 1, 0]])
+    np.testing.assert_allclose(f_co, [[0.0, 0.0, np.log(1.5), 0.0]], rtol=1e-6)
 
 
 def test_flat_round_trip_and_sgd_moves_against_gradient() -> None:
@@ -70,8 +76,8 @@ def test_flat_round_trip_and_sgd_moves_against_gradient() -> None:
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="shape"):
         Weights.from_flat(w.flat()[:-1], 10, 4)
-    ctx, hist_ids, hist_w, targets = batch(rng, 10)
-    loss, _ = loss_and_grads(w, ctx, hist_ids, hist_w, targets)
-    _, lower = sgd_step(w, ctx, hist_ids, hist_w, targets, np.full(4, 0.05))
-    after, _ = loss_and_grads(lower, ctx, hist_ids, hist_w, targets)
+    ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 10)
+    loss, _ = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
+    _, lower = sgd_step(w, ctx, hist_ids, hist_w, hist_co, targets, np.full(4, 0.05))
+    after, _ = loss_and_grads(lower, ctx, hist_ids, hist_w, hist_co, targets)
     assert after < loss
