@@ -264,7 +264,8 @@ def _command_line(ctx: click.Context) -> str:
             continue
         flag = max(param.opts, key=len)
         if param.is_flag:
-            words.append(flag if value else (param.secondary_opts or [flag])[0])
+            if value or param.secondary_opts:
+                words.append(flag if value else param.secondary_opts[0])
         else:
             words += [flag, shlex.quote(str(value))]
     return " ".join(words)

@@ -67,7 +67,9 @@ def test_report_files_and_tables(csv_report: Path) -> None:
     for row in ("popularity", "co-occurrence (cosine)", "own history (device only)",
                 "federated, SecAgg, DP eps=4"):
         assert f"| {row} |" in md
-    assert "Repeat with: fedcart-sim run --data" in md
+    repeat = next(line for line in md.splitlines() if "Repeat with:" in line)
+    assert "fedcart-sim run --data" in repeat
+    assert "--validation" not in repeat  # a flag left off is not in the command
     assert not list(csv_report.glob(".*.tmp*"))  # every file was renamed into place
 
 
