@@ -7,8 +7,8 @@ older than the newest weighs ``decay**a``), capped at the ``max_items`` heaviest
 - ``co``: its personal co-occurrence with the current cart, the recency-weighted sum over
   the user's earlier baskets holding it of the fraction of that basket the cart shares.
   A user who bought the cart's items together with ``j`` before is likely to want ``j``
-  again: on UCI this feature alone lifts EASE from 0.341 to 0.38 HitRate@10 on the
-  validation protocol, and it needs nothing but the device's own baskets.
+  again: added to EASE with a weight chosen on the validation split, it lifts UCI's test
+  HitRate@10 from 0.341 to 0.38, and it needs nothing but the device's own baskets.
 
 Examples: leave-one-out inside each basket (target t, context = basket minus t), each with
 the features of the baskets before it. Only numpy: a device imports it.
