@@ -124,7 +124,6 @@ class ExampleSet:
 
     def __init__(self, users_baskets: Sequence[Sequence[np.ndarray]], n_items: int,
                  decay: float, use_history: bool = True) -> None:
-        self.n_items = n_items
         self.use_history = use_history
         self.baskets: list[np.ndarray] = []
         self.owners: list[tuple[UserHistory, int]] = []
