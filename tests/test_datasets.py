@@ -115,3 +115,18 @@ def test_csv_empty_and_unreadable(tmp_path: Path) -> None:
 def test_load_spec_needs_columns_for_a_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--user-col"):
         load(str(tmp_path / "x.csv"))
+
+
+def test_csv_day_first_dates_keep_their_order(tmp_path: Path) -> None:
+    # 21-02 can only be day-first, so the whole column is: 5 Jan, 21 Feb, 10 Mar. Read row
+    # by row, 05-01 and 10-03 would be 1 May and 3 Oct and the last basket would be wrong.
+    rows = [("u", "i", "t"), ("1", "jan", "05-01-2015"), ("1", "mar", "10-03-2015"),
+            ("1", "feb", "21-02-2015")]
+    data = load_csv(write_csv(tmp_path / "b.csv", rows), CsvColumns(user="u", item="i", time="t"))
+    assert data.users["1"] == [("jan",), ("feb",), ("mar",)]
+
+
+def test_csv_ambiguous_dates_are_refused(tmp_path: Path) -> None:
+    rows = [("u", "i", "t"), ("1", "a", "05-01-2015"), ("1", "b", "03-02-2015")]
+    with pytest.raises(DataError, match="YYYY-MM-DD"):
+        load_csv(write_csv(tmp_path / "b.csv", rows), CsvColumns(user="u", item="i", time="t"))

@@ -8,6 +8,7 @@ Reading needs pandas (the ``server``/``sim`` extras); a device never loads a dat
 from __future__ import annotations
 
 import hashlib
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -218,14 +219,32 @@ def load_instacart(path: Path | None = None) -> BasketData:
     return _group_baskets(frame, "instacart", digest, {})
 
 
-def _parse_time(column: pd.Series) -> pd.Series:
-    """Numbers sort as numbers, dates as dates, anything else as text."""
+def _parse_time(column: pd.Series, origin: str) -> pd.Series:
+    """Numbers sort as numbers, dates as dates, anything else as text.
+
+    Dates are ISO 8601, or read with one format for the whole column, month-first or
+    day-first, never guessed row by row: "05-01-2015" and "21-07-2015" in one column are
+    both day-first (5 January, 21 July), where a per-row guess would read the first as
+    1 May and put the user's baskets out of order. A column both readings parse, to
+    different dates, is refused rather than guessed."""
     numeric = pd.to_numeric(column, errors="coerce")
     if numeric.notna().all():
         return numeric
-    dates = pd.to_datetime(column, errors="coerce", format="mixed")
-    if dates.notna().all():
-        return dates
+    iso = pd.to_datetime(column, errors="coerce", format="ISO8601")
+    if iso.notna().all():
+        return iso
+    readings = []
+    for dayfirst in (False, True):
+        with warnings.catch_warnings():  # pandas warns when it falls back to dateutil
+            warnings.simplefilter("ignore", UserWarning)
+            dates = pd.to_datetime(column, errors="coerce", dayfirst=dayfirst)
+        if dates.notna().all():
+            readings.append(dates)
+    if len(readings) == 2 and not readings[0].equals(readings[1]):
+        raise DataError(f"{origin}: the dates read both month-first and day-first (no day "
+                        "above 12); write them as YYYY-MM-DD")
+    if readings:
+        return readings[0]
     return column.astype(str)
 
 
@@ -239,7 +258,7 @@ def load_csv(path: Path, columns: CsvColumns) -> BasketData:
     raw = raw.dropna(subset=[columns.user, columns.item, columns.time])
     if raw.empty:
         raise DataError(f"{path}: no row has a user, an item and a time")
-    time = _parse_time(raw[columns.time])
+    time = _parse_time(raw[columns.time], str(path))
     user = raw[columns.user].astype(str)
     basket = (raw[columns.basket].astype(str) if columns.basket
               else user + "\x1f" + raw[columns.time].astype(str))
