@@ -1,6 +1,7 @@
 """recommend and train: the ONNX graphs against a plain numpy implementation of the same
 model, and recommend against the bandwidth bound of reading e_out and the bias from
-wherever a device keeps them between calls (the cache level their size fits in)."""
+wherever a device keeps them between calls (the cache level their size fits in). The model
+carries an item-item table of K = 100 neighbours per item, as the statistics rounds give."""
 
 from __future__ import annotations
 
@@ -9,13 +10,23 @@ import numpy as np
 from bench.common import Row, seconds_per_call
 from model_export.features import ExampleSet
 from model_export.graphs import recommend_graph, train_step_graph
-from model_export.model import init_weights, sgd_step
+from model_export.model import ITEM_ITEM, Neighbours, Weights, init_weights, sgd_step
 from model_export.runtime import Recommender, TrainStep
 
 GRID = [(169, 32), (4000, 32), (4000, 64), (50_000, 32), (50_000, 64)]
 QUICK_GRID = [(169, 32), (4000, 64)]
 CART = np.array([3, 17, 42, 101, 150], np.int64)
 LEARNING_RATES = np.array([5.0, 5.0, 1.0, 0.05], np.float32)
+NEIGHBOURS = 100
+
+
+def model(n_items: int, dim: int, rng: np.random.Generator) -> tuple[Weights, Neighbours]:
+    """Random weights (e_out too: zero would make the product trivial) and a random table."""
+    w = init_weights(n_items, dim, rng, popularity=np.arange(n_items))
+    w.e_out[:] = rng.standard_normal(w.e_out.shape) * 0.1
+    k = min(NEIGHBOURS, n_items)
+    return w, Neighbours(rng.integers(0, n_items, (n_items, k)),
+                         rng.random((n_items, k)).astype(np.float32))
 
 
 def read_bandwidth(n_bytes: int) -> float:
@@ -28,9 +39,10 @@ def read_bandwidth(n_bytes: int) -> float:
     return data.nbytes / seconds
 
 
-def numpy_top10(e_in: np.ndarray, e_out: np.ndarray, bias: np.ndarray,
-                cart: np.ndarray) -> np.ndarray:
-    scores = e_out @ (e_in[cart].sum(axis=0) / np.sqrt(len(cart))) + bias
+def numpy_top10(w: Weights, nbrs: Neighbours, cart: np.ndarray) -> np.ndarray:
+    scores = w.e_out @ (w.e_in[cart].sum(axis=0) / np.sqrt(len(cart))) + w.bias
+    scores += w.blend[ITEM_ITEM] * np.bincount(nbrs.ids[cart].ravel(), nbrs.weights[cart].ravel(),
+                                               minlength=len(scores))
     scores[cart] = -np.inf
     top = np.argpartition(-scores, 10)[:10]
     return top[np.argsort(-scores[top])]
@@ -39,20 +51,20 @@ def numpy_top10(e_in: np.ndarray, e_out: np.ndarray, bias: np.ndarray,
 def bench_recommend(quick: bool) -> list[Row]:
     rows = []
     for n_items, dim in QUICK_GRID if quick else GRID:
-        w = init_weights(n_items, dim, np.random.default_rng(0), popularity=np.arange(n_items))
-        rec = Recommender(recommend_graph(n_items, w.dim).SerializeToString(), w)
+        w, nbrs = model(n_items, dim, np.random.default_rng(0))
+        rec = Recommender(recommend_graph(n_items, w.dim).SerializeToString(), w, nbrs)
         ids, _ = rec.top_k([CART], 10)
-        assert np.array_equal(ids[0], numpy_top10(w.e_in, w.e_out, w.bias, CART))
+        assert np.array_equal(ids[0], numpy_top10(w, nbrs, CART))
         onnx_s = seconds_per_call(lambda rec=rec: rec.top_k([CART], 10))
-        numpy_s = seconds_per_call(lambda w=w: numpy_top10(w.e_in, w.e_out, w.bias, CART))
+        numpy_s = seconds_per_call(lambda w=w, n=nbrs: numpy_top10(w, n, CART))
         read_bytes = w.e_out.nbytes + w.bias.nbytes
         bound_s = read_bytes / read_bandwidth(read_bytes)
-        params = {"V": n_items, "d": dim}
+        params = {"V": n_items, "d": dim, "K": nbrs.k}
         rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",
                         "numpy", numpy_s * 1e6, numpy_s / onnx_s))
         rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",
                         "read-bandwidth bound (same bytes, hot)", bound_s * 1e6, bound_s / onnx_s))
-        torch_top10 = _torch("recommender", w)
+        torch_top10 = _torch("recommender", w, nbrs)
         if torch_top10 is not None:
             assert np.array_equal(torch_top10(CART), ids[0]), "PyTorch ranks differently"
             torch_s = seconds_per_call(lambda f=torch_top10: f(CART))
@@ -78,17 +90,17 @@ def bench_train(quick: bool) -> list[Row]:
         users = [[rng.choice(n_items, rng.integers(2, 15), replace=False) for _ in range(4)]
                  for _ in range(64)]
         batch = ExampleSet(users, n_items, decay=0.9).batch(np.arange(64), rng)
-        w = init_weights(n_items, dim, rng)
-        step = TrainStep(train_step_graph(n_items, dim).SerializeToString())
+        w, nbrs = model(n_items, dim, rng)
+        step = TrainStep(train_step_graph(n_items, dim).SerializeToString(), nbrs)
         onnx_s = seconds_per_call(
             lambda w=w, step=step, b=batch: step(w, b, LEARNING_RATES))
-        numpy_s = seconds_per_call(lambda w=w, b=batch: sgd_step(
-            w, b.ctx, b.hist_ids, b.hist_w, b.hist_co, b.targets, LEARNING_RATES), repeats=3)
+        numpy_s = seconds_per_call(lambda w=w, n=nbrs, b=batch: sgd_step(
+            w, n, b.ctx, b.hist_ids, b.hist_w, b.hist_co, b.targets, LEARNING_RATES), repeats=3)
         size = len(batch.targets)
-        params = {"V": n_items, "d": dim, "batch": size}
+        params = {"V": n_items, "d": dim, "K": nbrs.k, "batch": size}
         rows.append(Row("train", params, "examples/s", size / onnx_s, "ex/s", "numpy",
                         size / numpy_s, numpy_s / onnx_s))
-        made = _torch("trainer", w, LEARNING_RATES)
+        made = _torch("trainer", w, nbrs, LEARNING_RATES)
         if made is not None:
             torch_step, torch_weights = made
             _, after = step(w, batch, LEARNING_RATES)

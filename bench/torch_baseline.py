@@ -1,7 +1,8 @@
 """PyTorch eager versions of the FedCart model, as benchmark baselines (the ``bench`` extra
 installs the torch 2.13.0 CPU build). Same parameters, same scores, same SGD step as
 model_export/model.py: EmbeddingBag (sum, scaled by 1/sqrt(n)) for the cart, a Linear layer
-for e_out and the bias, the history blend added at the history items."""
+for e_out and the bias, the cart's item-item neighbours and the history blend added at their
+items (scatter_add)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import torch
 from torch import nn
 
 from model_export.features import Batch
-from model_export.model import Weights
+from model_export.model import ITEM_ITEM, Neighbours, Weights
 
 torch.set_num_threads(1)
 
 
 class TorchModel(nn.Module):
-    def __init__(self, w: Weights) -> None:
+    def __init__(self, w: Weights, nbrs: Neighbours) -> None:
         super().__init__()
+        self.nbr_ids = torch.from_numpy(nbrs.ids)
+        self.nbr_w = torch.from_numpy(nbrs.weights)
         n_items, dim = w.e_in.shape
         self.e_in = nn.EmbeddingBag(n_items, dim, mode="sum", sparse=True)
         self.out = nn.Linear(dim, n_items)
@@ -34,14 +37,18 @@ class TorchModel(nn.Module):
         weights = valid.to(torch.float32) / counts.sqrt().unsqueeze(1)
         u = self.e_in(ctx.clamp(min=0), per_sample_weights=weights)
         logits = self.out(u)
+        rows = ctx.shape[0]
+        nbr_w = self.nbr_w[ctx.clamp(min=0)] * valid.unsqueeze(-1) * self.blend[ITEM_ITEM]
+        logits = logits.scatter_add(1, self.nbr_ids[ctx.clamp(min=0)].reshape(rows, -1),
+                                    nbr_w.reshape(rows, -1))
         h_valid = hist_ids >= 0
         bonus = (self.blend[0] * torch.log1p(hist_w) + self.blend[1]
                  + self.blend[2] * torch.log1p(hist_co)) * h_valid
         return logits.scatter_add(1, hist_ids.clamp(min=0), bonus)
 
 
-def recommender(w: Weights):  # type: ignore[no-untyped-def]
-    model = TorchModel(w).eval()
+def recommender(w: Weights, nbrs: Neighbours):  # type: ignore[no-untyped-def]
+    model = TorchModel(w, nbrs).eval()
 
     def top10(cart: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -54,8 +61,9 @@ def recommender(w: Weights):  # type: ignore[no-untyped-def]
     return top10
 
 
-def trainer(w: Weights, learning_rates: np.ndarray):  # type: ignore[no-untyped-def]
-    model = TorchModel(w)
+def trainer(w: Weights, nbrs: Neighbours,  # type: ignore[no-untyped-def]
+            learning_rates: np.ndarray):
+    model = TorchModel(w, nbrs)
     optim = torch.optim.SGD([
         {"params": [model.e_in.weight], "lr": float(learning_rates[0])},
         {"params": [model.out.weight], "lr": float(learning_rates[1])},

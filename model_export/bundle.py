@@ -2,16 +2,18 @@
 
 A bundle is a directory (or a zip of one) holding
 
-    manifest.json      format version, model version, round, V, d, the vocabulary's sha256,
-                       the history feature settings, sha256 of every other file
+    manifest.json      format version, model version, round, V, d, K, the vocabulary's
+                       sha256, the history feature settings, sha256 of every other file
     manifest.sig       Ed25519 signature (64 raw bytes) of manifest.json's exact bytes
     vocabulary.json    the item keys in catalog order, with display names
     recommend.onnx     recommend.ort    train_step.onnx    train_step.ort   (no weights)
     weights.bin        e_in, e_out, bias, blend as little-endian float32, in that order
+    neighbours.bin     the item-item table [V, K]: ids as int32, then weights as float32
 
-Only the manifest, its signature and weights.bin change from one model version to the next,
-so a device that holds the other files (matched by sha256) is sent only those three: a new
-model costs 4 bytes per parameter to download.
+Only the manifest, its signature and weights.bin change from one model version to the next
+(the table changes only when the aggregator derives it from a new statistic), so a device that
+holds the other files (matched by sha256) is sent only those three: a new model costs 4 bytes
+per parameter to download.
 
 Verification checks the signature first, then parses the manifest, then every file's hash
 and size; it keeps the verified bytes in memory so that what runs is what was checked.
@@ -37,9 +39,10 @@ import nacl.exceptions
 import nacl.signing
 import numpy as np
 
-from model_export.model import Weights, n_parameters
+from model_export.model import Neighbours, Weights, n_parameters
 
 __all__ = [
+    "CONSTANT_FILES",
     "FORMAT_VERSION",
     "Bundle",
     "BundleError",
@@ -52,13 +55,16 @@ __all__ = [
     "write_bundle",
 ]
 
-FORMAT_VERSION = 3  # 3: a third history feature (personal co-occurrence, input hist_co)
+FORMAT_VERSION = 4  # 3: personal co-occurrence (hist_co); 4: the item-item table
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 VOCABULARY_FILE = "vocabulary.json"
 GRAPH_FILES = ("recommend.onnx", "recommend.ort", "train_step.onnx", "train_step.ort")
 WEIGHTS_FILE = "weights.bin"
-PAYLOAD_FILES = (VOCABULARY_FILE, *GRAPH_FILES, WEIGHTS_FILE)
+NEIGHBOURS_FILE = "neighbours.bin"
+# what does not change with every model version: a device that holds them is not sent them
+CONSTANT_FILES = (VOCABULARY_FILE, *GRAPH_FILES, NEIGHBOURS_FILE)
+PAYLOAD_FILES = (*CONSTANT_FILES, WEIGHTS_FILE)
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 2 << 30
 
@@ -80,6 +86,7 @@ class Manifest:
     round: int
     n_items: int
     dim: int
+    neighbours: int  # K of the item-item table
     vocabulary_sha256: str
     history_decay: float
     files: Mapping[str, str]
@@ -87,7 +94,7 @@ class Manifest:
     def to_json(self) -> bytes:
         body = {
             "format": self.format, "model_version": self.model_version, "round": self.round,
-            "n_items": self.n_items, "dim": self.dim,
+            "n_items": self.n_items, "dim": self.dim, "neighbours": self.neighbours,
             "vocabulary_sha256": self.vocabulary_sha256,
             "history": {"decay": self.history_decay},
             "files": dict(sorted(self.files.items())),
@@ -101,6 +108,7 @@ class Manifest:
             manifest = cls(
                 format=int(body["format"]), model_version=int(body["model_version"]),
                 round=int(body["round"]), n_items=int(body["n_items"]), dim=int(body["dim"]),
+                neighbours=int(body["neighbours"]),
                 vocabulary_sha256=str(body["vocabulary_sha256"]),
                 history_decay=float(body["history"]["decay"]),
                 files={str(k): str(v) for k, v in body["files"].items()},
@@ -161,6 +169,10 @@ class Bundle:
     def weights(self) -> Weights:
         flat = np.frombuffer(self.files[WEIGHTS_FILE], dtype="<f4").astype(np.float32)
         return Weights.from_flat(flat, self.manifest.n_items, self.manifest.dim)
+
+    def neighbours(self) -> Neighbours:
+        return Neighbours.from_bytes(self.files[NEIGHBOURS_FILE], self.manifest.n_items,
+                                     self.manifest.neighbours)
 
 
 _LIMITS = {MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: 64}
@@ -270,6 +282,15 @@ def verify_members(members: Mapping[str, bytes], verify_key: bytes, *, origin: s
     if len(files[WEIGHTS_FILE]) != 4 * n_params:
         raise BundleError(f"{origin}: weights.bin holds {len(files[WEIGHTS_FILE])} bytes, "
                           f"V = {manifest.n_items}, d = {manifest.dim} needs {4 * n_params}")
+    table_bytes = 8 * manifest.n_items * manifest.neighbours
+    if manifest.neighbours < 1 or len(files[NEIGHBOURS_FILE]) != table_bytes:
+        raise BundleError(f"{origin}: {NEIGHBOURS_FILE} holds {len(files[NEIGHBOURS_FILE])} "
+                          f"bytes, V = {manifest.n_items}, K = {manifest.neighbours} needs "
+                          f"{table_bytes}")
+    try:
+        Neighbours.from_bytes(files[NEIGHBOURS_FILE], manifest.n_items, manifest.neighbours)
+    except ValueError as exc:  # ids outside the catalog
+        raise BundleError(f"{origin}: {NEIGHBOURS_FILE} is malformed: {exc}") from exc
     if vocabulary_sha256 is not None and manifest.vocabulary_sha256 != vocabulary_sha256:
         raise BundleError(f"{origin}: the bundle is for another item vocabulary "
                           f"({manifest.vocabulary_sha256[:16]}…, expected "
@@ -291,9 +312,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bundle(out_dir: Path | str, *, weights: Weights, items: Sequence[str],
-                 names: Sequence[str], graphs: Mapping[str, bytes], model_version: int,
-                 round_id: int, history_decay: float,
+def write_bundle(out_dir: Path | str, *, weights: Weights, neighbours: Neighbours,
+                 items: Sequence[str], names: Sequence[str], graphs: Mapping[str, bytes],
+                 model_version: int, round_id: int, history_decay: float,
                  signing_key: nacl.signing.SigningKey) -> Manifest:
     """Write a signed bundle atomically: into a temporary sibling directory, fsync'd, then
     renamed to ``out_dir``, which must not exist yet (bundles are immutable; a reader that
@@ -303,13 +324,15 @@ def write_bundle(out_dir: Path | str, *, weights: Weights, items: Sequence[str],
         raise FileExistsError(f"{out_dir} exists: a bundle is never overwritten in place")
     if set(graphs) != set(GRAPH_FILES):
         raise ValueError(f"graphs must be exactly {GRAPH_FILES}, got {sorted(graphs)}")
-    if weights.n_items != len(items) or len(names) != len(items):
-        raise ValueError("weights, items and names disagree on the catalog size")
+    if not weights.n_items == neighbours.n_items == len(items) == len(names):
+        raise ValueError("weights, table, items and names disagree on the catalog size")
     payload = {**graphs, VOCABULARY_FILE: _vocabulary_json(items, names),
-               WEIGHTS_FILE: weights.flat().astype("<f4").tobytes()}
+               WEIGHTS_FILE: weights.flat().astype("<f4").tobytes(),
+               NEIGHBOURS_FILE: neighbours.to_bytes()}
     manifest = Manifest(
         format=FORMAT_VERSION, model_version=model_version, round=round_id,
-        n_items=weights.n_items, dim=weights.dim, vocabulary_sha256=vocabulary_digest(items),
+        n_items=weights.n_items, dim=weights.dim, neighbours=neighbours.k,
+        vocabulary_sha256=vocabulary_digest(items),
         history_decay=history_decay,
         files={n: hashlib.sha256(b).hexdigest() for n, b in payload.items()},
     )

@@ -11,7 +11,7 @@ import onnx
 
 from model_export.bundle import Manifest, write_bundle
 from model_export.graphs import convert_to_ort, recommend_graph, train_step_graph
-from model_export.model import Weights
+from model_export.model import Neighbours, Weights
 
 __all__ = ["build_graphs", "export_bundle"]
 
@@ -33,13 +33,17 @@ def build_graphs(n_items: int, dim: int) -> dict[str, bytes]:
 
 def export_bundle(out_dir: Path | str, weights: Weights, items: Sequence[str],
                   names: Sequence[str], signing_key: nacl.signing.SigningKey, *,
-                  model_version: int = 0, round_id: int = 0, history_decay: float = 1.0,
+                  neighbours: Neighbours | None = None, model_version: int = 0,
+                  round_id: int = 0, history_decay: float = 1.0,
                   graphs: Mapping[str, bytes] | None = None) -> Manifest:
-    """Write ``weights`` as a signed bundle, with ``graphs`` from an earlier bundle of the
-    same V and d, or freshly built."""
+    """Write ``weights`` (and the item-item table; none by default) as a signed bundle,
+    with ``graphs`` from an earlier bundle of the same V and d, or freshly built."""
     if graphs is None:
         graphs = build_graphs(weights.n_items, weights.dim)
-    return write_bundle(out_dir, weights=weights, items=items, names=names,
+    if neighbours is None:
+        neighbours = Neighbours.empty(weights.n_items)
+    return write_bundle(out_dir, weights=weights, neighbours=neighbours, items=items,
+                        names=names,
                         graphs=graphs, model_version=model_version,
                         round_id=round_id, history_decay=history_decay,
                         signing_key=signing_key)

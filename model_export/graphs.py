@@ -1,16 +1,19 @@
 """The model as ONNX graphs, built op by op with ``onnx.helper`` (opset 18).
 
-``recommend.onnx``: inputs the weights ``e_in``, ``e_out``, ``bias``, ``blend``, then
-``cart`` int64[B, L] and ``hist_ids`` int64[B, H] (both padded with -1; history ids distinct
-within a row), ``hist_w`` and ``hist_co`` float32[B, H], ``k`` int64[1]; outputs
-``top_ids`` int64[B, k'] and ``top_scores`` float32[B, k'] with k' = min(k, V). Cart items
-score -inf, so they are never recommended ahead of any other item.
+``recommend.onnx``: inputs the weights ``e_in``, ``e_out``, ``bias``, ``blend``, the item-item
+table ``nbr_ids`` int64[V, K] and ``nbr_w`` float32[V, K], then ``cart`` int64[B, L] and
+``hist_ids`` int64[B, H] (both padded with -1; history ids distinct within a row), ``hist_w``
+and ``hist_co`` float32[B, H], ``k`` int64[1]; outputs ``top_ids`` int64[B, k'] and
+``top_scores`` float32[B, k'] with k' = min(k, V). Cart items score -inf, so they are never
+recommended ahead of any other item.
 
-``train_step.onnx``: weights as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``, ``hist_co``,
-``targets`` int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after one SGD step. The
-backward pass is closed-form (see model.py) and never forms the dense one-hot: ``e_in`` is
-updated with a ScatterND-add over the context rows only, ``e_out`` with one Gemm plus a
-ScatterND-add on the target rows.
+``train_step.onnx``: weights and table as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``,
+``hist_co``, ``targets`` int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after
+one SGD step. The backward pass is closed-form (see model.py) and never forms the dense
+one-hot: ``e_in`` is updated with a ScatterND-add over the context rows only, ``e_out`` with
+one Gemm plus a ScatterND-add on the target rows. The item-item term is scattered from the
+cart's [B, L K] neighbour entries straight into the logits, and its blend gradient is read
+back at those entries: no dense [B, V] item-item tensor exists in either graph.
 
 Both graphs share :func:`_scores`, so the score the device ranks by is the score it trains.
 Neither graph holds weights: they depend only on (V, d), so a new model version is one
@@ -31,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export.model import N_BLEND, TENSOR_NAMES
+from model_export.model import ITEM_ITEM, N_BLEND, TENSOR_NAMES
 
 __all__ = ["OPSET", "convert_to_ort", "recommend_graph", "train_step_graph"]
 
@@ -71,41 +74,56 @@ class _Graph:
 
 def _common_consts(g: _Graph) -> None:
     g.const("zero_i", np.array(0, np.int64))
+    g.const("start0", np.array([0], np.int64))
+    g.const("end1", np.array([1], np.int64))
+    g.const("minus_one", np.array([-1], np.int64))
     g.const("one_f", np.array(1.0, np.float32))
     g.const("axis1", np.array([1], np.int64))
     g.const("axis_last", np.array([-1], np.int64))
 
 
-def _scores(g: _Graph, e_in: str, e_out: str, bias: str, blend: str, ctx: str,
-            hist_ids: str, hist_w: str, hist_co: str) -> dict[str, str]:
-    """Forward pass shared by both graphs; returns the names of its intermediate values."""
+def _blend_weight(g: _Graph, index: int) -> str:
+    return g.op("Gather", "blend", g.const(f"blend_{index}", np.array(index, np.int64)), axis=0)
+
+
+def _scores(g: _Graph, ctx: str) -> dict[str, str]:
+    """Forward pass shared by both graphs (weights, table and history under their input
+    names); returns the names of its intermediate values."""
     valid = g.op("GreaterOrEqual", ctx, "zero_i")
     safe_ctx = g.op("Where", valid, ctx, "zero_i")
     mask = g.op("Cast", valid, to=FLOAT)
     count = g.op("Sqrt", g.op("Max", g.op("ReduceSum", mask, "axis1", keepdims=1), "one_f"))
-    rows = g.op("Gather", e_in, safe_ctx, axis=0)
+    rows = g.op("Gather", "e_in", safe_ctx, axis=0)
     weights = g.op("Unsqueeze", g.op("Div", mask, count), "axis_last")
     u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)
-    base = g.op("Gemm", u, e_out, bias, transB=1)
+    base = g.op("Gemm", u, "e_out", "bias", transB=1)
+
+    # The item-item term: each cart item's K neighbour entries, [B, L K], scattered (added)
+    # into the logits with the blend weight applied on that small side.
+    per_row = g.op("Concat", g.op("Slice", g.op("Shape", ctx), "start0", "end1"),
+                   "minus_one", axis=0)
+    nbr_ids = g.op("Reshape", g.op("Gather", "nbr_ids", safe_ctx, axis=0), per_row)
+    nbr_w = g.op("Reshape", g.op("Mul", g.op("Gather", "nbr_w", safe_ctx, axis=0),
+                                 g.op("Unsqueeze", mask, "axis_last")), per_row)
+    base = g.op("ScatterElements", base, nbr_ids,
+                g.op("Mul", nbr_w, _blend_weight(g, ITEM_ITEM)), axis=1, reduction="add")
 
     # The blend, on the H history entries only (ids are distinct within a row):
-    # the N_BLEND features (log(1 + h), [in history], log(1 + co)), each [B, H], dotted with
-    # blend with elementwise ops: a [B, H, 3] MatMul and its axis-(0, 1) ReduceSum made the
-    # whole train step 2.6x slower at V = 169.
-    h_valid = g.op("GreaterOrEqual", hist_ids, "zero_i")
-    safe_hist = g.op("Where", h_valid, hist_ids, "zero_i")
+    # the three history features (log(1 + h), [in history], log(1 + co)), each [B, H], dotted
+    # with their blend weights by elementwise ops: a [B, H, 3] MatMul and its axis-(0, 1)
+    # ReduceSum made the whole train step 2.6x slower at V = 169.
+    h_valid = g.op("GreaterOrEqual", "hist_ids", "zero_i")
+    safe_hist = g.op("Where", h_valid, "hist_ids", "zero_i")
     f_any = g.op("Cast", h_valid, to=FLOAT)
-    f_log = g.op("Mul", g.op("Log", g.op("Add", hist_w, "one_f")), f_any)
-    f_co = g.op("Mul", g.op("Log", g.op("Add", hist_co, "one_f")), f_any)
+    f_log = g.op("Mul", g.op("Log", g.op("Add", "hist_w", "one_f")), f_any)
+    f_co = g.op("Mul", g.op("Log", g.op("Add", "hist_co", "one_f")), f_any)
     features = (f_log, f_any, f_co)
-    weighted = [g.op("Mul", f, g.op("Gather", blend, g.const(f"blend_{i}", np.array(i, np.int64)),
-                                    axis=0))
-                for i, f in enumerate(features)]
+    weighted = [g.op("Mul", f, _blend_weight(g, i)) for i, f in enumerate(features)]
     logits = g.op("ScatterElements", base, safe_hist,
                   g.op("Sum", *weighted), axis=1, reduction="add")
     return {"valid": valid, "safe_ctx": safe_ctx, "mask": mask, "count": count, "u": u,
             "safe_hist": safe_hist, "f_log": f_log, "f_any": f_any, "f_co": f_co,
-            "logits": logits}
+            "nbr_ids": nbr_ids, "nbr_w": nbr_w, "logits": logits}
 
 
 def _io(name: str, elem: int, shape: list[str | int]) -> onnx.ValueInfoProto:
@@ -122,7 +140,9 @@ def _weight_shapes(n_items: int, dim: int) -> dict[str, list[str | int]]:
 
 
 def _weight_inputs(n_items: int, dim: int) -> list[onnx.ValueInfoProto]:
-    return [_io(n, FLOAT, s) for n, s in _weight_shapes(n_items, dim).items()]
+    """The trained weights, then the item-item table (K varies with the table)."""
+    return [*(_io(n, FLOAT, s) for n, s in _weight_shapes(n_items, dim).items()),
+            _io("nbr_ids", INT64, [n_items, "K_nbr"]), _io("nbr_w", FLOAT, [n_items, "K_nbr"])]
 
 
 def recommend_graph(n_items: int, dim: int) -> onnx.ModelProto:
@@ -132,7 +152,7 @@ def recommend_graph(n_items: int, dim: int) -> onnx.ModelProto:
     g.const("n_items", np.array([n_items], np.int64))
     g.const("neg_inf", np.array(-np.inf, np.float32))
     g.const("pos_inf", np.array(np.inf, np.float32))
-    s = _scores(g, "e_in", "e_out", "bias", "blend", "cart", "hist_ids", "hist_w", "hist_co")
+    s = _scores(g, "cart")
     exclusion = g.op("Where", s["valid"], "neg_inf", "pos_inf")
     ranked = g.op("ScatterElements", s["logits"], s["safe_ctx"], exclusion, axis=1,
                   reduction="min")
@@ -155,7 +175,7 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
     _common_consts(g)
     g.const("axis0", np.array([0], np.int64))
     g.const("tiny", np.array(np.finfo(np.float32).tiny, np.float32))
-    s = _scores(g, "e_in", "e_out", "bias", "blend", "ctx", "hist_ids", "hist_w", "hist_co")
+    s = _scores(g, "ctx")
     logits = s["logits"]
 
     # d loss / d logits = (softmax - onehot) / B. The one-hot half touches only the B target
@@ -187,11 +207,17 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
                    g.op("Unsqueeze", s["mask"], "axis_last"))
     g.op("ScatterND", "e_in", g.op("Unsqueeze", s["safe_ctx"], "axis_last"), per_row,
          reduction="add", out="e_in_out")
-    is_target = g.op("Cast", g.op("Equal", s["safe_hist"], target_col), to=FLOAT)
-    g_hist = g.op("Sub", is_target, g.op("GatherElements", probs, s["safe_hist"], axis=1))
+    # each blend weight's gradient, read at the entries its feature touches:
+    # sum over them of (onehot - softmax) * feature
+    def entry_gradient(ids: str) -> str:
+        is_target = g.op("Cast", g.op("Equal", ids, target_col), to=FLOAT)
+        return g.op("Sub", is_target, g.op("GatherElements", probs, ids, axis=1))
+
+    g_hist, g_nbr = entry_gradient(s["safe_hist"]), entry_gradient(s["nbr_ids"])
     d_blend = g.op("Concat", *(
-        g.op("Unsqueeze", g.op("ReduceSum", g.op("Mul", g_hist, s[f]), keepdims=0), "axis0")
-        for f in ("f_log", "f_any", "f_co")), axis=0)
+        g.op("Unsqueeze", g.op("ReduceSum", g.op("Mul", grad, s[f]), keepdims=0), "axis0")
+        for grad, f in ((g_hist, "f_log"), (g_hist, "f_any"), (g_hist, "f_co"),
+                        (g_nbr, "nbr_w"))), axis=0)
     g.op("Add", "blend", g.op("Mul", d_blend, step["blend"]), out="blend_out")
 
     inputs = [*_weight_inputs(n_items, dim), _io("ctx", INT64, ["B", "L"]),

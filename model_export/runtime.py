@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_export.features import Batch, History, history_feeds, pad_histories, pad_rows
-from model_export.model import PAD, TENSOR_NAMES, Weights
+from model_export.model import PAD, TENSOR_NAMES, Neighbours, Weights
 
 __all__ = ["Recommender", "TrainStep", "make_session", "shared_session"]
 
@@ -50,15 +50,25 @@ def shared_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
     return session
 
 
+def _model_feeds(weights: Weights, neighbours: Neighbours) -> dict[str, np.ndarray]:
+    if neighbours.n_items != weights.n_items:
+        raise ValueError(f"the neighbour table has {neighbours.n_items} rows, the model "
+                         f"{weights.n_items} items")
+    return {**{n: np.ascontiguousarray(t, np.float32) for n, t in weights.tensors().items()},
+            "nbr_ids": np.ascontiguousarray(neighbours.ids, np.int64),
+            "nbr_w": np.ascontiguousarray(neighbours.weights, np.float32)}
+
+
 class Recommender:
     """Top-k items for carts, blended with each user's history, via recommend.onnx/.ort
-    with ``weights`` fed as inputs (numpy arrays are passed without a copy)."""
+    with ``weights`` and the item-item table fed as inputs (numpy arrays are passed without
+    a copy)."""
 
-    def __init__(self, model: bytes, weights: Weights, threads: int = 1) -> None:
+    def __init__(self, model: bytes, weights: Weights, neighbours: Neighbours,
+                 threads: int = 1) -> None:
         self.session = shared_session(model, threads)
         self.n_items = weights.n_items
-        self.weights = {n: np.ascontiguousarray(t, np.float32)
-                        for n, t in weights.tensors().items()}
+        self.weights = _model_feeds(weights, neighbours)
 
     def top_k(self, carts: Sequence[Sequence[int] | np.ndarray], k: int,
               histories: Sequence[History] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -100,15 +110,17 @@ class Recommender:
 
 
 class TrainStep:
-    """One SGD step of train_step.onnx on a batch."""
+    """One SGD step of train_step.onnx on a batch, with a fixed item-item table."""
 
-    def __init__(self, model: bytes, threads: int = 1) -> None:
+    def __init__(self, model: bytes, neighbours: Neighbours, threads: int = 1) -> None:
         self.session = shared_session(model, threads)
+        self.neighbours = neighbours
         self.outputs = ["loss", *(f"{n}_out" for n in TENSOR_NAMES)]
 
     def __call__(self, weights: Weights, batch: Batch,
                  lr: Sequence[float]) -> tuple[float, Weights]:
         """``lr``: one learning rate per group of TENSOR_NAMES."""
-        feeds = {**weights.tensors(), **batch.feeds(), "lr": np.asarray(lr, np.float32)}
+        feeds = {**_model_feeds(weights, self.neighbours), **batch.feeds(),
+                 "lr": np.asarray(lr, np.float32)}
         loss, *tensors = self.session.run(self.outputs, feeds)
         return float(loss), Weights(*tensors)

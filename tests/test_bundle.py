@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -27,21 +28,23 @@ from model_export.bundle import (
     vocabulary_digest,
 )
 from model_export.export import export_bundle
-from model_export.model import init_weights
+from model_export.model import Neighbours, init_weights
 from model_export.runtime import Recommender
 
 ITEMS = [f"sku{i:02d}" for i in range(20)]
 NAMES = [f"Product {i}" for i in range(20)]
 KEY = nacl.signing.SigningKey(bytes(range(32)))
 PUBLIC = bytes(KEY.verify_key)
+TABLE = Neighbours(np.random.default_rng(1).integers(0, len(ITEMS), (len(ITEMS), 3)),
+                   np.random.default_rng(2).random((len(ITEMS), 3)).astype(np.float32))
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "v3"
     weights = init_weights(len(ITEMS), 4, np.random.default_rng(0))
-    export_bundle(out, weights, ITEMS, NAMES, KEY, model_version=3, round_id=7,
-                  history_decay=0.9)
+    export_bundle(out, weights, ITEMS, NAMES, KEY, neighbours=TABLE, model_version=3,
+                  round_id=7, history_decay=0.9)
     return out
 
 
@@ -54,12 +57,31 @@ def test_round_trip(original: Path) -> None:
     bundle = read_bundle(original, PUBLIC, vocabulary_sha256=vocabulary_digest(ITEMS),
                          min_model_version=3)
     m = bundle.manifest
-    assert (m.model_version, m.round, m.n_items, m.dim) == (3, 7, 20, 4)
+    assert (m.model_version, m.round, m.n_items, m.dim, m.neighbours) == (3, 7, 20, 4, 3)
     assert bundle.items == tuple(ITEMS) and bundle.names == tuple(NAMES)
     expected = init_weights(len(ITEMS), 4, np.random.default_rng(0))
-    np.testing.assert_array_equal(bundle.weights().e_out, expected.e_out)
-    ids, _ = Recommender(bundle.files["recommend.ort"], bundle.weights()).top_k([[0, 1]], 3)
+    np.testing.assert_array_equal(bundle.weights().e_in, expected.e_in)
+    np.testing.assert_array_equal(bundle.neighbours().ids, TABLE.ids)
+    np.testing.assert_array_equal(bundle.neighbours().weights, TABLE.weights)
+    ids, _ = Recommender(bundle.files["recommend.ort"], bundle.weights(),
+                         bundle.neighbours()).top_k([[0, 1]], 3)
     assert ids.shape == (1, 3)
+
+
+def test_a_signed_table_pointing_outside_the_catalog_is_refused(original: Path,
+                                                                tmp_path: Path) -> None:
+    """Even under a valid signature (a server bug, not an attacker): an id past V would
+    index outside the model's arrays."""
+    bundle = read_bundle(original, PUBLIC)
+    bad = bytearray(bundle.files["neighbours.bin"])
+    bad[0:4] = (len(ITEMS)).to_bytes(4, "little")  # the first neighbour id: V
+    manifest = json.loads(bundle.manifest_json)
+    manifest["files"]["neighbours.bin"] = hashlib.sha256(bad).hexdigest()
+    raw = json.dumps(manifest, separators=(",", ":")).encode()
+    members = {**bundle.members(), "neighbours.bin": bytes(bad), MANIFEST: raw,
+               SIGNATURE: KEY.sign(raw).signature}
+    with pytest.raises(BundleError, match=r"neighbours\.bin is malformed"):
+        verify_members(members, PUBLIC)
 
 
 def test_a_new_version_differs_only_in_manifest_and_weights(original: Path,
@@ -67,8 +89,9 @@ def test_a_new_version_differs_only_in_manifest_and_weights(original: Path,
     """What lets a device download 4 bytes per parameter per model version."""
     first = read_bundle(original, PUBLIC)
     weights = init_weights(len(ITEMS), 4, np.random.default_rng(5))
-    export_bundle(tmp_path / "v4", weights, ITEMS, NAMES, KEY, model_version=4,
-                  history_decay=0.9, graphs={n: first.files[n] for n in GRAPH_FILES})
+    export_bundle(tmp_path / "v4", weights, ITEMS, NAMES, KEY, neighbours=first.neighbours(),
+                  model_version=4, history_decay=0.9,
+                  graphs={n: first.files[n] for n in GRAPH_FILES})
     second = read_bundle(tmp_path / "v4", PUBLIC)
     changed = {n for n in (MANIFEST, SIGNATURE, *PAYLOAD_FILES)
                if first.members()[n] != second.members()[n]}

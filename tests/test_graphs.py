@@ -9,7 +9,7 @@ import pytest
 from model_export.export import build_graphs
 from model_export.features import ExampleSet
 from model_export.graphs import OPSET, recommend_graph, train_step_graph
-from model_export.model import init_weights, scores, sgd_step
+from model_export.model import Neighbours, init_weights, scores, sgd_step
 from model_export.runtime import Recommender, TrainStep, make_session
 
 V, D = 40, 8
@@ -20,8 +20,15 @@ LR = np.array([3.0, 2.0, 0.5, 0.1], np.float32)
 def weights():
     rng = np.random.default_rng(7)
     w = init_weights(V, D, rng, scale=0.3, popularity=rng.integers(0, 50, V))
-    w.blend[:] = [0.7, 1.3, 0.4]
+    w.e_out[:] = rng.normal(scale=0.3, size=w.e_out.shape)
+    w.blend[:] = [0.7, 1.3, 0.4, 0.9]
     return w
+
+
+@pytest.fixture(scope="module")
+def nbrs():
+    rng = np.random.default_rng(8)
+    return Neighbours(rng.integers(0, V, (V, 5)), rng.normal(size=(V, 5)).astype(np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +52,17 @@ def test_graphs_pass_the_checker_at_the_declared_opset(weights) -> None:
 
 
 @pytest.mark.parametrize("graph", ["recommend.onnx", "recommend.ort"])
-def test_recommend_matches_reference_and_excludes_cart(weights, graphs, graph) -> None:
+def test_recommend_matches_reference_and_excludes_cart(weights, nbrs, graphs, graph) -> None:
     rng = np.random.default_rng(0)
     ctx, hist_ids, hist_w, hist_co = inputs(rng)
-    ref = scores(weights.astype(np.float64), ctx, hist_ids, hist_w.astype(np.float64),
+    ref = scores(weights.astype(np.float64), nbrs, ctx, hist_ids, hist_w.astype(np.float64),
                  hist_co.astype(np.float64))
     for row, cart in zip(ref, ctx, strict=True):
         row[cart[cart >= 0]] = -np.inf
     session = make_session(graphs[graph])
-    ids, got = session.run(None, {**weights.tensors(), "cart": ctx, "hist_ids": hist_ids,
-                                  "hist_w": hist_w, "hist_co": hist_co, "k": np.array([10])})
+    ids, got = session.run(None, {**weights.tensors(), **nbrs.tensors(), "cart": ctx,
+                                  "hist_ids": hist_ids, "hist_w": hist_w, "hist_co": hist_co,
+                                  "k": np.array([10])})
     assert ids.shape == (4, 10)
     expected = np.sort(ref, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -63,8 +71,8 @@ def test_recommend_matches_reference_and_excludes_cart(weights, graphs, graph) -
         assert not set(row.tolist()) & set(cart[cart >= 0].tolist())
 
 
-def test_k_larger_than_catalog_is_clamped(weights, graphs) -> None:
-    rec = Recommender(graphs["recommend.onnx"], weights)
+def test_k_larger_than_catalog_is_clamped(weights, nbrs, graphs) -> None:
+    rec = Recommender(graphs["recommend.onnx"], weights, nbrs)
     ids, got = rec.top_k([[1, 2]], k=10 * V)
     assert ids.shape == (1, V)
     assert np.isneginf(got[0, -2:]).all() and np.isfinite(got[0, :-2]).all()
@@ -73,15 +81,15 @@ def test_k_larger_than_catalog_is_clamped(weights, graphs) -> None:
 
 
 @pytest.mark.parametrize("graph", ["train_step.onnx", "train_step.ort"])
-def test_train_step_matches_reference(weights, graphs, graph) -> None:
+def test_train_step_matches_reference(weights, nbrs, graphs, graph) -> None:
     rng = np.random.default_rng(1)
     ctx, hist_ids, hist_w, hist_co = inputs(rng)
     targets = np.array([4, 5, 0, 39], np.int64)
     session = make_session(graphs[graph])
-    loss, *tensors = session.run(None, {**weights.tensors(), "ctx": ctx,
+    loss, *tensors = session.run(None, {**weights.tensors(), **nbrs.tensors(), "ctx": ctx,
                                         "hist_ids": hist_ids, "hist_w": hist_w,
                                         "hist_co": hist_co, "targets": targets, "lr": LR})
-    ref_loss, ref = sgd_step(weights.astype(np.float64), ctx, hist_ids,
+    ref_loss, ref = sgd_step(weights.astype(np.float64), nbrs, ctx, hist_ids,
                              hist_w.astype(np.float64), hist_co.astype(np.float64), targets,
                              LR.astype(np.float64))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
@@ -94,7 +102,8 @@ def test_train_step_loss_decreases_on_real_data(uci_split) -> None:
     examples = ExampleSet(users, uci_split.n_items, decay=0.9)
     rng = np.random.default_rng(0)
     w = init_weights(uci_split.n_items, 16, rng)
-    step = TrainStep(train_step_graph(uci_split.n_items, 16).SerializeToString())
+    step = TrainStep(train_step_graph(uci_split.n_items, 16).SerializeToString(),
+                     Neighbours.empty(uci_split.n_items))
     fixed = examples.batch(rng.choice(len(examples), 256, replace=False), rng)
     before, _ = step(w, fixed, np.zeros(4))
     for _ in range(2):

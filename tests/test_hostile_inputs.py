@@ -98,7 +98,7 @@ def test_csv_loader(tmp_path: Path, rows: list[list[str]]) -> None:
 
 
 VALID = {"format": FORMAT_VERSION, "model_version": 3, "round": 2, "n_items": 2, "dim": 4,
-         "vocabulary_sha256": "00", "history": {"decay": 0.9},
+         "neighbours": 1, "vocabulary_sha256": "00", "history": {"decay": 0.9},
          "files": dict.fromkeys(PAYLOAD_FILES, "00")}
 
 
@@ -111,6 +111,7 @@ def test_the_valid_manifest_is_accepted() -> None:
 @given(field=st.sampled_from(sorted(VALID)), value=json_values)
 @example(field="format", value=float("inf"))  # int(inf) raises OverflowError
 @example(field="n_items", value=-1)
+@example(field="neighbours", value=-1)
 @example(field="files", value={"weights.bin": "00"})
 def test_manifest_with_one_bad_field(field: str, value: object) -> None:
     body = {**VALID, field: value}

@@ -6,13 +6,23 @@ import numpy as np
 import pytest
 
 from model_export.model import (
+    Neighbours,
     Weights,
     history_features,
     init_weights,
     loss_and_grads,
+    pick,
+    place,
     scores,
     sgd_step,
+    trained_groups,
 )
+
+
+def neighbours(rng: np.random.Generator, n_items: int, k: int = 3) -> Neighbours:
+    """A random table; rows share neighbours, so a cart's entries for one item add up."""
+    return Neighbours(rng.integers(0, n_items, (n_items, k)),
+                      rng.normal(size=(n_items, k)).astype(np.float32))
 
 
 def batch(rng: np.random.Generator, n_items: int) -> tuple[np.ndarray, ...]:
@@ -29,18 +39,20 @@ def test_gradients_match_finite_differences(seed: int) -> None:
     rng = np.random.default_rng(seed)
     w = init_weights(12, 5, rng, scale=0.5, popularity=rng.integers(0, 9, 12)).astype(
         np.float64)
-    w.blend[:] = rng.normal(size=3)
+    w.e_out[:] = rng.normal(scale=0.5, size=w.e_out.shape)
+    w.blend[:] = rng.normal(size=4)
+    nbrs = neighbours(rng, 12)
     ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 12)
-    _, grads = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
+    _, grads = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
     eps = 1e-6
     for name, tensor in w.tensors().items():
         flat = tensor.reshape(-1)
         for index in rng.choice(flat.size, min(flat.size, 12), replace=False):
             saved = flat[index]
             flat[index] = saved + eps
-            up, _ = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
+            up, _ = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
             flat[index] = saved - eps
-            down, _ = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
+            down, _ = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
             flat[index] = saved
             numeric = (up - down) / (2 * eps)
             analytic = grads.tensors()[name].reshape(-1)[index]
@@ -50,14 +62,29 @@ def test_gradients_match_finite_differences(seed: int) -> None:
 def test_padding_and_empty_cart() -> None:
     rng = np.random.default_rng(0)
     w = init_weights(6, 3, rng)
-    padded = scores(w, np.array([[2, 4, -1, -1]]), np.full((1, 1), -1), np.zeros((1, 1)),
-                    np.zeros((1, 1)))
-    tight = scores(w, np.array([[4, 2]]), np.full((1, 1), -1), np.zeros((1, 1)),
-                    np.zeros((1, 1)))
+    w.blend[:] = [0.0, 0.0, 0.0, 2.0]
+    nbrs = neighbours(rng, 6)
+    no_history = (np.full((1, 1), -1), np.zeros((1, 1)), np.zeros((1, 1)))
+    padded = scores(w, nbrs, np.array([[2, 4, -1, -1]]), *no_history)
+    tight = scores(w, nbrs, np.array([[4, 2]]), *no_history)
     np.testing.assert_allclose(padded, tight, rtol=1e-6)
-    empty = scores(w, np.array([[-1]]), np.full((1, 1), -1), np.zeros((1, 1)),
-                    np.zeros((1, 1)))
+    empty = scores(w, nbrs, np.array([[-1]]), *no_history)
     np.testing.assert_allclose(empty[0], w.bias)
+
+
+def test_item_item_term_sums_the_cart_rows_of_the_table() -> None:
+    table = Neighbours(np.array([[1, 2], [0, 2], [1, 1], [0, 0]]),
+                       np.array([[0.5, 0.25], [1.0, 2.0], [3.0, 4.0], [0.0, 0.0]], np.float32))
+    got = table.scores(np.array([[0, 2, -1], [3, -1, -1]]))
+    # item 0 gives 1 -> 0.5 and 2 -> 0.25; item 2 gives 1 -> 3 + 4; item 3 gives nothing
+    np.testing.assert_allclose(got, [[0.0, 7.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    back = Neighbours.from_bytes(table.to_bytes(), 4, 2)
+    np.testing.assert_array_equal(back.ids, table.ids)
+    np.testing.assert_array_equal(back.weights, table.weights)
+    with pytest.raises(ValueError, match="lie in"):
+        Neighbours(np.array([[4]]), np.array([[1.0]], np.float32))
+    with pytest.raises(ValueError, match="bytes"):
+        Neighbours.from_bytes(table.to_bytes()[:-1], 4, 2)
 
 
 def test_history_features_ignore_padding() -> None:
@@ -77,7 +104,27 @@ def test_flat_round_trip_and_sgd_moves_against_gradient() -> None:
     with pytest.raises(ValueError, match="shape"):
         Weights.from_flat(w.flat()[:-1], 10, 4)
     ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 10)
-    loss, _ = loss_and_grads(w, ctx, hist_ids, hist_w, hist_co, targets)
-    _, lower = sgd_step(w, ctx, hist_ids, hist_w, hist_co, targets, np.full(4, 0.05))
-    after, _ = loss_and_grads(lower, ctx, hist_ids, hist_w, hist_co, targets)
+    nbrs = neighbours(rng, 10)
+    loss, _ = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
+    _, lower = sgd_step(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets, np.full(4, 0.05))
+    after, _ = loss_and_grads(lower, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
     assert after < loss
+
+
+def test_picking_trained_groups_round_trips() -> None:
+    w = init_weights(7, 3, np.random.default_rng(4))
+    w.e_out[:] = 2.0
+    flat = w.flat()
+    blend = pick(flat, ["blend"], 7, 3)
+    np.testing.assert_array_equal(blend, w.blend)
+    both = pick(flat, ["blend", "e_out"], 7, 3)  # any order: the layout's order is used
+    np.testing.assert_array_equal(both, np.concatenate([w.e_out.ravel(), w.blend]))
+    back = place(both, ["e_out", "blend"], 7, 3)
+    np.testing.assert_array_equal(back, np.concatenate([np.zeros(21), w.e_out.ravel(),
+                                                        np.zeros(7), w.blend]))
+    with pytest.raises(ValueError, match="values"):
+        place(both[:-1], ["e_out", "blend"], 7, 3)
+    with pytest.raises(ValueError, match="subset"):
+        trained_groups(["e_in", "gamma"])
+    with pytest.raises(ValueError, match="subset"):
+        trained_groups([])
