@@ -8,11 +8,11 @@ device can compute alone); they are the yardstick the federated model is measure
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg.lapack as lapack
 import scipy.sparse as sp
 
 from model_export.evaluation import Query, Scorer, Split
 from model_export.features import history_of
+from model_export.item_item import ease_weights
 
 __all__ = [
     "basket_counts", "cooccurrence", "ease", "own_history", "popularity",
@@ -59,21 +59,10 @@ def cooccurrence(split: Split) -> Scorer:
 
 
 def ease(split: Split, lam: float) -> Scorer:
-    """EASE (Steck 2019): B = I - P diag(1/diag P), P = (X^T X + lam I)^-1, X the binary
-    training basket x item matrix; scores = x_cart B. The inverse goes through a Cholesky
-    factorization, half the work of a general one."""
+    """EASE (Steck 2019) on the binary training basket x item matrix X: B from X^T X
+    (item_item.ease_weights); scores = x_cart B."""
     x = _basket_matrix(split)
-    gram = (x.T @ x).toarray()
-    gram[np.diag_indices_from(gram)] += lam
-    chol, info = lapack.dpotrf(gram, lower=False, overwrite_a=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"EASE Gram matrix not positive definite (info={info})")
-    p, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"EASE inverse failed (info={info})")
-    p = np.triu(p) + np.triu(p, 1).T
-    weights = -p / np.diag(p)
-    weights[np.diag_indices_from(weights)] = 0.0
+    weights = ease_weights((x.T @ x).toarray(), lam)
 
     def score(queries: list[Query]) -> np.ndarray:
         return np.vstack([weights[q.cart].sum(axis=0) for q in queries])

@@ -10,8 +10,13 @@ older than the newest weighs ``decay**a``), capped at the ``max_items`` heaviest
   again: added to EASE with a weight chosen on the validation split, it lifts UCI's test
   HitRate@10 from 0.341 to 0.38, and it needs nothing but the device's own baskets.
 
-Examples: leave-one-out inside each basket (target t, context = basket minus t), each with
-the features of the baskets before it. Only numpy: a device imports it.
+Examples: leave-one-out inside a basket (target t, context = basket minus t), each with the
+features of the baskets before it. Training draws them the way a query is drawn: from each
+user's newest basket, a few per user (``ExampleSet(newest=1)``, ``batches(per_user=E)``), so
+the examples look like the next cart given everything before, and every user weighs alike.
+Drawing every example of every basket instead let heavy users (a wholesaler's hundreds of
+invoices) set the blend: on UCI's validation split, training then lowered HitRate@10 from
+0.369 to 0.343; the aligned examples keep it at 0.37. Only numpy: a device imports it.
 """
 
 from __future__ import annotations
@@ -120,31 +125,50 @@ def pad_histories(histories: Sequence[History]) -> tuple[np.ndarray, np.ndarray,
 
 
 class ExampleSet:
-    """All leave-one-out examples of some users' baskets (catalog indices)."""
+    """The leave-one-out examples of some users' baskets (catalog indices): of every basket,
+    or of each user's ``newest`` last baskets (the earlier ones are then history only)."""
 
     def __init__(self, users_baskets: Sequence[Sequence[np.ndarray]], n_items: int,
-                 decay: float, use_history: bool = True) -> None:
+                 decay: float, use_history: bool = True, newest: int | None = None) -> None:
         self.use_history = use_history
         self.baskets: list[np.ndarray] = []
         self.owners: list[tuple[UserHistory, int]] = []
-        for baskets in users_baskets:
+        basket_user: list[int] = []
+        for u, baskets in enumerate(users_baskets):
             user = UserHistory([np.asarray(b, np.int64) for b in baskets], decay)
-            for t, basket in enumerate(baskets):
-                self.baskets.append(np.asarray(basket, dtype=np.int64))
+            first = 0 if newest is None else max(0, len(baskets) - newest)
+            for t in range(first, len(baskets)):
+                self.baskets.append(np.asarray(baskets[t], dtype=np.int64))
                 self.owners.append((user, t))
+                basket_user.append(u)
         sizes = np.array([len(b) for b in self.baskets], dtype=np.int64)
         usable = sizes >= 2
         self.example_basket = np.repeat(np.flatnonzero(usable), sizes[usable])
         starts = np.cumsum(sizes[usable]) - sizes[usable]
         self.example_pos = np.arange(int(sizes[usable].sum())) - np.repeat(starts,
                                                                             sizes[usable])
+        self.example_user = np.asarray(basket_user, np.int64)[self.example_basket]
 
     def __len__(self) -> int:
         return len(self.example_basket)
 
-    def batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[Batch]:
-        """One shuffled pass; contexts longer than MAX_CONTEXT are subsampled."""
+    def draw(self, rng: np.random.Generator, per_user: int | None = None) -> np.ndarray:
+        """A shuffled pass over the examples; with ``per_user``, at most that many of each
+        user's, drawn afresh on every call."""
         order = rng.permutation(len(self))
+        if per_user is None:
+            return order
+        by_user = np.argsort(self.example_user[order], kind="stable")
+        users = self.example_user[order][by_user]
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        rank = np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)]))
+        return rng.permutation(order[by_user[rank < per_user]])
+
+    def batches(self, batch_size: int, rng: np.random.Generator,
+                per_user: int | None = None) -> Iterator[Batch]:
+        """One shuffled pass (see ``draw``); contexts longer than MAX_CONTEXT are
+        subsampled."""
+        order = self.draw(rng, per_user)
         for start in range(0, len(order), batch_size):
             yield self.batch(order[start:start + batch_size], rng)
 

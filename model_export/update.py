@@ -13,11 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from secagg.fixedpoint import decode_sum, encode, scale_for
+from secagg.fixedpoint import (
+    MIN_PACKED_SCALE,
+    decode_packed_sum,
+    decode_sum,
+    encode,
+    encode_packed,
+    packed_scale_for,
+    scale_for,
+)
 
-__all__ = ["UpdateFormat", "clip"]
+__all__ = ["TRAIN", "UpdateFormat", "clip"]
 
 L2, L1 = "l2", "l1"
+TRAIN = "train"  # a training round's task; statistics rounds: model_export.statistics
 
 
 def clip(delta: np.ndarray, clip_norm: float, norm: str = L2) -> tuple[np.ndarray, bool]:
@@ -42,16 +51,26 @@ class UpdateFormat:
     cohort_size: int
     weight_cap: float = 1.0
     norm: str = L2
+    # two values per word (secagg.fixedpoint): for inputs whose every value lies in [0, 1],
+    # as a statistic's do; a training update's signed deltas never are
+    packed: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in (L1, L2):
             raise ValueError(f"norm must be 'l1' or 'l2', got {self.norm!r}")
         if self.clip_norm <= 0 or self.weight_cap <= 0 or self.cohort_size < 1:
             raise ValueError("clip norm and weight cap must be positive, cohort size >= 1")
+        if self.packed and packed_scale_for(self.cohort_size) < MIN_PACKED_SCALE:
+            raise ValueError(f"a cohort of {self.cohort_size} is too large to pack")
+
+    @staticmethod
+    def can_pack(cohort_size: int) -> bool:
+        """Whether a cohort this large still gets MIN_PACKED_SCALE steps per unit."""
+        return packed_scale_for(cohort_size) >= MIN_PACKED_SCALE
 
     @property
     def vector_len(self) -> int:
-        return self.n_params + 1
+        return (self.n_params + 2) // 2 if self.packed else self.n_params + 1
 
     @property
     def bound(self) -> float:
@@ -70,11 +89,15 @@ class UpdateFormat:
             raise ValueError(f"update has shape {delta.shape}, expected ({self.n_params},)")
         clipped, _ = clip(delta, self.clip_norm, self.norm)
         w = self.weight(n_examples)
+        if self.packed:
+            return encode_packed(np.append(w * clipped, w), packed_scale_for(self.cohort_size))
         return encode(np.append(w * clipped, w), self.scale, self.bound)
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
         """(sum of weighted deltas, sum of weights) from the cohort's modular sum."""
         if total.shape != (self.vector_len,):
             raise ValueError(f"sum has shape {total.shape}, expected ({self.vector_len},)")
-        values = decode_sum(total, self.scale)
+        values = (decode_packed_sum(total, packed_scale_for(self.cohort_size),
+                                    self.n_params + 1) if self.packed
+                  else decode_sum(total, self.scale))
         return values[:-1], float(values[-1])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from model_export import baselines
 from model_export.evaluation import Metrics, Split, evaluate
-from model_export.model import Weights
+from model_export.model import Neighbours, Weights
 from model_export.train import TrainConfig, model_scorer, train_central
 
 __all__ = ["EASE_LAMBDA", "MAX_EASE_ITEMS", "Row", "baseline_rows", "central_rows"]
@@ -50,14 +50,12 @@ def baseline_rows(split: Split, ease_lambda: float | None = None,
 
 def central_rows(split: Split, config: TrainConfig,
                  on_epoch: Callable[[int, float], None] | None = None,
-                 ) -> tuple[Weights, list[Row]]:
+                 ) -> tuple[Weights, Neighbours, list[Row]]:
     """Train centrally; evaluate with the history blend (what a device serves) and without
     (the global model alone)."""
-    weights = train_central(split, config, on_epoch)
-    rows = [
-        Row("FedCart central + history", evaluate(
-            model_scorer(weights, split, config.history_decay, use_history=True), split)),
-        Row("FedCart central, global only", evaluate(
-            model_scorer(weights, split, config.history_decay, use_history=False), split)),
-    ]
-    return weights, rows
+    weights, neighbours = train_central(split, config, on_epoch)
+    rows = [Row(name, evaluate(model_scorer(weights, neighbours, split, config.history_decay,
+                                            use_history=history), split))
+            for name, history in (("FedCart central + history", True),
+                                  ("FedCart central, global only", False))]
+    return weights, neighbours, rows

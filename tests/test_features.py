@@ -60,3 +60,23 @@ def test_examples_carry_the_features_of_earlier_baskets_for_their_own_cart() -> 
         assert (batch.hist_ids[row][n:] == -1).all()
         np.testing.assert_allclose(batch.hist_w[row][:n], want.counts, rtol=1e-6)
         np.testing.assert_allclose(batch.hist_co[row][:n], want.co, rtol=1e-6)
+
+
+def test_newest_basket_examples_drawn_a_few_per_user() -> None:
+    rng = np.random.default_rng(1)
+    users = [[np.sort(rng.choice(30, rng.integers(2, 9), replace=False))
+              for _ in range(int(rng.integers(1, 5)))] for _ in range(20)]
+    examples = ExampleSet(users, 30, decay=0.9, newest=1)
+    # every example is a leave-one-out of its user's last basket, each of its items once
+    assert len(examples) == sum(len(baskets[-1]) for baskets in users)
+    for e in range(len(examples)):
+        user, t = examples.owners[examples.example_basket[e]]
+        assert t == len(user) - 1
+    draws = [examples.draw(rng, per_user=3) for _ in range(2)]
+    for drawn in draws:
+        counts = np.bincount(examples.example_user[drawn], minlength=len(users))
+        want = np.minimum([len(b[-1]) for b in users], 3)
+        np.testing.assert_array_equal(counts, want)
+        assert len(set(drawn.tolist())) == len(drawn)
+    assert not np.array_equal(np.sort(draws[0]), np.sort(draws[1]))  # drawn afresh
+    np.testing.assert_array_equal(np.sort(examples.draw(rng)), np.arange(len(examples)))
