@@ -24,21 +24,24 @@ def control(kind: str, **fields: Any) -> bytes:
 
 
 def parse(frame: bytes | str) -> tuple[int, Any]:
-    """(channel, payload): a dict for CONTROL, bytes otherwise; MalformedMessage if bad."""
+    """(channel, payload): a dict for CONTROL, bytes for BUNDLE, a memoryview of the frame
+    for SECAGG (not copied: a masked input is megabytes); MalformedMessage if bad."""
     if isinstance(frame, str) or not frame:
         raise MalformedMessage("frames are non-empty binary messages")
-    channel, payload = frame[0], frame[1:]
+    channel, payload = frame[0], memoryview(frame)[1:]
     if channel == CONTROL:
         if len(payload) > MAX_CONTROL:
             raise MalformedMessage(f"control message over {MAX_CONTROL} bytes")
         try:
-            body = json.loads(payload)
+            body = json.loads(bytes(payload))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MalformedMessage(f"control message is not JSON: {exc}") from exc
         if not isinstance(body, dict) or not isinstance(body.get("type"), str):
             raise MalformedMessage("control message must be an object with a 'type'")
         return channel, body
-    if channel in (SECAGG, BUNDLE):
+    if channel == SECAGG:
+        return channel, payload
+    if channel == BUNDLE:
         return channel, bytes(payload)
     raise MalformedMessage(f"unknown channel {channel}")
 

@@ -95,7 +95,7 @@ class ClientRound:
         }
 
     # -- the I/O layer's side ------------------------------------------------------------
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
         """Process one message from the server. Raises RemoteProtocolError (the client is
         then FAILED) or RoundFailed (the round cannot succeed from here)."""
         if self.state in (ClientState.DONE, ClientState.FAILED):
@@ -132,6 +132,11 @@ class ClientRound:
     def data_to_send(self) -> list[bytes]:
         out, self._outbox = self._outbox, []
         return out
+
+    @property
+    def masked_sent(self) -> bool:
+        """The masked input has been queued: the client no longer holds its input."""
+        return self._masked_sent
 
     # -- phases --------------------------------------------------------------------------
     def _on_config(self, m: Message) -> None:

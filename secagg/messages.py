@@ -52,16 +52,20 @@ _HEADER = struct.Struct("<4sBBHQII")
 class _Reader:
     """Bounded reads from a body; any overrun is a MalformedMessage."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self.view = memoryview(data)
         self.pos = 0
 
-    def take(self, n: int) -> bytes:
+    def view_of(self, n: int) -> memoryview:
+        """The next ``n`` bytes, not copied (a masked vector: megabytes)."""
         if n < 0 or self.pos + n > len(self.view):
             raise MalformedMessage("message body is truncated")
-        out = bytes(self.view[self.pos:self.pos + n])
+        out = self.view[self.pos:self.pos + n]
         self.pos += n
         return out
+
+    def take(self, n: int) -> bytes:
+        return bytes(self.view_of(n))
 
     def unpack(self, fmt: str) -> tuple[int, ...]:
         s = struct.Struct("<" + fmt)
@@ -249,8 +253,10 @@ class MaskedInput(Message):
 
     @classmethod
     def parse(cls, round_id: int, sender: int, r: _Reader) -> MaskedInput:
+        """The vector is a read-only view of the received bytes: the server adds it to its
+        running sum and drops it, so a copy would only cost time."""
         n = r.count(MAX_VECTOR, "vector length")
-        return cls(round_id, sender, np.frombuffer(r.take(4 * n), dtype="<u4").copy())
+        return cls(round_id, sender, np.frombuffer(r.view_of(4 * n), dtype="<u4"))
 
 
 @dataclass(frozen=True)
@@ -338,7 +344,7 @@ _TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
     SurvivorSet, ConsistencySignature, UnmaskRequest, UnmaskShares)}
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes | memoryview) -> Message:
     """One message from bytes, or MalformedMessage saying what is wrong."""
     if len(data) < _HEADER.size:
         raise MalformedMessage(f"{len(data)} bytes is shorter than the envelope")
@@ -354,7 +360,7 @@ def decode(data: bytes) -> Message:
     if length != len(data) - _HEADER.size:
         raise MalformedMessage(f"body length {length} disagrees with the "
                                f"{len(data) - _HEADER.size} bytes received")
-    reader = _Reader(data[_HEADER.size:])
+    reader = _Reader(memoryview(data)[_HEADER.size:])
     message = _TYPES[kind].parse(round_id, sender, reader)
     reader.done()
     return message

@@ -131,7 +131,7 @@ class ServerRound:
         self._outbox += [(i, data) for i in ids]
         self._enter(ServerState.ADVERTISE, set(ids))
 
-    def receive(self, client: int, data: bytes) -> None:
+    def receive(self, client: int, data: bytes | memoryview) -> None:
         """One message from ``client``. A bad one drops the client (RemoteProtocolError is
         raised for the caller to log) and never stops the round."""
         if self.state in (ServerState.CREATED, ServerState.DONE, ServerState.FAILED):
