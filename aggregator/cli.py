@@ -149,11 +149,12 @@ def status(state_dir: Path, as_json: bool) -> None:
     out.print(f"{body['enrolled']} devices enrolled; model version {body['model_version']}; "
               f"epsilon {eps:.4g} of {config.budget_epsilon:g} at delta {config.delta:g}")
     table = Table(title="rounds")
-    for column in ("round", "status", "model", "sampled", "survivors", "seconds"):
+    for column in ("round", "task", "status", "model", "sampled", "survivors", "seconds"):
         table.add_column(column, justify="right")
     for r in rounds:
         seconds = f"{r.finished_at - r.started_at:.2f}" if r.finished_at else "-"
-        table.add_row(str(r.round_id), r.status, str(r.model_version), str(r.sampled),
+        table.add_row(str(r.round_id), str(r.detail.get("task", "-")), r.status,
+                      str(r.model_version), str(r.sampled),
                       str(r.survivors if r.survivors is not None else "-"), seconds)
     out.print(table)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from model_export.item_item import StatisticsSettings
+from model_export.model import TENSOR_NAMES, trained_groups
 
 __all__ = ["DEFAULT_TOML", "AggregatorConfig", "ConfigError", "load_config", "render_config"]
 
@@ -28,7 +31,8 @@ tls_key = ""
 [round]
 sampling_rate = 0.5     # q: each connected, enrolled device joins a round with probability q
 min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
-min_connected = 0       # a round waits (up to phase_timeout) for this many checked-in devices
+min_connected = 0       # a round waits (up to population_wait) for this many checked-in devices
+population_wait = 60.0  # seconds a round waits for min_connected before it goes ahead
 secagg_degree = 20      # k: SecAgg+ neighbours per device (k >= cohort-1: classic SecAgg)
 phase_timeout = 30.0    # seconds a protocol phase waits before going on without stragglers
 round_interval = 0.0    # seconds between rounds
@@ -36,10 +40,24 @@ max_rounds = 0          # stop after this many completed rounds (0: until told t
 
 [training]              # what devices do locally each round
 local_epochs = 1
+examples_per_round = 8  # leave-one-out examples of its newest basket a device trains on
 lr_embeddings = 5.0
 lr_bias = 1.0
 lr_blend = 0.05
 batch_size = 64
+train_groups = ["e_in","e_out","bias","blend"]  # what rounds train and devices upload
+
+[statistics]            # before training: secure sums of the devices' basket statistics
+enabled = true          # a popularity round, then a co-occurrence round over the head items
+sampling_rate = 1.0     # q of these two rounds
+head_items = 2000       # M: co-occurrence over the M most popular items (M(M+1)/2 values)
+popularity_clip = 5.0   # C of a device's popularity vector
+cooccurrence_clip = 32.0  # C of a device's co-occurrence vector
+neighbours = 100        # K: neighbours per item in the bundle's item-item table
+ease_lambda = 0.5       # EASE ridge (exact sums), times the mean diagonal
+threshold = 2.5         # noised co-occurrences below threshold * noise std are dropped
+popularity_weight = 0.01  # bias = this * log(1 + popularity)
+popularity_noise_ratio = 4.0  # noise multiplier of the popularity round / co-occurrence's
 
 [privacy]
 mechanism = "gaussian"  # "gaussian", "laplace" (pure epsilon, L1 clip) or "none"
@@ -51,6 +69,7 @@ delta = 1e-5
 budget_epsilon = 10.0   # rounds that would spend more are refused
 weight_cap = 100.0      # a device's weight is min(examples / weight_cap, 1)
 population = 0          # N for the fixed denominator q*N (0: the number enrolled)
+training_noise_ratio = 1.0  # noise multiplier of training rounds / co-occurrence's
 
 [optimizer]
 name = "fedavg"         # "fedavg" or "fedadam"
@@ -67,15 +86,20 @@ class AggregatorConfig:
     sampling_rate: float = 0.5
     min_clients: int = 3
     min_connected: int = 0
+    population_wait: float = 60.0
     secagg_degree: int = 20
     phase_timeout: float = 30.0
     round_interval: float = 0.0
     max_rounds: int = 0
     local_epochs: int = 1
+    examples_per_round: int = 8
     lr_embeddings: float = 5.0
     lr_bias: float = 1.0
     lr_blend: float = 0.05
     batch_size: int = 64
+    train_groups: tuple[str, ...] = TENSOR_NAMES
+    # None: no statistics rounds
+    statistics: StatisticsSettings | None = field(default_factory=StatisticsSettings)
     mechanism: str = "gaussian"
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
@@ -85,6 +109,7 @@ class AggregatorConfig:
     budget_epsilon: float = 10.0
     weight_cap: float = 100.0
     population: int = 0
+    training_noise_ratio: float = 1.0
     optimizer: str = "fedavg"
     optimizer_lr: float = 1.0
 
@@ -95,6 +120,7 @@ class AggregatorConfig:
             (self.min_connected >= 0, "round.min_connected must not be negative"),
             (self.secagg_degree >= 2, "round.secagg_degree must be at least 2"),
             (self.phase_timeout > 0, "round.phase_timeout must be positive"),
+            (self.population_wait >= 0, "round.population_wait must not be negative"),
             (self.mechanism in ("gaussian", "laplace", "none"),
              "privacy.mechanism must be gaussian, laplace or none"),
             (self.clip_norm > 0, "privacy.clip_norm must be positive"),
@@ -102,18 +128,55 @@ class AggregatorConfig:
             (0 < self.delta < 1, "privacy.delta must lie in (0, 1)"),
             (self.optimizer in ("fedavg", "fedadam"), "optimizer.name must be fedavg or fedadam"),
             (bool(self.tls_cert) == bool(self.tls_key), "give both tls_cert and tls_key"),
+            (self.examples_per_round >= 1, "training.examples_per_round must be at least 1"),
+            (self.training_noise_ratio > 0, "privacy.training_noise_ratio must be positive"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:
+            trained_groups(self.train_groups)
+        except ValueError as exc:
+            raise ConfigError(f"training.train_groups: {exc}") from exc
 
     @property
     def learning_rates(self) -> tuple[float, float, float, float]:
         return (self.lr_embeddings, self.lr_embeddings, self.lr_bias, self.lr_blend)
 
 
-_SECTIONS = {"server", "round", "training", "privacy", "optimizer"}
+_SECTIONS = {"server", "round", "training", "statistics", "privacy", "optimizer"}
 _RENAMED = {("optimizer", "name"): "optimizer", ("optimizer", "lr"): "optimizer_lr"}
+STATISTICS = "statistics"  # its keys are StatisticsSettings' fields, and "enabled"
+
+
+def _checked(path: Path, where: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (an int may stand for a float, a TOML array of
+    strings for a tuple), or ConfigError."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is tuple and isinstance(value, list) and all(isinstance(v, str)
+                                                             for v in value):
+        value = tuple(value)
+    if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+        raise ConfigError(f"{path}: {where} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _statistics(path: Path, body: dict[str, Any]) -> StatisticsSettings | None:
+    defaults = StatisticsSettings()
+    values = {}
+    for key, value in body.items():
+        if key != "enabled" and key not in {f.name for f in fields(StatisticsSettings)}:
+            raise ConfigError(f"{path}: unknown key statistics.{key}")
+        values[key] = _checked(path, f"statistics.{key}", value,
+                               True if key == "enabled" else getattr(defaults, key))
+    if not values.pop("enabled", True):
+        return None
+    try:
+        return StatisticsSettings(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [statistics]: {exc}") from exc
 
 
 def load_config(path: Path) -> AggregatorConfig:
@@ -123,28 +186,28 @@ def load_config(path: Path) -> AggregatorConfig:
         raise ConfigError(f"{path}: no such configuration file") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    known = {f.name: f.type for f in fields(AggregatorConfig)}
+    known = {f.name for f in fields(AggregatorConfig)} - {STATISTICS}
     values: dict[str, Any] = {}
     for section, body in raw.items():
         if section not in _SECTIONS or not isinstance(body, dict):
             raise ConfigError(f"{path}: unknown section [{section}]")
+        if section == STATISTICS:
+            values[STATISTICS] = _statistics(path, body)
+            continue
         for key, value in body.items():
             name = _RENAMED.get((section, key), key)
             if name not in known:
                 raise ConfigError(f"{path}: unknown key {section}.{key}")
-            expected = type(getattr(AggregatorConfig, name))
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-                raise ConfigError(f"{path}: {section}.{key} must be {expected.__name__}, "
-                                  f"got {value!r}")
-            values[name] = value
+            values[name] = _checked(path, f"{section}.{key}", value,
+                                    getattr(AggregatorConfig, name))
     return AggregatorConfig(**values)
 
 
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):  # no spaces: render_config reads a value as one word
+        return "[" + ",".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, str):  # a TOML basic string: escape quote, backslash, controls
         return '"' + "".join(
             f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c
@@ -152,9 +215,18 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
+def _value_of(config: AggregatorConfig, section: str, key: str) -> object:
+    if section == STATISTICS:
+        if key == "enabled":
+            return config.statistics is not None
+        return getattr(config.statistics or StatisticsSettings(), key)
+    inverse = {v: k for k, v in _RENAMED.items()}
+    name = next((n for n, (sec, k) in inverse.items() if (sec, k) == (section, key)), key)
+    return getattr(config, name)
+
+
 def render_config(config: AggregatorConfig) -> str:
     """``config`` as a TOML file: DEFAULT_TOML with each value replaced, comments kept."""
-    inverse = {v: k for k, v in _RENAMED.items()}
     lines, section = [], ""
     for line in DEFAULT_TOML.splitlines():
         header = re.match(r"\[(\w+)\]", line)
@@ -163,9 +235,7 @@ def render_config(config: AggregatorConfig) -> str:
             section = header.group(1)
         elif entry:
             key = entry.group(1)
-            name = next((n for n, (sec, k) in inverse.items() if (sec, k) == (section, key)),
-                        key)
-            value = _toml_value(getattr(config, name))
+            value = _toml_value(_value_of(config, section, key))
             line = f"{key}{entry.group(2)}{value}{entry.group(4) or ''}"
         lines.append(line)
     return "\n".join(lines) + "\n"

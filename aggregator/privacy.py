@@ -7,6 +7,10 @@ updates clipped in L1 norm get Laplace noise of scale z C, ``LaplaceDpEvent(z)``
 the list of charges; epsilon is always recomputed from it by composition (RDP for the budget
 check, PLD for the tight reported figure), never kept as a running number that could drift.
 A charge is tested against the budget by a dry run before it is committed.
+
+A run spends its budget over a plan of stages (:class:`Stage`): the statistics rounds, each
+one release of a Gaussian sum, and the training rounds. Their noise multipliers are fixed
+ratios of one scale, which :func:`calibrate_plan` sets so the whole plan spends the target.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ __all__ = [
     "Budget",
     "BudgetExceeded",
     "RoundCharge",
+    "Stage",
     "calibrate_noise_multiplier",
+    "calibrate_plan",
     "check_budget",
     "composed_event",
     "epsilon_spent",
@@ -125,18 +131,41 @@ def check_budget(ledger: Sequence[RoundCharge], charge: RoundCharge, budget: Bud
     return after
 
 
+@dataclass(frozen=True)
+class Stage:
+    """``rounds`` Gaussian rounds at sampling rate q whose noise multiplier is ``ratio``
+    times the plan's scale."""
+
+    sampling_rate: float
+    ratio: float
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or not self.ratio > 0:
+            raise ValueError(f"a stage needs rounds >= 1 and ratio > 0, got {self}")
+
+
+def calibrate_plan(target_epsilon: float, delta: float, stages: Sequence[Stage]) -> float:
+    """The smallest scale s for which the stages, stage i at noise multiplier
+    ``ratio_i * s``, together spend at most ``target_epsilon`` at ``delta`` (RDP)."""
+    if not stages:
+        raise ValueError("a plan needs at least one stage")
+
+    def event(scale: float) -> dp_accounting.DpEvent:
+        return dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(
+            RoundCharge(0, stage.sampling_rate, stage.ratio * scale).event(), stage.rounds)
+            for stage in stages])
+
+    scale = dp_accounting.calibrate_dp_mechanism(
+        rdp.RdpAccountant, event, target_epsilon, delta,
+        dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4)
+    return float(math.nextafter(scale, math.inf))
+
+
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rate: float,
                                rounds: int) -> float:
     """The smallest Gaussian noise multiplier z for which ``rounds`` rounds at sampling
     rate q spend at most ``target_epsilon`` at ``delta`` (RDP accountant)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-
-    def event(z: float) -> dp_accounting.DpEvent:
-        return dp_accounting.SelfComposedDpEvent(
-            RoundCharge(0, sampling_rate, z).event(), rounds)
-
-    z = dp_accounting.calibrate_dp_mechanism(
-        rdp.RdpAccountant, event, target_epsilon, delta,
-        dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4)
-    return float(math.nextafter(z, math.inf))
+    return calibrate_plan(target_epsilon, delta, [Stage(sampling_rate, 1.0, rounds)])

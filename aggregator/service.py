@@ -2,6 +2,12 @@
 run among a Poisson sample of them, and each round's noised mean update becomes a new signed
 model bundle.
 
+Each round has a task. With statistics enabled, the first two rounds sum the devices' basket
+statistics (model_export/statistics.py): a popularity round, whose noised sum names the head
+items, then a co-occurrence round over them, from whose noised sum the item-item table is
+derived (model_export/item_item.py) and published in a new model version. Every later round
+trains. All of them are charged to the same privacy ledger.
+
 The websocket code only moves bytes into and out of the sans-I/O ``ServerRound``; a device
 whose bytes break the protocol is dropped from the round and disconnected, and the round
 goes on. HTTP GET /healthz and /metrics (Prometheus) are served on the same port.
@@ -35,16 +41,25 @@ from aggregator.privacy import (
     Budget,
     BudgetExceeded,
     RoundCharge,
-    calibrate_noise_multiplier,
+    Stage,
+    calibrate_plan,
     check_budget,
     epsilon_spent,
 )
 from aggregator.statedir import StateDir
-from aggregator.store import ModelRow, Store
-from model_export.bundle import GRAPH_FILES, VOCABULARY_FILE, pack_members, read_bundle
+from aggregator.store import ModelRow, Statistic, Store
+from model_export.bundle import CONSTANT_FILES, GRAPH_FILES, pack_members, read_bundle
 from model_export.export import export_bundle
-from model_export.model import Weights
-from model_export.update import L1, L2, UpdateFormat
+from model_export.item_item import head_items, neighbour_table
+from model_export.model import Neighbours, Weights, group_size, place, trained_groups
+from model_export.statistics import (
+    COOCCURRENCE,
+    POPULARITY,
+    STATISTICS,
+    popularity_bias,
+    triangle_size,
+)
+from model_export.update import L1, L2, TRAIN, UpdateFormat
 from secagg import channel
 from secagg.channel import checkin_statement
 from secagg.crypto import IdentityKey, verify
@@ -71,8 +86,10 @@ class _Connection:
 @dataclass
 class _Round:
     round_id: int
+    task: str
     server: ServerRound
     cohort: dict[int, bytes]
+    head: np.ndarray | None = None  # a co-occurrence round's head items
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_up: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -129,14 +146,30 @@ class Aggregator:
         self._bundle_sends = asyncio.Semaphore(BUNDLE_SENDS)
         self._waiting_since: float | None = None
         self.rounds_done = 0
-        self.noise_multiplier = config.noise_multiplier
-        if config.target_epsilon > 0 and config.mechanism == "gaussian":
-            self.noise_multiplier = calibrate_noise_multiplier(
-                config.target_epsilon, config.delta, config.sampling_rate,
-                config.planned_rounds)
-            log.info("calibrated noise multiplier z = %.4f for epsilon %.3g over %d rounds",
-                     self.noise_multiplier, config.target_epsilon, config.planned_rounds)
+        self.groups = trained_groups(config.train_groups)
+        self.noise_multipliers = self._noise_multipliers()
         self._recover()
+
+    def _noise_multipliers(self) -> dict[str, float]:
+        """Each task's noise multiplier: a fixed ratio of one scale, the configured
+        noise_multiplier or, with a target epsilon, the scale at which the whole plan
+        (statistics rounds and planned_rounds training rounds) spends it."""
+        cfg, stats = self.config, self.config.statistics
+        ratios = {TRAIN: cfg.training_noise_ratio}
+        stages = [Stage(cfg.sampling_rate, cfg.training_noise_ratio, cfg.planned_rounds)]
+        if stats is not None:
+            ratios |= {POPULARITY: stats.popularity_noise_ratio, COOCCURRENCE: 1.0}
+            stages += [Stage(stats.sampling_rate, stats.popularity_noise_ratio),
+                       Stage(stats.sampling_rate, 1.0)]
+        scale = cfg.noise_multiplier
+        if cfg.target_epsilon > 0 and cfg.mechanism == "gaussian":
+            scale = calibrate_plan(cfg.target_epsilon, cfg.delta, stages)
+        multipliers = {task: ratio * scale for task, ratio in ratios.items()}
+        if cfg.mechanism != "none":
+            log.info("noise multipliers %s%s", ", ".join(
+                f"{t} z = {z:.4f}" for t, z in multipliers.items()),
+                f" (epsilon {cfg.target_epsilon:g} over the plan)" if cfg.target_epsilon else "")
+        return multipliers
 
     # -- start-up ------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -163,12 +196,12 @@ class Aggregator:
         self.bundle = read_bundle(bundle_dir, self.identity.public)
         # two frames per version, shared by every send (not a copy per device): the whole
         # bundle, and for a device that holds the files that never change, the rest
-        constant = (VOCABULARY_FILE, *GRAPH_FILES)
-        self.constant_files = frozenset(self.bundle.manifest.files[n] for n in constant)
+        self.constant_files = frozenset(self.bundle.manifest.files[n] for n in CONSTANT_FILES)
         self.bundle_frame = bytes([channel.BUNDLE]) + pack_members(self.bundle.members())
         self.update_frame = bytes([channel.BUNDLE]) + pack_members(
-            self.bundle.members(without=constant))
+            self.bundle.members(without=CONSTANT_FILES))
         self.weights = self.bundle.weights()
+        self.neighbours = self.bundle.neighbours()
         self.model_version = row.version
         self.metrics.model_version.set(row.version)
 
@@ -180,7 +213,10 @@ class Aggregator:
         if cfg.tls_cert:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        vector_bytes = 4 * (self.weights.flat().size + 1)
+        stats = cfg.statistics
+        largest = max(self.weights.flat().size, self.weights.n_items,
+                      triangle_size(stats.head_items) if stats is not None else 0)
+        vector_bytes = 4 * (largest + 1)
         # no permessage-deflate: masked vectors are uniformly random and never compress;
         # deflating them cost CPU on both ends and held decompression buffers per connection
         async with serve(self._handle, cfg.host, cfg.port, max_size=vector_bytes + (1 << 20),
@@ -322,7 +358,7 @@ class Aggregator:
                 log.error("%s", exc)
                 self.stop()
                 return
-            if outcome == "completed":
+            if outcome == "completed":  # a training round (statistics rounds do not count)
                 self.rounds_done += 1
                 if cfg.max_rounds and self.rounds_done >= cfg.max_rounds:
                     log.info("completed %d rounds: stopping", self.rounds_done)
@@ -330,52 +366,64 @@ class Aggregator:
                     return
             await asyncio.sleep(cfg.round_interval if outcome != "skipped" else 0.2)
 
-    def _sample(self) -> dict[int, bytes]:
+    def _sample(self, sampling_rate: float) -> dict[int, bytes]:
         """Poisson sampling with the OS CSPRNG: each connected device independently with
         probability q (what the accountant assumes)."""
-        threshold = round(self.config.sampling_rate * 2**53)
+        threshold = round(sampling_rate * 2**53)
         return {cid: c.public_key for cid, c in sorted(self.connections.items())
                 if secrets.randbits(53) < threshold}
 
     async def _run_round(self) -> str:
         cfg = self.config
         if len(self.connections) < cfg.min_connected:
-            # wait for the population to check in, but at most one phase timeout: a device
+            # wait for the population to check in, but at most population_wait: a device
             # that stays away must not stop the service (it is then simply not sampled)
             now = time.monotonic()
             self._waiting_since = self._waiting_since or now
-            if now - self._waiting_since < cfg.phase_timeout:
+            if now - self._waiting_since < cfg.population_wait:
                 return "skipped"
             log.warning("%d of %d devices checked in after %.0f s: the round goes ahead",
-                        len(self.connections), cfg.min_connected, cfg.phase_timeout)
+                        len(self.connections), cfg.min_connected, cfg.population_wait)
         self._waiting_since = None
-        cohort = self._sample()
+        task = self._next_task()
+        sampling_rate = (cfg.statistics.sampling_rate if task in STATISTICS and cfg.statistics
+                         else cfg.sampling_rate)
+        cohort = self._sample(sampling_rate)
         if len(cohort) < cfg.min_clients:
             return "skipped"
         round_id = self.store.next_round_id()
         charge = None
         if cfg.mechanism != "none":
-            charge = RoundCharge(round_id, cfg.sampling_rate, self.noise_multiplier,
+            charge = RoundCharge(round_id, sampling_rate, self.noise_multipliers[task],
                                  cfg.mechanism)
             check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
         n = len(cohort)
         degree = min(cfg.secagg_degree, n - 1)
         even = min(n - 1, degree + degree % 2)
-        fmt = UpdateFormat(n_params=self.weights.flat().size, clip_norm=cfg.clip_norm,
-                           cohort_size=n, weight_cap=cfg.weight_cap,
-                           norm=L1 if cfg.mechanism == "laplace" else L2)
+        head = self._head() if task == COOCCURRENCE else None
+        fmt = self._format(task, n, head)
         server = ServerRound(round_id, cohort, degree, even // 2 + 1, fmt.vector_len,
                              self.identity)
-        current = _Round(round_id, server, cohort)
+        current = _Round(round_id, task, server, cohort, head)
         self.round = current
         self.store.start_round(round_id, self.model_version, n)
-        log.info("round %d: %d devices sampled, k=%d, t=%d", round_id, n, degree, even // 2 + 1)
+        log.info("round %d (%s): %d devices sampled, k=%d, t=%d", round_id, task, n, degree,
+                 even // 2 + 1)
         notice = {"round_id": round_id, "model_version": self.model_version, "cohort": n,
-                  "clip_norm": cfg.clip_norm, "weight_cap": cfg.weight_cap, "norm": fmt.norm,
-                  "training": {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-                               "learning_rates": list(cfg.learning_rates)}}
-        await asyncio.gather(*(self._send_model(self.connections[cid]) for cid in cohort
-                               if cid in self.connections))
+                  "task": task, "clip_norm": fmt.clip_norm, "weight_cap": fmt.weight_cap,
+                  "norm": fmt.norm, "packed": fmt.packed,
+                  "vocabulary_sha256": self.bundle.manifest.vocabulary_sha256}
+        if task == TRAIN:
+            rates = [rate if name in self.groups else 0.0 for name, rate in
+                     zip(("e_in", "e_out", "bias", "blend"), cfg.learning_rates, strict=True)]
+            notice["training"] = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+                                  "learning_rates": rates, "examples": cfg.examples_per_round,
+                                  "groups": list(self.groups)}
+        if head is not None:
+            notice["head"] = head.tolist()
+        if task == TRAIN:  # a statistics round needs only the catalog the device has
+            await asyncio.gather(*(self._send_model(self.connections[cid]) for cid in cohort
+                                   if cid in self.connections))
         for cid in cohort:
             await self._send(cid, channel.control("round", client_id=cid, **notice))
         try:
@@ -384,7 +432,8 @@ class Aggregator:
             await self._drive(current)
         finally:
             self.round = None
-        detail = {"dropped": {str(k): v for k, v in server.dropped.items()},
+        detail = {"task": task, "values": fmt.vector_len,
+                  "dropped": {str(k): v for k, v in server.dropped.items()},
                   "phase_seconds": current.phase_seconds, "bytes_up": current.bytes_up,
                   "k": degree, "t": even // 2 + 1}
         self.metrics.dropouts.inc(len(server.dropped))
@@ -395,9 +444,48 @@ class Aggregator:
             log.warning("round %d failed: %s", round_id, server.failure)
             await self._announce(cohort, "failed")
             return "failed"
-        await self._apply(current, fmt, charge, detail)
+        if task == TRAIN:
+            await self._apply(current, fmt, charge, detail)
+        else:
+            await self._apply_statistic(current, fmt, charge, detail)
         await self._announce(cohort, "completed")
-        return "completed"
+        return "completed" if task == TRAIN else "statistic"
+
+    def _next_task(self) -> str:
+        """The statistics rounds first (each until it completes), then training."""
+        if self.config.statistics is not None:
+            for kind in STATISTICS:
+                if self.store.statistic(kind) is None:
+                    return kind
+        return TRAIN
+
+    def _head(self) -> np.ndarray:
+        """The co-occurrence round's items: the most popular by the released popularity."""
+        popularity = self.store.statistic(POPULARITY)
+        assert popularity is not None and self.config.statistics is not None
+        return head_items(popularity.total, min(self.config.statistics.head_items,
+                                                self.weights.n_items))
+
+    def _format(self, task: str, cohort_size: int, head: np.ndarray | None) -> UpdateFormat:
+        """How a task's inputs are clipped and encoded: a training round's is the update of
+        the trained groups, weighted; a statistics round's one clipped vector per device
+        (weight 1, so the weights' sum counts the devices)."""
+        cfg, norm = self.config, L1 if self.config.mechanism == "laplace" else L2
+        if task == TRAIN:
+            n_params = group_size(self.groups, self.weights.n_items, self.weights.dim)
+            return UpdateFormat(n_params=n_params, clip_norm=cfg.clip_norm,
+                                cohort_size=cohort_size, weight_cap=cfg.weight_cap, norm=norm)
+        stats = cfg.statistics
+        assert stats is not None
+        packed = UpdateFormat.can_pack(cohort_size)  # every statistic's value is in [0, 1]
+        if task == POPULARITY:
+            return UpdateFormat(n_params=self.weights.n_items, clip_norm=stats.popularity_clip,
+                                cohort_size=cohort_size, weight_cap=1.0, norm=norm,
+                                packed=packed)
+        assert head is not None
+        return UpdateFormat(n_params=triangle_size(len(head)),
+                            clip_norm=stats.cooccurrence_clip, cohort_size=cohort_size,
+                            weight_cap=1.0, norm=norm, packed=packed)
 
     async def _drive(self, current: _Round) -> None:
         """Wait for each phase to end (every expected answer in, or dropped) or time out,
@@ -417,7 +505,7 @@ class Aggregator:
                 await self._flush(current)
             current.phase_seconds[phase.name] = round(time.monotonic() - started, 4)
 
-    async def _secagg_from(self, conn: _Connection, data: bytes) -> None:
+    async def _secagg_from(self, conn: _Connection, data: bytes | memoryview) -> None:
         current = self.round
         if current is None or conn.client_id not in current.cohort:
             raise ProtocolViolation("secagg message outside a round this device is in")
@@ -458,38 +546,89 @@ class Aggregator:
             await self._send(cid, channel.control("round_over", status=status,
                                                   model_version=self.model_version))
 
+    def _noised(self, summed: np.ndarray, task: str, clip_norm: float,
+                charge: RoundCharge | None) -> tuple[np.ndarray, float]:
+        """``summed`` plus the task's DP noise (none without DP), and the noise's standard
+        deviation per entry; the charge is committed first, before the noised sum exists."""
+        if charge is None:
+            return summed, 0.0
+        self.store.charge(charge)
+        scale = self.noise_multipliers[task] * clip_norm
+        if self.config.mechanism == "gaussian":
+            return summed + noise.gaussian(summed.size, scale), scale
+        return summed + noise.laplace(summed.size, scale), scale * float(np.sqrt(2.0))
+
     async def _apply(self, current: _Round, fmt: UpdateFormat, charge: RoundCharge | None,
                      detail: dict) -> None:
-        """Decode, charge the ledger, noise, step the optimizer, sign and publish."""
+        """A training round: decode, charge the ledger, noise, step the optimizer on the
+        trained groups, sign and publish."""
         cfg = self.config
         assert current.server.result is not None
         summed, weight_sum = fmt.decode(current.server.result)
-        survivors = len(current.server.survivors)
-        if charge is None:
-            mean = summed / max(weight_sum, 1e-12)
-        else:
-            self.store.charge(charge)  # committed before the noised sum exists
-            scale = self.noise_multiplier * cfg.clip_norm
-            draw = noise.gaussian if cfg.mechanism == "gaussian" else noise.laplace
-            population = cfg.population or self.store.enrolled()
-            mean = (summed + draw(summed.size, scale)) / (cfg.sampling_rate * population)
+        noised, _ = self._noised(summed, TRAIN, cfg.clip_norm, charge)
+        population = cfg.population or self.store.enrolled()
+        mean = (noised / max(weight_sum, 1e-12) if charge is None
+                else noised / (cfg.sampling_rate * population))
+        m = self.weights
         optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_lr)
         optimizer.load(self.store.optimizer_state(self.model_version))
-        flat = optimizer.step(self.weights.flat().astype(np.float64), mean)
-        m = self.weights
+        flat = optimizer.step(m.flat().astype(np.float64),
+                              place(mean, self.groups, m.n_items, m.dim))
         new = Weights.from_flat(flat.astype(np.float32), m.n_items, m.dim)
+        await self._publish(current, new, self.neighbours, optimizer.state(), detail)
+
+    async def _apply_statistic(self, current: _Round, fmt: UpdateFormat,
+                               charge: RoundCharge | None, detail: dict) -> None:
+        """A statistics round: decode, charge, noise, store. The popularity sum names the
+        next round's head items; the co-occurrence sum becomes the item-item table and,
+        with the popularity, the bias of a new model version."""
+        stats = self.config.statistics
+        assert current.server.result is not None and stats is not None
+        summed, devices = fmt.decode(current.server.result)
+        total, noise_std = self._noised(summed, current.task, fmt.clip_norm, charge)
+        detail["devices"] = round(devices)
+        head = current.head if current.head is not None else np.arange(self.weights.n_items)
+        released = Statistic(current.task, current.round_id, head, total, noise_std)
+        survivors = len(current.server.survivors)
+        if current.task == POPULARITY:
+            detail["epsilon"] = epsilon_spent(self.store.ledger(), self.config.delta)
+            self.store.record_statistic(released, survivors, detail)
+            self.metrics.rounds.labels("completed").inc()
+            log.info("round %d: popularity of %d items from %d devices", current.round_id,
+                     total.size, devices)
+            return
+        popularity = self.store.statistic(POPULARITY)
+        assert popularity is not None
+        table = neighbour_table(total, head, self.weights.n_items, noise_std=noise_std,
+                                k=stats.neighbours, ease_lambda=stats.ease_lambda,
+                                threshold=stats.threshold)
+        m = self.weights
+        bias = stats.popularity_weight * popularity_bias(popularity.total)
+        new = Weights(m.e_in, m.e_out, bias, m.blend)
+        log.info("round %d: item-item table over %d head items from %d devices (noise std "
+                 "%.3g)", current.round_id, len(head), devices, noise_std)
+        await self._publish(current, new, table, {}, detail, released)
+
+    async def _publish(self, current: _Round, weights: Weights, neighbours: Neighbours,
+                       optimizer_state: dict[str, np.ndarray], detail: dict,
+                       statistic: Statistic | None = None) -> None:
+        """Sign and publish a new model version (with the statistic it was derived from, in
+        the same transaction), then send it to the devices that follow every version."""
+        cfg = self.config
+        survivors = len(current.server.survivors)
         version = self.model_version + 1
         name = f"v{version:08d}"
-        manifest = export_bundle(self.state.bundles / name, new, self.bundle.items,
-                                 self.bundle.names, self.signing_key,
+        manifest = export_bundle(self.state.bundles / name, weights, self.bundle.items,
+                                 self.bundle.names, self.signing_key, neighbours=neighbours,
                                  model_version=version, round_id=current.round_id,
                                  history_decay=self.bundle.manifest.history_decay,
                                  graphs={n: self.bundle.files[n] for n in GRAPH_FILES})
         digest = hashlib.sha256(manifest.to_json()).hexdigest()
         detail["epsilon"] = epsilon_spent(self.store.ledger(), cfg.delta)
-        self.store.publish(ModelRow(version, current.round_id, f"bundles/{name}", digest),
-                           optimizer.state(), current.round_id, survivors, detail)
-        self._load_model(ModelRow(version, current.round_id, f"bundles/{name}", digest))
+        row = ModelRow(version, current.round_id, f"bundles/{name}", digest)
+        self.store.publish(row, optimizer_state, current.round_id, survivors, detail,
+                           statistic)
+        self._load_model(row)
         self.metrics.rounds.labels("completed").inc()
         self.metrics.survivors.set(survivors)
         self.metrics.epsilon.set(detail["epsilon"])
@@ -498,4 +637,3 @@ class Aggregator:
         for conn in list(self.connections.values()):
             if conn.follow_model:
                 await self._send_model(conn)
-

@@ -22,7 +22,6 @@ from model_export.model import init_weights
 __all__ = ["StateDir", "init_state"]
 
 HISTORY_DECAY = 0.9
-INITIAL_BLEND = (1.0, 1.0, 1.0)  # weights of log(1 + h), "in history", log(1 + co): init_state
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,9 @@ def init_state(root: Path, items: list[str], names: list[str], dim: int = 128,
                seed: int | None = None) -> StateDir:
     """Create the state directory with model version 0 over the catalog ``items``.
 
-    Version 0 has small random embeddings and a zero bias: the aggregator has seen no
-    basket, so it knows no popularity; federated rounds learn it. Its history blend starts
-    at INITIAL_BLEND rather than 0, so that before the global model has learned anything a
-    device already ranks its user's own past items first: on UCI that is HitRate@10 0.19
-    instead of 0.01 after 10 rounds under DP at epsilon 8, and 0.244 instead of 0.229
-    after 10 rounds without DP."""
+    Version 0 is ``init_weights``' start with a zero bias and no item-item table: the
+    aggregator has seen no basket, so it knows no popularity or co-occurrence; the
+    statistics rounds bring both, and training the rest."""
     state = StateDir(Path(root))
     if state.database.exists():
         raise FileExistsError(f"{root} already holds an aggregator (state.db exists)")
@@ -76,7 +72,6 @@ def init_state(root: Path, items: list[str], names: list[str], dim: int = 128,
         state.config.write_text(DEFAULT_TOML)
     key = load_or_create_signing_key(state.key)
     weights = init_weights(len(items), dim, np.random.default_rng(seed))
-    weights.blend[:] = INITIAL_BLEND
     manifest = export_bundle(state.bundles / "v00000000", weights, items, names, key,
                              model_version=0, round_id=0, history_decay=HISTORY_DECAY)
     store = Store(state.database)

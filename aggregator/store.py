@@ -9,6 +9,8 @@ Order of writes in a round, so that a crash at any point is safe:
    status: only then is the version published.
 A crash after 1 over-counts the ledger by one round (never under-counts); a crash before 3
 leaves a bundle directory no row points at, which is never served and is swept at start.
+A statistics round stores its released (noised) sum in ``statistics`` in the transaction that
+completes it; the co-occurrence sum goes in with the model version derived from it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from aggregator.privacy import RoundCharge
 
-__all__ = ["ModelRow", "RoundRow", "Store"]
+__all__ = ["ModelRow", "RoundRow", "Statistic", "Store"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -64,6 +66,13 @@ CREATE TABLE IF NOT EXISTS models (
     manifest_sha256 TEXT NOT NULL,
     created_at  REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS statistics (
+    kind        TEXT PRIMARY KEY,
+    round_id    INTEGER NOT NULL,
+    head        BLOB NOT NULL,
+    total       BLOB NOT NULL,
+    noise_std   REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS optimizer_state (
     version INTEGER NOT NULL,
     name    TEXT NOT NULL,
@@ -79,6 +88,18 @@ class ModelRow:
     round_id: int | None
     bundle_dir: str
     manifest_sha256: str
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A released statistic: the noised sum ``total`` over ``head`` (catalog ids; all of
+    them for popularity) and the standard deviation of the noise in each entry."""
+
+    kind: str
+    round_id: int
+    head: np.ndarray
+    total: np.ndarray
+    noise_std: float
 
 
 @dataclass(frozen=True)
@@ -216,12 +237,43 @@ class Store:
                                          "survivors, started_at, finished_at, detail FROM "
                                          "rounds ORDER BY round_id")]
 
-    # -- models ----------------------------------------------------------------------------
-    def publish(self, row: ModelRow, optimizer_state: dict[str, np.ndarray],
-                round_id: int | None, survivors: int | None, detail: dict) -> None:
-        """Make a written bundle the current model, with its optimizer state and the round's
-        outcome, in one transaction."""
+    # -- statistics ------------------------------------------------------------------------
+    def _insert_statistic(self, db: sqlite3.Connection, stat: Statistic) -> None:
+        db.execute("INSERT INTO statistics (kind, round_id, head, total, noise_std) VALUES "
+                   "(?, ?, ?, ?, ?)", (stat.kind, stat.round_id,
+                                      np.asarray(stat.head, "<i8").tobytes(),
+                                      np.asarray(stat.total, "<f8").tobytes(), stat.noise_std))
+
+    def record_statistic(self, stat: Statistic, survivors: int, detail: dict) -> None:
+        """Store a released statistic and complete its round, in one transaction."""
         with self.transaction() as db:
+            self._insert_statistic(db, stat)
+            self._complete_round(db, stat.round_id, survivors, detail)
+
+    def statistic(self, kind: str) -> Statistic | None:
+        row = self.db.execute("SELECT round_id, head, total, noise_std FROM statistics WHERE "
+                              "kind = ?", (kind,)).fetchone()
+        if row is None:
+            return None
+        return Statistic(kind, int(row[0]), np.frombuffer(row[1], "<i8").copy(),
+                         np.frombuffer(row[2], "<f8").copy(), float(row[3]))
+
+    # -- models ----------------------------------------------------------------------------
+    @staticmethod
+    def _complete_round(db: sqlite3.Connection, round_id: int, survivors: int | None,
+                        detail: dict) -> None:
+        db.execute("UPDATE rounds SET status = 'completed', survivors = ?, finished_at = ?, "
+                   "detail = ? WHERE round_id = ?",
+                   (survivors, time.time(), json.dumps(detail), round_id))
+
+    def publish(self, row: ModelRow, optimizer_state: dict[str, np.ndarray],
+                round_id: int | None, survivors: int | None, detail: dict,
+                statistic: Statistic | None = None) -> None:
+        """Make a written bundle the current model, with its optimizer state, the round's
+        outcome and the statistic it was derived from (if any), in one transaction."""
+        with self.transaction() as db:
+            if statistic is not None:
+                self._insert_statistic(db, statistic)
             db.execute("INSERT INTO models (version, round_id, bundle_dir, manifest_sha256, "
                        "created_at) VALUES (?, ?, ?, ?, ?)",
                        (row.version, row.round_id, row.bundle_dir, row.manifest_sha256,
@@ -230,9 +282,7 @@ class Store:
                 db.execute("INSERT INTO optimizer_state (version, name, data) VALUES (?, ?, ?)",
                            (row.version, name, np.asarray(value, "<f8").tobytes()))
             if round_id is not None:
-                db.execute("UPDATE rounds SET status = 'completed', survivors = ?, "
-                           "finished_at = ?, detail = ? WHERE round_id = ?",
-                           (survivors, time.time(), json.dumps(detail), round_id))
+                self._complete_round(db, round_id, survivors, detail)
 
     def latest_model(self) -> ModelRow | None:
         row = self.db.execute("SELECT version, round_id, bundle_dir, manifest_sha256 FROM "

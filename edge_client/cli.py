@@ -44,7 +44,11 @@ def _device(state_dir: Path) -> Device:
 @state_option
 @click.option("--server-key", required=True, metavar="HEX|FILE",
               help="The aggregator's public key (fedcart-aggregator init prints it).")
-def init(state_dir: Path, server_key: str) -> None:
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, path_type=Path),
+              help="A signed model bundle to install now, as an app ships with model "
+                   "version 0: the device can then take part in the statistics rounds "
+                   "without a download.")
+def init(state_dir: Path, server_key: str, bundle_path: Path | None) -> None:
     """Create a device: its identity key and the pinned server key. Prints the device's
     public key for `fedcart-aggregator enroll`."""
     try:
@@ -56,7 +60,13 @@ def init(state_dir: Path, server_key: str) -> None:
         raise click.ClickException(f"{state_dir} is pinned to another server key")
     store.put("server_key", key.hex())
     store.close()
-    click.echo(Device(state_dir, key).identity.public.hex())
+    device = Device(state_dir, key)
+    if bundle_path is not None:
+        try:
+            device.install_members(read_bundle(bundle_path, key).members(), str(bundle_path))
+        except BundleError as exc:
+            raise click.ClickException(f"not installed: {exc}") from exc
+    click.echo(device.identity.public.hex())
 
 
 @main.command("add-basket")
@@ -91,26 +101,40 @@ def participate(state_dir: Path, url: str, rounds: int, token: str | None) -> No
 
 
 @main.command()
-@click.option("--bundle", "bundle_path", required=True,
-              type=click.Path(exists=True, path_type=Path),
-              help="Bundle directory or zip, as the aggregator (or fedcart-sim central) wrote.")
-@click.option("--public-key", required=True, metavar="HEX|FILE",
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Recommend as this device does: its installed bundle, blended with the "
+                   "baskets it has stored.")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, path_type=Path),
+              help="Or a bundle directory or zip, as the aggregator (or fedcart-sim central) "
+                   "wrote; needs --public-key.")
+@click.option("--public-key", metavar="HEX|FILE",
               help="The signer's Ed25519 public key (64 hex digits, or the .pub file) the "
                    "bundle must verify against.")
 @click.option("--cart", required=True, metavar="ID,ID,...",
               help="Item ids in the cart, comma-separated (may be empty: '').")
 @click.option("--history", "history", multiple=True, metavar="ID,ID,...",
-              help="One past basket of this user, oldest first; repeat for each basket.")
+              help="With --bundle: one past basket of this user, oldest first; repeat for "
+                   "each basket.")
 @click.option("--k", type=click.IntRange(1), default=10, show_default=True)
-def recommend(bundle_path: Path, public_key: str, cart: str, history: tuple[str, ...],
-              k: int) -> None:
-    """Verify the bundle, then print the top-k items for the cart (id, name, score)."""
+def recommend(state_dir: Path | None, bundle_path: Path | None, public_key: str | None,
+              cart: str, history: tuple[str, ...], k: int) -> None:
+    """Verify the model, then print the top-k items for the cart (id, name, score)."""
+    if (state_dir is None) == (bundle_path is None) or (bundle_path is None) != (
+            public_key is None) or (state_dir is not None and history):
+        raise click.UsageError("give --state, or --bundle with --public-key (and --history)")
     try:
-        bundle = read_bundle(bundle_path, read_public_key(public_key))
-        recommender = OfflineRecommender(bundle)
-        results = recommender.recommend(_ids(cart), k, [_ids(b) for b in history])
-    except (BundleError, UnknownItemError, ValueError) as exc:
+        if state_dir is not None:
+            device = _device(state_dir)
+            results = device.recommend(_ids(cart), k)
+            bundle = device.current_bundle()
+        else:
+            assert bundle_path is not None and public_key is not None
+            bundle = read_bundle(bundle_path, read_public_key(public_key))
+            results = OfflineRecommender(bundle).recommend(_ids(cart), k,
+                                                           [_ids(b) for b in history])
+    except (BundleError, UnknownItemError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
+    assert bundle is not None
     m = bundle.manifest
     click.echo(f"model version {m.model_version} (round {m.round}), V={m.n_items}, "
                f"verified", err=True)

@@ -9,13 +9,14 @@ key and check-in signature, protocol messages, and one masked vector per round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from edge_client.recommender import OfflineRecommender, Recommendation
 from edge_client.store import DeviceStore
 from model_export.bundle import (
-    GRAPH_FILES,
+    CONSTANT_FILES,
     MANIFEST,
     SIGNATURE,
-    VOCABULARY_FILE,
     Bundle,
     BundleError,
     Manifest,
@@ -37,13 +37,15 @@ from model_export.bundle import (
     verify_members,
 )
 from model_export.features import ExampleSet
+from model_export.model import TENSOR_NAMES, pick, trained_groups
 from model_export.runtime import TrainStep
-from model_export.update import UpdateFormat
+from model_export.statistics import COOCCURRENCE, STATISTICS, check_head, contribution
+from model_export.update import TRAIN, UpdateFormat
 from secagg import channel
 from secagg.channel import checkin_statement
 from secagg.client import ClientRound
 from secagg.crypto import IdentityKey
-from secagg.errors import RemoteProtocolError, RoundFailed
+from secagg.errors import LocalProtocolError, RemoteProtocolError, RoundFailed
 
 __all__ = ["Device", "RoundReport"]
 
@@ -137,7 +139,7 @@ class Device:
         """sha256 of the current bundle's files that do not change between model versions:
         the server leaves them out of the next download."""
         return [d for n, d in sorted(self.store.current_files().items())
-                if n in (VOCABULARY_FILE, *GRAPH_FILES) and self.store.has_blob(d)]
+                if n in CONSTANT_FILES and self.store.has_blob(d)]
 
     def add_basket(self, items: Sequence[str]) -> None:
         self.store.add_basket(list(items))
@@ -156,9 +158,15 @@ class Device:
         """Verify received bundle bytes (signature, hashes, vocabulary, no downgrade), taking
         the files left out of them from this device's store, and swap them in; on any
         failure the current bundle keeps serving."""
+        return self.install_members(unpack_members(data), "received bundle")
+
+    def install_members(self, members: Mapping[str, bytes], origin: str) -> Bundle:
+        """:meth:`install` for a bundle's files by name: also the bundle an app ships with
+        (``fedcart-device init --bundle``), so a device can take part in the statistics
+        rounds, which need its catalog but no newer model, before any download."""
         pinned = self.store.get("vocabulary_sha256")
-        bundle = verify_members(unpack_members(data), self.server_key, lookup=self.store.blob,
-                                origin="received bundle", vocabulary_sha256=pinned,
+        bundle = verify_members(members, self.server_key, lookup=self.store.blob,
+                                origin=origin, vocabulary_sha256=pinned,
                                 min_model_version=self.model_version + 1)
         self.store.install_bundle(bundle.members(), known=bundle.manifest.files)
         _remember(self.server_key, bundle)
@@ -167,39 +175,83 @@ class Device:
         self.manifest, self._recommender = bundle.manifest, None
         return bundle
 
-    # -- local training ------------------------------------------------------------------
-    def local_update(self, epochs: int, learning_rates: Sequence[float], batch_size: int,
-                     history: list[list[str]] | None = None,
-                     seed: int | None = None) -> tuple[np.ndarray, int]:
-        """(delta = local weights - global weights, number of examples) after ``epochs`` of
-        SGD on this device's own baskets through train_step.ort. ``history`` (the stored
-        baskets by default) lets a worker thread train without touching the database."""
+    # -- local training and statistics -----------------------------------------------------
+    def _installed(self) -> Bundle:
         bundle = self.current_bundle()
         if bundle is None:
             raise RuntimeError("no model installed: nothing to train")
+        return bundle
+
+    def _catalog_baskets(self, bundle: Bundle,
+                         history: list[list[str]] | None) -> list[np.ndarray]:
+        """The stored baskets (or ``history``) as catalog ids, oldest first, empty ones and
+        items outside the catalog left out."""
         index = {item: i for i, item in enumerate(bundle.items)}
         history = self.store.baskets() if history is None else history
         baskets = [np.array(sorted(index[i] for i in b if i in index), dtype=np.int64)
                    for b in history]
-        baskets = [b for b in baskets if len(b)]
+        return [b for b in baskets if len(b)]
+
+    def local_update(self, epochs: int, learning_rates: Sequence[float], batch_size: int,
+                     history: list[list[str]] | None = None, seed: int | None = None,
+                     examples: int | None = None) -> tuple[np.ndarray, int]:
+        """(delta = local weights - global weights, examples per epoch) after ``epochs`` of
+        SGD through train_step.ort on leave-one-out examples of this device's newest basket,
+        at most ``examples`` of them an epoch (features.py says why). ``history`` (the stored
+        baskets by default) lets a worker thread train without touching the database."""
+        bundle = self._installed()
         m = bundle.manifest
-        examples = ExampleSet([baskets], m.n_items, m.history_decay)
+        example_set = ExampleSet([self._catalog_baskets(bundle, history)], m.n_items,
+                                 m.history_decay, newest=1)
         start = bundle.weights()
-        if len(examples) == 0:
+        if len(example_set) == 0:
             return np.zeros(start.flat().size, np.float64), 0
-        step = TrainStep(bundle.files["train_step.ort"])
+        step = TrainStep(bundle.files["train_step.ort"], bundle.neighbours())
         rng = np.random.default_rng(seed)
         weights = start
         for _ in range(epochs):
-            for batch in examples.batches(batch_size, rng):
+            for batch in example_set.batches(batch_size, rng, per_user=examples):
                 _, weights = step(weights, batch, learning_rates)
-        return weights.flat().astype(np.float64) - start.flat(), len(examples)
+        used = len(example_set) if examples is None else min(examples, len(example_set))
+        return weights.flat().astype(np.float64) - start.flat(), used
+
+    def round_input(self, notice: dict, history: list[list[str]] | None = None,
+                    ) -> tuple[np.ndarray, int]:
+        """The encoded vector this device masks in a round, and its example count: for a
+        training round its clipped, weighted update of the trained groups; for a statistics
+        round its clipped statistic (model_export/statistics.py). Raises ValueError for a
+        notice it cannot follow."""
+        bundle = self._installed()
+        m = bundle.manifest
+        task, norm = notice.get("task", TRAIN), str(notice["norm"])
+        clip_norm, cohort = float(notice["clip_norm"]), int(notice["cohort"])
+        if task in STATISTICS:
+            head = check_head(notice.get("head"), m.n_items) if task == COOCCURRENCE else None
+            baskets = self._catalog_baskets(bundle, history)
+            part = contribution(task, baskets, m.n_items, clip_norm, norm, head)
+            fmt = UpdateFormat(part.size, clip_norm, cohort, weight_cap=1.0, norm=norm,
+                               packed=bool(notice.get("packed", False)))
+            has_data = int(bool(baskets))
+            return fmt.encode(part.dense(), has_data), has_data
+        if task != TRAIN:
+            raise ValueError(f"unknown round task {task!r}")
+        training = notice["training"]
+        groups = trained_groups(training.get("groups", TENSOR_NAMES))
+        rates = [rate if name in groups else 0.0
+                 for name, rate in zip(TENSOR_NAMES, training["learning_rates"], strict=True)]
+        delta, examples = self.local_update(training["epochs"], rates, training["batch_size"],
+                                            history, examples=training.get("examples"))
+        update = pick(delta, groups, m.n_items, m.dim)
+        fmt = UpdateFormat(update.size, clip_norm, cohort, weight_cap=float(
+            notice["weight_cap"]), norm=norm)
+        return fmt.encode(update, examples), examples
 
     # -- federated rounds ----------------------------------------------------------------
     async def participate(self, url: str, rounds: int | None = 1, token: str | None = None,
                           ssl_context: ssl.SSLContext | None = None,
                           timeout: float | None = 600.0, follow_model: bool = True,
                           leave: Callable[[int], int | None] | None = None,
+                          input_gate: asyncio.Semaphore | None = None,
                           ) -> list[RoundReport]:
         """Connect, check in, and take part in ``rounds`` rounds (None: until the server
         closes). Returns what happened in each round this device was sampled for.
@@ -207,11 +259,14 @@ class Device:
         ``follow_model``: receive every new model version while connected (an app that
         recommends); otherwise the server sends the model only when the device is sampled
         for a round and is behind. ``leave(round_id)``: how many protocol messages to send in
-        that round before vanishing (None: stay), to simulate a device going offline."""
+        that round before vanishing (None: stay), to simulate a device going offline.
+        ``input_gate``: held from computing a round's input until its masked form is sent,
+        so that devices sharing one host (a simulation's worker) hold a bounded number of
+        inputs at once; a phone holds only its own."""
         reports: list[RoundReport] = []
         async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
                            compression=None) as ws:  # masked vectors do not compress
-            session = _Session(self, ws, rounds, reports, follow_model, leave)
+            session = _Session(self, ws, rounds, reports, follow_model, leave, input_gate)
             await asyncio.wait_for(session.run(token), timeout)
         return reports
 
@@ -221,9 +276,13 @@ class _Session:
 
     def __init__(self, device: Device, ws: ClientConnection,
                  rounds: int | None, reports: list[RoundReport], follow_model: bool,
-                 leave: Callable[[int], int | None] | None) -> None:
+                 leave: Callable[[int], int | None] | None,
+                 input_gate: asyncio.Semaphore | None) -> None:
         self.device, self.ws, self.rounds_wanted, self.reports = device, ws, rounds, reports
         self.follow_model, self.leave = follow_model, leave
+        self.input_gate = input_gate
+        self.input_done = asyncio.Event()  # the round's masked input is out, or it is over
+        self.input_task: asyncio.Task[None] | None = None
         self.round: ClientRound | None = None
         self.round_info: dict = {}
         self.bytes_up = self.bytes_down = 0
@@ -259,6 +318,8 @@ class _Session:
         finally:
             if self.round is not None:
                 self.finish("interrupted")
+            if self.input_task is not None:
+                self.input_task.cancel()
 
     async def on_control(self, msg: dict, token: str | None) -> bool:
         """Handle one control message; True when the session is over."""
@@ -289,47 +350,80 @@ class _Session:
                 self.device.model_version >= int(msg.get("model_version", -1))
         return False
 
+    def cannot_take(self, msg: dict) -> str | None:
+        """Why this device cannot take part in the round ``msg`` announces, if it cannot: a
+        training round needs the model it names, a statistics round only the catalog."""
+        manifest = self.device.manifest
+        if manifest is None:
+            return "no model installed"
+        if msg.get("task", TRAIN) == TRAIN:
+            if msg.get("model_version") != manifest.model_version:
+                return (f"the round is for model {msg.get('model_version')}, this device "
+                        f"has {manifest.model_version}")
+        elif msg.get("vocabulary_sha256") != manifest.vocabulary_sha256:
+            return "the round is for another catalog"
+        return None
+
     async def start_round(self, msg: dict) -> None:
-        if self.device.manifest is None or msg["model_version"] != self.device.model_version:
-            log.warning("round %s is for model %s, this device has %s", msg.get("round_id"),
-                        msg.get("model_version"), self.device.model_version)
+        self.round_info = msg
+        reason = self.cannot_take(msg)
+        if reason is not None:
+            await self.refuse(reason)
             return
         last = int(self.device.store.get("last_round") or 0)
         self.round = ClientRound(msg["client_id"], self.device.identity, self.device.server_key,
                                  last_round_id=last)
-        self.round_info = msg
         self.messages_left = None if self.leave is None else self.leave(msg["round_id"])
         if self.messages_left == 0:
             await self.vanish()
             return
-        training = msg["training"]
-        delta, examples = await asyncio.to_thread(
-            self.device.local_update, training["epochs"], training["learning_rates"],
-            training["batch_size"], self.device.store.baskets())
-        fmt = UpdateFormat(n_params=delta.size, clip_norm=msg["clip_norm"],
-                           cohort_size=msg["cohort"], weight_cap=msg["weight_cap"],
-                           norm=msg["norm"])
-        self.round_info["examples"] = examples
-        if self.round is not None:  # the round may have ended while training
-            self.round.set_input(fmt.encode(delta, examples))
-            await self.flush()
+        # computed beside the session, which goes on answering the protocol meanwhile
+        self.input_done = asyncio.Event()
+        self.input_task = asyncio.create_task(self.provide_input(self.round, msg))
 
-    async def on_secagg(self, data: bytes) -> None:
+    async def provide_input(self, current: ClientRound, msg: dict) -> None:
+        """Compute the round's input (local training, or a statistic) and give it to the
+        round; holds ``input_gate`` from before computing until the masked input is sent."""
+        done = self.input_done
+        async with self.input_gate or contextlib.nullcontext():
+            try:
+                vector, examples = await asyncio.to_thread(self.device.round_input, msg,
+                                                           self.device.store.baskets())
+            except (ValueError, KeyError, TypeError) as exc:
+                if self.round is current:
+                    await self.refuse(f"cannot follow the round notice: {exc}")
+                return
+            if self.round is not current:  # the round ended while this device computed
+                return
+            self.round_info["examples"] = examples
+            try:
+                current.set_input(vector)
+            except LocalProtocolError:  # the round failed meanwhile; its end is reported
+                return
+            await self.flush()
+            await done.wait()
+
+    async def on_secagg(self, data: bytes | memoryview) -> None:
         if self.round is None:
             return
         try:
             self.round.receive(data)
         except (RemoteProtocolError, RoundFailed) as exc:
-            log.warning("left round %s: %s", self.round_info.get("round_id"), exc)
-            self.finish(f"refused: {exc}")
-            await self.send(channel.control("leave", reason=str(exc)[:200]))
+            await self.refuse(str(exc))
             return
         if self.round.config is not None:
             self.device.store.put("last_round", str(self.round.config.round_id))
         await self.flush()
 
+    async def refuse(self, reason: str) -> None:
+        """Leave the round, saying why (the server drops this device at once)."""
+        log.warning("left round %s: %s", self.round_info.get("round_id"), reason)
+        self.finish(f"refused: {reason}")
+        await self.send(channel.control("leave", reason=reason[:200]))
+
     async def flush(self) -> None:
         assert self.round is not None
+        masked = self.round.masked_sent
         for data in self.round.data_to_send():
             await self.send(bytes([channel.SECAGG]) + data)
             if self.messages_left is not None:
@@ -337,6 +431,8 @@ class _Session:
                 if self.messages_left <= 0:
                     await self.vanish()
                     return
+        if masked:
+            self.input_done.set()
 
     async def vanish(self) -> None:
         """Go offline mid-round, as a phone does: the connection just closes."""
@@ -353,5 +449,6 @@ class _Session:
         self.reports.append(RoundReport(int(self.round_info.get("round_id", 0)), status,
                                         int(self.round_info.get("examples", 0)),
                                         self.bytes_up, self.bytes_down))
+        self.input_done.set()
         self.round = None
         self.bytes_up = self.bytes_down = 0

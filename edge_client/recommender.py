@@ -40,7 +40,8 @@ class OfflineRecommender:
         self.manifest = bundle.manifest
         self.items, self.names = bundle.items, bundle.names
         self.index = {item: i for i, item in enumerate(self.items)}
-        self._recommender = Recommender(bundle.files["recommend.ort"], bundle.weights())
+        self._recommender = Recommender(bundle.files["recommend.ort"], bundle.weights(),
+                                        bundle.neighbours())
 
     def indices(self, items: Sequence[str]) -> np.ndarray:
         unknown = [i for i in items if i not in self.index]

@@ -9,6 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.config import AggregatorConfig, load_config, render_config
+from model_export.item_item import StatisticsSettings
+from model_export.model import TENSOR_NAMES
+
+statistics = st.none() | st.builds(
+    StatisticsSettings,
+    sampling_rate=st.floats(1e-6, 1.0),
+    head_items=st.integers(2, 4096),
+    popularity_clip=st.floats(1e-6, 1e6),
+    cooccurrence_clip=st.floats(1e-6, 1e6),
+    neighbours=st.integers(1, 1000),
+    ease_lambda=st.floats(1e-6, 1e3),
+    threshold=st.floats(0, 10),
+    popularity_weight=st.floats(0, 10),
+    popularity_noise_ratio=st.floats(1e-3, 100),
+)
 
 configs = st.builds(
     AggregatorConfig,
@@ -28,6 +43,11 @@ configs = st.builds(
     weight_cap=st.floats(1e-3, 1e6),
     optimizer=st.sampled_from(["fedavg", "fedadam"]),
     optimizer_lr=st.floats(1e-9, 10),
+    examples_per_round=st.integers(1, 1000),
+    train_groups=st.lists(st.sampled_from(TENSOR_NAMES), min_size=1, unique=True).map(
+        lambda g: tuple(n for n in TENSOR_NAMES if n in g)),
+    statistics=statistics,
+    training_noise_ratio=st.floats(1e-3, 100),
 )
 
 
@@ -41,5 +61,5 @@ def test_rendered_config_reads_back_equal(tmp_path_factory, config: AggregatorCo
 
 def test_rendering_keeps_the_comments() -> None:
     text = render_config(AggregatorConfig(min_connected=4335))
-    assert "min_connected = 4335       # a round waits (up to phase_timeout)" in text
+    assert "min_connected = 4335       # a round waits (up to population_wait)" in text
     assert "# q: each connected, enrolled device joins a round" in text

@@ -12,8 +12,8 @@ from aggregator.statedir import init_state
 from edge_client.device import Device
 from edge_client.store import MAX_BASKETS
 from model_export.bundle import (
+    CONSTANT_FILES,
     GRAPH_FILES,
-    VOCABULARY_FILE,
     BundleError,
     pack_members,
     read_bundle,
@@ -84,9 +84,9 @@ def test_a_new_version_needs_only_manifest_and_weights(served, tmp_path) -> None
     device.install(v0)
     held = set(device.held_files())
     manifest = read_bundle(tmp_path / "v1", server_key).manifest
-    assert held == {manifest.files[n] for n in (VOCABULARY_FILE, *GRAPH_FILES)}
+    assert held == {manifest.files[n] for n in CONSTANT_FILES}
     lean = unpack_members(v1)
-    for name in (VOCABULARY_FILE, *GRAPH_FILES):
+    for name in CONSTANT_FILES:
         del lean[name]
     (device.store.blobs / manifest.files["train_step.ort"]).rename(tmp_path / "aside")
     with pytest.raises(BundleError, match=r"train_step\.ort is missing"):
@@ -123,7 +123,42 @@ def test_local_update_trains_on_own_baskets_only(served, tmp_path) -> None:
     device.add_basket(["sku01", "sku02", "sku03"])
     device.add_basket(["sku02", "sku03", "unknown-item"])  # unknown items are skipped
     delta, examples = device.local_update(2, [2.0, 2.0, 0.5, 0.05], 8, seed=0)
-    assert examples == 3 + 2 and np.abs(delta).max() > 0
+    # leave-one-out examples of the newest basket only; the older one is history
+    assert examples == 2 and np.abs(delta).max() > 0
+    _, capped = device.local_update(1, [2.0, 2.0, 0.5, 0.05], 8, seed=0, examples=1)
+    assert capped == 1
     fmt = UpdateFormat(n_params=delta.size, clip_norm=0.5, cohort_size=10)
     encoded = fmt.encode(delta, examples)
     assert encoded.dtype == np.uint32 and encoded.size == delta.size + 1
+
+
+def test_statistics_inputs_are_the_devices_clipped_summaries(served, tmp_path) -> None:
+    """A statistics round's input is the device's own popularity or co-occurrence vector,
+    clipped, with weight 1; a notice it cannot follow is refused with the reason."""
+    server_key, v0, _ = served
+    device = Device(tmp_path / "device", server_key)
+    device.install(v0)
+    device.add_basket(["sku01", "sku02"])
+    device.add_basket(["sku02", "sku03", "unknown-item"])
+    index = {item: i for i, item in enumerate(ITEMS)}
+    notice = {"task": "popularity", "norm": "l2", "clip_norm": 1.0, "cohort": 10}
+    vector, weight = device.round_input(notice)
+    fmt = UpdateFormat(len(ITEMS), 1.0, 10, weight_cap=1.0)
+    values, devices = fmt.decode(vector)
+    assert weight == 1 and devices == 1.0
+    want = np.zeros(len(ITEMS))
+    want[[index["sku01"], index["sku02"], index["sku03"]]] = 1 / np.sqrt(3)  # clipped to 1
+    np.testing.assert_allclose(values, want, atol=1 / fmt.scale)
+    head = [index["sku03"], index["sku01"], index["sku02"]]
+    vector, _ = device.round_input({**notice, "task": "cooccurrence", "head": head,
+                                    "clip_norm": 10.0})
+    values, _ = UpdateFormat(6, 10.0, 10, weight_cap=1.0).decode(vector)
+    # head positions 0: sku03, 1: sku01, 2: sku02; pairs (a <= b) row by row
+    pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+    bought = {(0, 0), (1, 1), (2, 2), (1, 2), (0, 2)}  # sku01 and sku03 never together
+    np.testing.assert_allclose(values, [float(p in bought) for p in pairs], atol=1e-4)
+    for bad in ([index["sku01"]] * 2, [0, len(ITEMS)], "1,2", [1], [True, False]):
+        with pytest.raises(ValueError, match="head"):
+            device.round_input({**notice, "task": "cooccurrence", "head": bad})
+    with pytest.raises(ValueError, match="unknown round task"):
+        device.round_input({**notice, "task": "exfiltrate"})

@@ -72,7 +72,7 @@ def truncated(frame: bytes) -> list[bytes]:
 def test_a_misbehaving_member_of_the_round_is_dropped_and_the_round_completes(
         tmp_path: Path, monkeypatch, rule: Callable[[bytes], list[bytes]]) -> None:
     state, devices = make_world(tmp_path, n_users=8)
-    state.config.write_text(CONFIG.format(timeout=10.0, rounds=1))
+    state.config.write_text(CONFIG.format(statistics='false', timeout=10.0, rounds=1))
     attacker = devices[0]
     rewrite_frames(monkeypatch, {attacker.identity.public: rule})
     server = AggregatorProcess(state.root)
@@ -107,7 +107,7 @@ async def _checkin_frames(url: str, key: IdentityKey, server_key: bytes,
 def test_strangers_replays_floods_and_slow_clients_do_not_get_in_or_stop_rounds(
         tmp_path: Path) -> None:
     state, devices = make_world(tmp_path, n_users=6)
-    state.config.write_text(CONFIG.format(timeout=10.0, rounds=0))
+    state.config.write_text(CONFIG.format(statistics='false', timeout=10.0, rounds=0))
     server_key = bytes(state.signing_key().verify_key)
     enrolled = devices[0].identity
     stranger = IdentityKey.generate()

@@ -3,6 +3,8 @@ against scipy's distributions; the update codec against numpy; the server optimi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -15,7 +17,9 @@ from aggregator.privacy import (
     Budget,
     BudgetExceeded,
     RoundCharge,
+    Stage,
     calibrate_noise_multiplier,
+    calibrate_plan,
     check_budget,
     epsilon_spent,
 )
@@ -114,6 +118,29 @@ def test_update_codec_sums_like_numpy() -> None:
         fmt.encode(np.zeros(3), 1)
 
 
+def test_packed_statistics_sum_like_numpy() -> None:
+    """A statistics round's packed format: half the words, the same sums (to rounding)."""
+    rng = np.random.default_rng(1)
+    fmt = UpdateFormat(n_params=501, clip_norm=3.0, cohort_size=200, weight_cap=1.0,
+                       packed=True)
+    plain = UpdateFormat(n_params=501, clip_norm=3.0, cohort_size=200, weight_cap=1.0)
+    assert fmt.vector_len == 251 and plain.vector_len == 502
+    vectors = [(rng.random(501) < 0.05).astype(float) for _ in range(200)]
+    total = np.zeros(fmt.vector_len, dtype=np.uint32)
+    for v in vectors:
+        total += fmt.encode(v, 1)
+    summed, devices = fmt.decode(total)
+    assert devices == 200.0  # the weight word of 1 per device is exact
+    want = sum(clip(v, 3.0)[0] for v in vectors)
+    # stochastic rounding: at most one step per device, on average none
+    assert np.abs(summed - want).max() <= 200 / 64
+    assert abs((summed - want).mean()) < 0.05
+    with pytest.raises(ValueError, match="too large to pack"):
+        UpdateFormat(n_params=5, clip_norm=1.0, cohort_size=20_000, packed=True)
+    with pytest.raises(ValueError, match="lie in"):
+        fmt.encode(-vectors[0], 1)  # a signed update is never packed
+
+
 def test_clip_bounds_the_norm() -> None:
     big = np.full(100, 1.0)
     clipped, was = clip(big, 2.0)
@@ -140,3 +167,19 @@ def test_server_optimizers() -> None:
     np.testing.assert_allclose(restored.step(out, delta), adam.step(out, delta))
     with pytest.raises(ValueError):
         make_optimizer("sgd", 1.0)
+
+
+def test_a_plan_spends_exactly_its_target_across_stages() -> None:
+    stages = [Stage(1.0, 4.0), Stage(1.0, 1.0), Stage(0.05, 5.0, 20)]
+    scale = calibrate_plan(8.0, 1e-4, stages)
+    charges = [RoundCharge(1, 1.0, 4.0 * scale), RoundCharge(2, 1.0, scale),
+               *(RoundCharge(3 + i, 0.05, 5.0 * scale) for i in range(20))]
+    assert epsilon_spent(charges, 1e-4) == pytest.approx(8.0, rel=1e-3)
+    assert epsilon_spent([replace(c, noise_multiplier=c.noise_multiplier * 0.99)
+                          for c in charges], 1e-4) > 8.0
+    # a single unsampled Gaussian release: the plan gives what the accountant does alone
+    alone = calibrate_plan(8.0, 1e-4, [Stage(1.0, 1.0)])
+    assert epsilon_spent([RoundCharge(1, 1.0, alone)], 1e-4) == pytest.approx(8.0, rel=1e-3)
+    assert alone < scale  # the other stages took part of the budget
+    with pytest.raises(ValueError, match="stage"):
+        calibrate_plan(8.0, 1e-4, [])

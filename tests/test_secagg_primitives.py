@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from secagg import shamir
 from secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
 from secagg.errors import ProtocolViolation
-from secagg.fixedpoint import decode_sum, encode, scale_for
+from secagg.fixedpoint import (
+    decode_packed_sum,
+    decode_sum,
+    encode,
+    encode_packed,
+    packed_scale_for,
+    scale_for,
+)
 from secagg.graph import neighbours, neighbours_of, pairwise_sign
 from secagg.prg import add_mask, keystream
 
@@ -165,6 +172,38 @@ def test_fixed_point_matches_numpy_sum() -> None:
         encode(np.array([2.5]), scale, 2.0)
     with pytest.raises(ValueError, match="NaN"):
         encode(np.array([np.nan]), scale, 2.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 20_000))
+def test_packed_lanes_cannot_carry(n: int) -> None:
+    """n inputs of all ones (the largest a lane holds) sum to exactly n in every lane, with
+    masks that cancel mod 2^32 in the way: no lane spills into its neighbour."""
+    scale = packed_scale_for(n)
+    assert n * scale < 2**16 and (scale == 1 << 16 or n * 2 * scale >= 2**16)
+    if scale == 0:
+        return
+    ones = encode_packed(np.ones(5), scale)
+    assert ones.size == 3  # an odd count pads the last word's high lane with 0
+    rng = np.random.default_rng(n)
+    masks = rng.integers(0, 2**32, (2, 3), dtype=np.uint64).astype(np.uint32)
+    total = (ones.astype(np.uint64) * n + masks[0] + masks[1]).astype(np.uint32)
+    total -= masks[0]
+    total -= masks[1]
+    np.testing.assert_array_equal(decode_packed_sum(total, scale, 5), np.full(5, float(n)))
+
+
+def test_packed_rounding_is_unbiased_and_checks_its_range() -> None:
+    scale = packed_scale_for(1000)  # 64
+    values = np.full(20_000, 0.3)  # 19.2 steps: rounded to 19 or 20
+    total = encode_packed(values, scale).astype(np.uint64)
+    decoded = decode_packed_sum(total.astype(np.uint32), scale, values.size)
+    assert set(np.unique(decoded * scale)) == {19.0, 20.0}
+    # a mean of 0.3 within 4 standard errors (each rounding has variance 0.16 / scale^2)
+    assert abs(decoded.mean() - 0.3) < 4 * np.sqrt(0.16 / values.size) / scale
+    for bad in (np.array([1.01]), np.array([-0.01]), np.array([np.nan])):
+        with pytest.raises(ValueError, match="lie in"):
+            encode_packed(bad, scale)
 
 
 def test_mask_seed_agrees_on_both_ends_and_binds_round_and_ids() -> None:

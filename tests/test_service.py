@@ -24,10 +24,13 @@ from edge_client import device as device_module
 from edge_client.device import Device
 from model_export.bundle import read_bundle
 from model_export.evaluation import make_split
+from model_export.item_item import StatisticsSettings, head_items, neighbour_table
+from model_export.statistics import COOCCURRENCE, POPULARITY, sum_contributions
 from secagg import channel
 from secagg.channel import checkin_statement
 from secagg.client import ClientState
 from secagg.crypto import IdentityKey
+from secagg.fixedpoint import packed_scale_for
 from tests.conftest import synthetic_data
 
 CONFIG = """
@@ -44,6 +47,8 @@ budget_epsilon = 1000.0
 delta = 1e-5
 [training]
 lr_embeddings = 2.0
+[statistics]
+enabled = {statistics}
 """
 
 
@@ -137,7 +142,7 @@ def ledger_matches_dp_accounting(state_dir: Path) -> float:
 
 def test_rounds_survive_dropouts_garbage_and_strangers(world, monkeypatch) -> None:
     state, devices = world
-    state.config.write_text(CONFIG.format(timeout=4.0, rounds=3))
+    state.config.write_text(CONFIG.format(statistics='false', timeout=4.0, rounds=3))
     keys = [d.identity.public for d in devices]
     drop_schedule(monkeypatch, {
         (keys[0], 1): ClientState.WAIT_KEYS,       # vanishes instead of advertising keys
@@ -183,7 +188,7 @@ def test_rounds_survive_dropouts_garbage_and_strangers(world, monkeypatch) -> No
 def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
     state, devices = world
     devices = devices[:6]
-    state.config.write_text(CONFIG.format(timeout=30.0, rounds=2))
+    state.config.write_text(CONFIG.format(statistics='false', timeout=30.0, rounds=2))
     # one device stalls before sending its input, so round 1 waits in its MASKED phase
     drop_schedule(monkeypatch, {(devices[0].identity.public, 1): "stall"})
     server = AggregatorProcess(state.root)
@@ -232,7 +237,7 @@ def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
 
 def test_metrics_and_health(world) -> None:
     state, _ = world
-    state.config.write_text(CONFIG.format(timeout=4.0, rounds=0))
+    state.config.write_text(CONFIG.format(statistics='false', timeout=4.0, rounds=0))
     server = AggregatorProcess(state.root)
     try:
         assert server.http("/healthz").startswith("ok")
@@ -256,7 +261,7 @@ def test_token_enrollment_tls_laplace_and_fedadam(world, tmp_path) -> None:
     from cryptography.x509.oid import NameOID
 
     state, devices = world
-    state.config.write_text(CONFIG.format(timeout=5.0, rounds=1).replace(
+    state.config.write_text(CONFIG.format(statistics='false', timeout=5.0, rounds=1).replace(
         'mechanism = "gaussian"', 'mechanism = "laplace"') + '[optimizer]\nname = "fedadam"\n'
         'lr = 0.05\n')
     newcomer = Device(tmp_path / "newcomer", bytes(state.signing_key().verify_key))
@@ -304,7 +309,7 @@ def test_token_enrollment_tls_laplace_and_fedadam(world, tmp_path) -> None:
 def test_server_stops_before_the_budget_is_exceeded(world) -> None:
     state, devices = world
     # z = 1.5 at q = 1: one round spends ~3.3 at delta 1e-5, two ~4.8: budget 4 allows one
-    state.config.write_text(CONFIG.format(timeout=5.0, rounds=0).replace(
+    state.config.write_text(CONFIG.format(statistics='false', timeout=5.0, rounds=0).replace(
         "budget_epsilon = 1000.0", "budget_epsilon = 4.0"))
     server = AggregatorProcess(state.root)
 
@@ -336,7 +341,7 @@ async def leaving_client(url: str, key: IdentityKey, server_key: bytes) -> None:
 
 def test_a_device_that_leaves_does_not_hold_the_round_to_its_deadline(world) -> None:
     state, devices = world
-    state.config.write_text(CONFIG.format(timeout=300.0, rounds=1))
+    state.config.write_text(CONFIG.format(statistics='false', timeout=300.0, rounds=1))
     leaver = IdentityKey.generate()
     store = Store(state.database)
     leaver_id = store.enroll(leaver.public)
@@ -357,3 +362,65 @@ def test_a_device_that_leaves_does_not_hold_the_round_to_its_deadline(world) -> 
     assert round_row["status"] == "completed" and round_row["survivors"] == len(devices)
     assert round_row["detail"]["dropped"] == {str(leaver_id): "left"}
     assert max(round_row["detail"]["phase_seconds"].values()) < 60  # not the 300 s deadline
+
+
+def test_statistics_rounds_release_exact_sums_then_publish_the_table(world) -> None:
+    """The first two rounds sum the devices' statistics: without DP noise the released sums
+    equal the devices' clipped contributions added up (statistics.sum_contributions, the
+    central path), the co-occurrence round covers the most popular items, and model
+    version 1 carries the table and bias derived from them. Training follows."""
+    state, devices = world
+    state.config.write_text(CONFIG.format(
+        statistics="true\nhead_items = 12\nneighbours = 4\npopularity_clip = 2.0\n"
+                   "cooccurrence_clip = 3.0", timeout=10.0, rounds=1).replace(
+        'mechanism = "gaussian"', 'mechanism = "none"'))
+    server = AggregatorProcess(state.root)
+    server_key = bytes(state.signing_key().verify_key)
+
+    async def everyone() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=3, timeout=120)
+                                      for d in devices))
+
+    reports = asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    assert [(r["status"], r["detail"]["task"]) for r in status["rounds"]] == [
+        ("completed", "popularity"), ("completed", "cooccurrence"), ("completed", "train")]
+    assert all([r.status for r in rs] == ["completed"] * 3 for rs in reports)
+    assert status["model_version"] == 2
+
+    v0 = read_bundle(state.bundles / "v00000000", server_key)
+    index = {item: i for i, item in enumerate(v0.items)}
+    users = [[np.array(sorted(index[i] for i in b if i in index), np.int64)
+              for b in d.store.baskets()] for d in devices]
+    n_items = v0.manifest.n_items
+    store = Store(state.database)
+    popularity = store.statistic(POPULARITY)
+    cooccurrence = store.statistic(COOCCURRENCE)
+    store.close()
+    assert popularity is not None and cooccurrence is not None
+    assert popularity.noise_std == cooccurrence.noise_std == 0.0
+    # statistics travel packed, two 16-bit values a word, rounded stochastically: at most
+    # one step (1 / packed_scale_for(cohort)) per device off
+    step = 1 / packed_scale_for(len(devices))
+    exact = sum_contributions(POPULARITY, users, n_items, 2.0)
+    np.testing.assert_allclose(popularity.total, exact, atol=len(devices) * step)
+    np.testing.assert_array_equal(cooccurrence.head, head_items(popularity.total, 12))
+    exact = sum_contributions(COOCCURRENCE, users, n_items, 3.0, head=cooccurrence.head)
+    np.testing.assert_allclose(cooccurrence.total, exact, atol=len(devices) * step)
+    assert status["rounds"][1]["detail"]["values"] == (12 * 13 // 2 + 2) // 2  # packed
+
+    v1 = read_bundle(state.bundles / "v00000001", server_key)
+    settings = StatisticsSettings(head_items=12, neighbours=4)
+    table = neighbour_table(cooccurrence.total, cooccurrence.head, n_items, noise_std=0.0,
+                            k=4, ease_lambda=settings.ease_lambda,
+                            threshold=settings.threshold)
+    np.testing.assert_array_equal(v1.neighbours().ids, table.ids)
+    np.testing.assert_array_equal(v1.neighbours().weights, table.weights)
+    np.testing.assert_allclose(v1.weights().bias, settings.popularity_weight *
+                               np.log1p(np.maximum(popularity.total, 0)), rtol=1e-6)
+    assert v1.neighbours().weights[cooccurrence.head].max() == pytest.approx(
+        v1.neighbours().weights.max()) and v1.neighbours().weights.max() > 0
+    # the statistics rounds sent no model: each device downloaded v0 at check-in, then v1
+    # and v2 for the training round and after it, never a copy per statistics round
+    assert all(d.model_version == 2 for d in devices)
