@@ -5,6 +5,7 @@ Built on click (subcommands, typed options, generated --help) and rich (tables, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shlex
@@ -24,10 +25,19 @@ from rich.table import Table
 from model_export.cli_options import data_options, load_split, validation_option
 from model_export.evaluation import Split
 from model_export.keys import load_or_create_signing_key
-from model_export.model import n_parameters
+from model_export.model import TENSOR_NAMES, n_parameters, trained_groups
+from model_export.statistics import MAX_HEAD
 from model_export.train import TrainConfig
+from model_export.update import TRAIN
 from simulation.central import Row, baseline_rows, central_rows
-from simulation.federated import FederatedSettings, RoundRecord, RunResult, run_federated
+from simulation.federated import (
+    DP_DEFAULTS,
+    NO_DP_DEFAULTS,
+    FederatedSettings,
+    RoundRecord,
+    RunResult,
+    run_federated,
+)
 from simulation.report import privacy_utility_rows, write_report
 
 console = Console(stderr=True)
@@ -129,20 +139,30 @@ def central(out_dir: Path, key_path: Path | None, epochs: int, dim: int, lr: flo
                   "{task.total}  loss {task.fields[loss]}"), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("train", total=epochs, loss="-")
-        weights, rows = central_rows(split, config, lambda e, loss: progress.update(
+        weights, neighbours, rows = central_rows(split, config, lambda e, loss: progress.update(
             task, completed=e + 1, loss=f"{loss:.4f}"))
     seconds = time.monotonic() - started
     key = load_or_create_signing_key(key_path or out_dir.parent / "signing.key")
     manifest = export_bundle(out_dir, weights, split.catalog,
-                             [names[i] for i in split.catalog], key,
+                             [names[i] for i in split.catalog], key, neighbours=neighbours,
                              history_decay=config.history_decay)
     console.print(f"wrote signed bundle {out_dir} (V={manifest.n_items}, d={manifest.dim}); "
                   f"public key {bytes(key.verify_key).hex()}")
     if with_baselines:
         rows += baseline_rows(split)
     print_rows(f"Central training on {split.name} ({epochs} epochs, {seconds:.0f} s)", rows)
-    write_json(json_path, split, rows, data_sha256=digest, config=config.__dict__,
+    write_json(json_path, split, rows, data_sha256=digest, config=dataclasses.asdict(config),
                train_seconds=seconds)
+
+
+def _groups(ctx: click.Context, param: click.Parameter,
+            value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    try:
+        return trained_groups([g.strip() for g in value.split(",") if g.strip()])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -167,8 +187,24 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dim", type=click.IntRange(1), default=d.dim, show_default=True,
                      help="Embedding size d."),
         click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True),
-                     default=d.clip_norm, show_default=True,
-                     help="C: each device clips its update to this L2 norm (L1: Laplace)."),
+                     help="C: each device clips its update to this L2 norm (L1: Laplace). "
+                          f"Default {NO_DP_DEFAULTS['clip_norm']:g} without DP, "
+                          f"{DP_DEFAULTS['clip_norm']:g} with (only the blend trains)."),
+        click.option("--statistics/--no-statistics", default=True, show_default=True,
+                     help="Begin with the statistics rounds (popularity, then co-occurrence "
+                          "over the head items) that give the model its item-item table."),
+        click.option("--head-items", type=click.IntRange(2, MAX_HEAD),
+                     help="M: the co-occurrence round covers the M most popular items "
+                          f"(M(M+1)/2 values per device). Default {NO_DP_DEFAULTS['head_items']}"
+                          f" without DP, {DP_DEFAULTS['head_items']} with."),
+        click.option("--train-groups", callback=_groups, metavar="NAME,...",
+                     help="Parameter groups training rounds train and upload, of "
+                          f"{','.join(TENSOR_NAMES)}. Default "
+                          f"{','.join(NO_DP_DEFAULTS['train_groups'])} without DP, "
+                          f"{','.join(DP_DEFAULTS['train_groups'])} with."),
+        click.option("--examples-per-round", type=click.IntRange(1),
+                     default=d.examples_per_round, show_default=True,
+                     help="Leave-one-out examples of its newest basket a device trains on."),
         click.option("--server-lr", type=click.FloatRange(min=0, min_open=True),
                      default=d.optimizer_lr, show_default=True,
                      help="FedAdam's server learning rate."),
@@ -218,7 +254,7 @@ def _reference_rows(split: Split, dim: int, with_baselines: bool,
                       TextColumn("epoch {task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task("central", total=config.epochs)
-            _, central = central_rows(split, config, lambda e, _: progress.update(
+            _, _, central = central_rows(split, config, lambda e, _: progress.update(
                 task, completed=e + 1))
     return base, central
 
@@ -239,7 +275,9 @@ def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedS
             fields: dict[str, Any] = {"survivors": f"{record.survivors}/{record.sampled}",
                                       "status": "" if record.status == "completed"
                                       else f"(round {record.round} {record.status})"}
-            if record.status == "completed":
+            if record.task != TRAIN:
+                fields["status"] = f"{record.task} statistic {record.status}"
+            if record.status == "completed" and record.task == TRAIN:
                 progress.advance(task)
                 fields["eps"] = (f"{record.epsilon:.2f}" if settings.mechanism != "none"
                                  else "none")

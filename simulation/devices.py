@@ -21,6 +21,7 @@ import logging
 import random
 import resource
 import signal
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -28,14 +29,21 @@ from pathlib import Path
 import websockets
 
 from edge_client.device import Device
+from model_export.bundle import read_bundle
 
 __all__ = ["PROTOCOL_MESSAGES", "Shard", "worker_main"]
 
 # Messages a device sends in a round (keys, shares, masked input, consistency signature,
 # unmask answers): a device that drops out leaves after 0 to 4 of them.
 PROTOCOL_MESSAGES = 5
-RECONNECT_DELAY = 0.1
-MAX_TURNED_AWAY = 20  # sessions in a row without a round before a device gives up
+RECONNECT_DELAY = 0.1  # doubled after each session without a round, up to MAX_DELAY
+MAX_DELAY = 5.0
+GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up
+
+
+# Devices of one worker that hold a round's input at once (see Device.participate): a
+# co-occurrence input is 8 MB at M = 2000, and 2,000 devices holding theirs took 24 GB.
+INPUTS_AT_ONCE = 32
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class Shard:
     users: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]  # (user id, baskets)
     dropout: float
     seed: int
+    initial_bundle: Path  # model version 0, which the app ships with
 
 
 def _raise_fd_limit() -> None:
@@ -58,7 +67,10 @@ def _raise_fd_limit() -> None:
 
 
 def _make_devices(shard: Shard) -> list[Device]:
+    """Each user's device with their baskets and the shipped model version 0 installed
+    (verified once: the worker's devices share a bundle store)."""
     blobs = shard.root / "blobs" / f"worker{shard.worker}"
+    shipped = read_bundle(shard.initial_bundle, shard.server_key).members()
     devices = []
     for index, (_, baskets) in enumerate(shard.users):
         device = Device(shard.root / "devices" / f"w{shard.worker}-{index:06d}",
@@ -66,38 +78,45 @@ def _make_devices(shard: Shard) -> list[Device]:
         if not device.store.baskets():
             device.store.add_baskets([list(b) for b in baskets],
                                      at=[float(t) for t in range(len(baskets))])
+        if device.manifest is None:
+            device.install_members(shipped, str(shard.initial_bundle))
         devices.append(device)
     return devices
 
 
 async def _live(device: Device, url: str, rng: random.Random, dropout: float,
-                pipe: Connection) -> None:
+                pipe: Connection, gate: asyncio.Semaphore) -> None:
     """Keep the device checked in until the server goes away: it reconnects whenever its
     connection ends (it dropped out of a round, as a phone going offline does, or a busy
-    server timed its check-in out), and stops when the server no longer accepts
-    connections or keeps turning it away."""
+    server timed its check-in out, after which it backs off), and stops when the server no
+    longer accepts connections or has given it no round for GIVE_UP_SECONDS."""
 
     def leave(round_id: int) -> int | None:
         del round_id
         return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
 
-    turned_away = 0
-    while turned_away < MAX_TURNED_AWAY:
+    delay, last_round = RECONNECT_DELAY, time.monotonic()
+    while time.monotonic() - last_round < GIVE_UP_SECONDS:
         try:
             reports = await device.participate(url, rounds=None, timeout=None,
-                                               follow_model=False, leave=leave)
+                                               follow_model=False, leave=leave,
+                                               input_gate=gate)
         except (OSError, TimeoutError, websockets.WebSocketException):
             return  # the server has stopped listening: the run is over
         for r in reports:
             pipe.send(("report", (r.round_id, r.status, r.bytes_up, r.bytes_down)))
-        turned_away = 0 if reports else turned_away + 1
-        await asyncio.sleep(RECONNECT_DELAY)
+        if reports:
+            delay, last_round = RECONNECT_DELAY, time.monotonic()
+        else:  # turned away (a busy server timed the check-in out): back off
+            delay = min(2 * delay, MAX_DELAY)
+        await asyncio.sleep(delay)
 
 
 async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) -> None:
     master = random.Random(shard.seed * 1_000_003 + shard.worker)
+    gate = asyncio.Semaphore(INPUTS_AT_ONCE)
     await asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
-                                 shard.dropout, pipe) for d in devices))
+                                 shard.dropout, pipe, gate) for d in devices))
 
 
 def worker_main(shard: Shard, pipe: Connection) -> None:

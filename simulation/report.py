@@ -50,7 +50,8 @@ def privacy_utility_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         if not evaluated:
             continue
         last = evaluated[-1]
-        completed = sum(1 for r in run["rounds"] if r["status"] == "completed")
+        completed = sum(1 for r in run["rounds"] if r["status"] == "completed"
+                        and r.get("task", "train") == "train")
         rows.append({"name": run["name"], "hr": last["hr"], "ndcg": last["ndcg"],
                      "mrr": last["mrr"], "hr_global": last["hr_global"],
                      "epsilon": last["epsilon"] if run["settings"]["mechanism"] != "none"
@@ -63,7 +64,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "HR@10", "NDCG@10", "MRR", "HR@10 global only", "epsilon", "rounds"]
+    header = ["model", "HR@10", "NDCG@10", "MRR", "HR@10 global only", "epsilon",
+              "training rounds"]
     body = [[r["name"], _fmt(r["hr"]), _fmt(r["ndcg"]), _fmt(r["mrr"]),
              _fmt(r["hr_global"]), _fmt(r["epsilon"], 2),
              "-" if r["rounds"] is None else str(r["rounds"])]
@@ -72,11 +74,11 @@ def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _round_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["round", "status", "sampled", "survivors", "HR@10", "HR@10 global", "epsilon",
-              "seconds", "KB up/device", "KB down/device"]
+    header = ["round", "task", "status", "sampled", "survivors", "HR@10", "HR@10 global",
+              "epsilon", "seconds", "KB up/device", "KB down/device"]
     body = []
     for r in run["rounds"]:
-        body.append([str(r["round"]), r["status"], str(r["sampled"]),
+        body.append([str(r["round"]), r.get("task", "train"), r["status"], str(r["sampled"]),
                      "-" if r["survivors"] is None else str(r["survivors"]),
                      _fmt(r["hr"]), _fmt(r["hr_global"]), _fmt(r["epsilon"], 3),
                      f"{r['seconds']:.2f}",
@@ -153,11 +155,14 @@ def _plot_bytes(report: dict[str, Any], path: Path) -> None:
             label="up (masked update and protocol)")
     ax.plot([r["round"] for r in done], [r["bytes_down"] / 1e6 for r in done], marker=".",
             label="down (model and protocol)")
-    ax.axhline(4 * report["model"]["parameters"] / 1e6, color="grey", linestyle="--",
-               label="4 bytes per parameter")
+    sized = [r for r in done if r.get("values")]
+    ax.step([r["round"] for r in sized], [4 * r["values"] / 1e6 for r in sized],
+            where="mid", color="grey", linestyle="--",
+            label="4 bytes per masked value (statistics, then the trained groups)")
+    ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("MB per device")
+    ax.set_ylabel("MB per device (log scale)")
     ax.set_title(f"{run['name']}: bytes per device")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -185,12 +190,15 @@ def _summary(report: dict[str, Any]) -> list[str]:
              f"Model: d = {report['model']['dim']}, {report['model']['parameters']:,} "
              "parameters."]
     for run in report["runs"]:
-        completed = sum(1 for r in run["rounds"] if r["status"] == "completed")
+        done = [r for r in run["rounds"] if r["status"] == "completed"]
+        trained = sum(1 for r in done if r.get("task", "train") == "train")
         note = " (stopped early: report of the rounds done)" if run["interrupted"] else ""
-        lines.append(f"{run['name']}: {completed} rounds completed in "
-                     f"{run['seconds']:.0f} s{note}; delta {run['delta']:.2e}"
-                     + (f", noise multiplier z = {run['noise_multiplier']:.3f}"
-                        if run.get("noise_multiplier") else "") + ".")
+        noise = ", ".join(f"{task} z = {z:.3f}"
+                          for task, z in run.get("noise_multipliers", {}).items())
+        lines.append(f"{run['name']}: {len(done) - trained} statistics and {trained} "
+                     f"training rounds completed in {run['seconds']:.0f} s{note}; delta "
+                     f"{run['delta']:.2e}" + (f"; noise multipliers {noise}" if noise else "")
+                     + ".")
     lines.append(f"Repeat with: {report['command']}")
     return lines
 

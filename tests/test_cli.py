@@ -79,6 +79,24 @@ def test_central_then_device_recommend(basket_csv: Path, tmp_path: Path) -> None
                                                "--public-key", stranger, "--cart", "i003"])
     assert refused.exit_code == 1 and "signature does not verify" in refused.output
 
+    # a device created with the bundle its app ships with recommends before any round
+    shipped = CliRunner().invoke(device_main, ["init", "--state", str(tmp_path / "dev"),
+                                               "--server-key", str(public),
+                                               "--bundle", str(bundle)])
+    assert shipped.exit_code == 0, shipped.output
+    assert len(bytes.fromhex(shipped.stdout.strip())) == 32
+    offline = CliRunner().invoke(device_main, ["recommend", "--state", str(tmp_path / "dev"),
+                                               "--cart", "i003,i004", "--k", "4"])
+    assert offline.exit_code == 0, offline.output
+    assert len(offline.stdout.strip().splitlines()) == 4
+    both = CliRunner().invoke(device_main, ["recommend", "--state", str(tmp_path / "dev"),
+                                            "--bundle", str(bundle), "--cart", "i003"])
+    assert both.exit_code == 2 and "give --state, or --bundle" in both.output
+    wrong_key = CliRunner().invoke(device_main, ["init", "--state", str(tmp_path / "dev2"),
+                                                 "--server-key", stranger,
+                                                 "--bundle", str(bundle)])
+    assert wrong_key.exit_code == 1 and "not installed" in wrong_key.output
+
 
 def test_central_refuses_an_existing_output(basket_csv: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(sim_main, ["central", "--data", str(basket_csv), *CSV_OPTS,

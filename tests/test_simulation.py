@@ -43,16 +43,27 @@ def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
     assert metrics["data"]["devices"] == 60 and len(metrics["data"]["sha256"]) == 64
     (run,) = metrics["runs"]
     completed = [r for r in run["rounds"] if r["status"] == "completed"]
-    assert len(completed) == 3 and not run["interrupted"]
+    assert not run["interrupted"]
+    # the two statistics rounds, then the three training rounds asked for
+    assert [r["task"] for r in completed] == ["popularity", "cooccurrence", *["train"] * 3]
     for r in completed:
         assert 3 <= r["survivors"] <= r["sampled"]
         assert set(r["phase_seconds"]) >= {"ADVERTISE", "SHARE", "MASKED", "UNMASK"}
-        assert r["bytes_up"] > 4 * metrics["model"]["parameters"]  # one masked vector
-    # the ledger spent at most the target, growing round by round
+    # one masked vector each: the catalog's popularity, the head's co-occurrence triangle,
+    # and under DP only the blend's four weights (each plus the weight word)
+    catalog, head = metrics["data"]["catalog"], run["settings"]["head_items"]
+    popularity, cooccurrence, *training = completed
+    assert 4 * (catalog + 1) < popularity["bytes_up"] < 4 * (catalog + 1) + 20_000
+    assert cooccurrence["bytes_up"] > 4 * (min(head, catalog) * (min(head, catalog) + 1) // 2)
+    assert all(r["bytes_up"] < 20_000 for r in training)
+    assert popularity["model_version"] == 0 and cooccurrence["model_version"] == 1
+    # the ledger charges every round, the statistics included, and spends at most the target
     epsilons = [r["epsilon"] for r in completed]
-    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= 4.0 * 1.001
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] < epsilons[3] < epsilons[4] <= 4.004
     assert run["noise_multiplier"] > 0 and run["delta"] == pytest.approx(60 ** -1.1)
-    assert completed[-1]["hr"] is not None and completed[-1]["hr_global"] is not None
+    # the model the statistics gave is evaluated, and the last trained one
+    assert cooccurrence["hr"] is not None and training[-1]["hr"] is not None
+    assert training[-1]["hr_global"] is not None
     names = [r["name"] for r in metrics["baselines"]]
     assert names[:2] == ["popularity", "co-occurrence (cosine)"]
     # the configuration the aggregator ran with, so the run can be repeated
@@ -87,7 +98,8 @@ def test_sweep_writes_one_report_with_a_row_per_epsilon(basket_csv: Path,
     assert no_dp["noise_multiplier"] is None
     assert low["noise_multiplier"] > high["noise_multiplier"] > 0  # less epsilon, more noise
     for run in metrics["runs"]:
-        assert sum(r["status"] == "completed" for r in run["rounds"]) == 2
+        assert sum(r["status"] == "completed" and r["task"] == "train"
+                   for r in run["rounds"]) == 2
 
 
 def test_bad_options_are_clear_errors(basket_csv: Path, tmp_path: Path) -> None:
