@@ -126,17 +126,33 @@ class Neighbours:
         return {"nbr_ids": self.ids, "nbr_w": self.weights}
 
     def to_bytes(self) -> bytes:
-        """ids as little-endian int32, then weights as float32 (8 bytes per entry)."""
-        return self.ids.astype("<i4").tobytes() + self.weights.astype("<f4").tobytes()
+        """The rows that have a neighbour, little-endian: their count R (uint32), their ids
+        (int32, ascending), then ids [R, K] (int32) and weights [R, K] (float32). The table
+        covers the head items only, so storing all V rows would mostly store zeros (11 MB
+        instead of 1.6 MB for Instacart's 13,880 items)."""
+        rows = np.flatnonzero(np.any(self.weights != 0, axis=1))
+        return b"".join([np.array([len(rows)], "<u4").tobytes(), rows.astype("<i4").tobytes(),
+                         self.ids[rows].astype("<i4").tobytes(),
+                         self.weights[rows].astype("<f4").tobytes()])
 
     @classmethod
     def from_bytes(cls, raw: bytes, n_items: int, k: int) -> Neighbours:
-        if len(raw) != 8 * n_items * k:
-            raise ValueError(f"a [{n_items}, {k}] neighbour table takes {8 * n_items * k} "
-                             f"bytes, got {len(raw)}")
-        half = 4 * n_items * k
-        return cls(np.frombuffer(raw[:half], "<i4").astype(np.int64).reshape(n_items, k),
-                   np.frombuffer(raw[half:], "<f4").astype(np.float32).reshape(n_items, k))
+        """The table ``to_bytes`` wrote; ValueError if ``raw`` is not one of [V, K]."""
+        if len(raw) < 4:
+            raise ValueError("a neighbour table starts with its row count")
+        count = int(np.frombuffer(raw[:4], "<u4")[0])
+        if count > n_items or len(raw) != 4 + 4 * count + 8 * count * k:
+            raise ValueError(f"{len(raw)} bytes are not a table of {count} rows of K = {k} "
+                             f"over {n_items} items")
+        rows = np.frombuffer(raw[4:4 + 4 * count], "<i4").astype(np.int64)
+        if count and (rows[0] < 0 or rows[-1] >= n_items or np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"table rows must be ascending ids in [0, {n_items})")
+        body = 4 + 4 * count
+        ids = np.zeros((n_items, k), np.int64)
+        weights = np.zeros((n_items, k), np.float32)
+        ids[rows] = np.frombuffer(raw[body:body + 4 * count * k], "<i4").reshape(count, k)
+        weights[rows] = np.frombuffer(raw[body + 4 * count * k:], "<f4").reshape(count, k)
+        return cls(ids, weights)
 
     def scores(self, ctx: np.ndarray, dtype: DTypeLike = np.float32) -> np.ndarray:
         """sum over each padded cart's items i of N[i, :], dense [B, V] (the reference)."""

@@ -74,7 +74,9 @@ def test_a_signed_table_pointing_outside_the_catalog_is_refused(original: Path,
     index outside the model's arrays."""
     bundle = read_bundle(original, PUBLIC)
     bad = bytearray(bundle.files["neighbours.bin"])
-    bad[0:4] = (len(ITEMS)).to_bytes(4, "little")  # the first neighbour id: V
+    rows = int.from_bytes(bad[0:4], "little")
+    first_id = 4 + 4 * rows  # after the row count and the row ids
+    bad[first_id:first_id + 4] = (len(ITEMS)).to_bytes(4, "little")  # an id of V
     manifest = json.loads(bundle.manifest_json)
     manifest["files"]["neighbours.bin"] = hashlib.sha256(bad).hexdigest()
     raw = json.dumps(manifest, separators=(",", ":")).encode()

@@ -78,13 +78,22 @@ def test_item_item_term_sums_the_cart_rows_of_the_table() -> None:
     got = table.scores(np.array([[0, 2, -1], [3, -1, -1]]))
     # item 0 gives 1 -> 0.5 and 2 -> 0.25; item 2 gives 1 -> 3 + 4; item 3 gives nothing
     np.testing.assert_allclose(got, [[0.0, 7.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    back = Neighbours.from_bytes(table.to_bytes(), 4, 2)
-    np.testing.assert_array_equal(back.ids, table.ids)
+    # stored: the three rows with a neighbour (row 3's weights are all 0)
+    raw = table.to_bytes()
+    assert len(raw) == 4 + 4 * 3 + 8 * 3 * 2
+    back = Neighbours.from_bytes(raw, 4, 2)
     np.testing.assert_array_equal(back.weights, table.weights)
+    np.testing.assert_array_equal(back.ids[:3], table.ids[:3])
+    np.testing.assert_array_equal(back.scores(np.array([[0, 2, 3]])),
+                                  table.scores(np.array([[0, 2, 3]])))
     with pytest.raises(ValueError, match="lie in"):
         Neighbours(np.array([[4]]), np.array([[1.0]], np.float32))
     with pytest.raises(ValueError, match="bytes"):
-        Neighbours.from_bytes(table.to_bytes()[:-1], 4, 2)
+        Neighbours.from_bytes(raw[:-1], 4, 2)
+    unordered = bytearray(raw)
+    unordered[4:8], unordered[8:12] = raw[8:12], raw[4:8]  # rows 1, 0, 2
+    with pytest.raises(ValueError, match="ascending"):
+        Neighbours.from_bytes(bytes(unordered), 4, 2)
 
 
 def test_history_features_ignore_padding() -> None:
