@@ -51,7 +51,7 @@ NO_DP_DEFAULTS: dict[str, Any] = {
     "clip_norm": 5.0, "lr_blend": 0.05, "training_noise_ratio": 1.0}
 DP_DEFAULTS: dict[str, Any] = {
     "train_groups": ("blend",), "head_items": 1000, "cooccurrence_clip": 5.0,
-    "clip_norm": 0.5, "lr_blend": 0.5, "training_noise_ratio": 4.0}
+    "clip_norm": 0.5, "lr_blend": 0.05, "training_noise_ratio": 4.0}
 
 
 @dataclass(frozen=True)
