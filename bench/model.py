@@ -1,7 +1,8 @@
 """recommend and train: the ONNX graphs against a plain numpy implementation of the same
 model, and recommend against the bandwidth bound of reading e_out and the bias from
 wherever a device keeps them between calls (the cache level their size fits in). The model
-carries an item-item table of K = 100 neighbours per item, as the statistics rounds give."""
+carries an item-item table of K = 100 neighbours per item (a quarter of the catalog below 400
+items: item_item.table_width), as the statistics rounds give."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from bench.common import Row, seconds_per_call
 from model_export.features import ExampleSet
 from model_export.graphs import recommend_graph, train_step_graph
+from model_export.item_item import table_width
 from model_export.model import ITEM_ITEM, Neighbours, Weights, init_weights, sgd_step
 from model_export.runtime import Recommender, TrainStep
 
@@ -24,7 +26,7 @@ def model(n_items: int, dim: int, rng: np.random.Generator) -> tuple[Weights, Ne
     """Random weights (e_out too: zero would make the product trivial) and a random table."""
     w = init_weights(n_items, dim, rng, popularity=np.arange(n_items))
     w.e_out[:] = rng.standard_normal(w.e_out.shape) * 0.1
-    k = min(NEIGHBOURS, n_items)
+    k = table_width(NEIGHBOURS, n_items)  # what the statistics rounds give such a catalog
     return w, Neighbours(rng.integers(0, n_items, (n_items, k)),
                          rng.random((n_items, k)).astype(np.float32))
 

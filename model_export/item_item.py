@@ -35,7 +35,7 @@ from model_export.statistics import (
 )
 
 __all__ = ["StatisticsSettings", "cosine_weights", "ease_weights", "exact_statistics",
-           "head_items", "neighbour_table", "unpack_triangle"]
+           "head_items", "neighbour_table", "table_width", "unpack_triangle"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ class StatisticsSettings:
                 min(self.threshold, self.popularity_weight) < 0:
             raise ValueError("clips and ease_lambda must be positive, threshold and "
                              "popularity_weight not negative")
+
+
+def table_width(k: int, m: int) -> int:
+    """K for a head of ``m`` items: at most ``k``, and at most a quarter of the head. On a
+    small catalog K = 100 made the cart's neighbour entries outnumber the logits (the train
+    step's scatter was 36% of it at V = 169), while K = 20, 42 and 100 scored alike on
+    Groceries' validation split (169 items: HitRate@10 0.345, 0.343, 0.343)."""
+    return max(1, min(k, m // 4))
 
 
 def head_items(popularity: np.ndarray, m: int) -> np.ndarray:
@@ -137,7 +145,7 @@ def neighbour_table(total: np.ndarray, head: np.ndarray, n_items: int, *, noise_
     else:
         weights = _ease_with_enough_ridge(gram, ease_lambda * max(float(np.mean(np.diag(gram))),
                                                                   1e-9))
-    k = max(1, min(k, m - 1))
+    k = table_width(k, m)
     top = np.argpartition(-weights, k - 1, axis=1)[:, :k] if m > 1 else np.zeros((m, 1), int)
     kept = np.take_along_axis(weights, top, axis=1)
     kept = np.where(kept > 0, kept, 0.0)

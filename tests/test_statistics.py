@@ -17,6 +17,7 @@ from model_export.item_item import (
     exact_statistics,
     head_items,
     neighbour_table,
+    table_width,
     unpack_triangle,
 )
 from model_export.statistics import (
@@ -114,7 +115,7 @@ def _dense_by_item(ids: np.ndarray, values: np.ndarray, n_items: int) -> np.ndar
 
 def test_exact_statistics_give_eases_neighbours() -> None:
     rng = np.random.default_rng(3)
-    n_items, m, k = 14, 8, 3
+    n_items, m, k = 14, 8, 2
     users = [[np.sort(rng.choice(n_items, rng.integers(2, 6), replace=False))
               for _ in range(int(rng.integers(1, 4)))] for _ in range(60)]
     head = head_items(sum_contributions(POPULARITY, users, n_items, 3.0), m)
@@ -140,8 +141,8 @@ def test_exact_statistics_give_eases_neighbours() -> None:
 
 def test_noised_statistics_give_the_thresholded_cosine() -> None:
     rng = np.random.default_rng(4)
-    m, n_items, k, sigma = 6, 10, 2, 1.5
-    head = np.array([1, 2, 4, 5, 8, 9])
+    m, n_items, k, sigma = 8, 10, 2, 1.5
+    head = np.array([0, 1, 2, 4, 5, 7, 8, 9])
     gram = rng.uniform(0, 20, (m, m))
     gram = np.triu(gram) + np.triu(gram, 1).T
     rows, cols = np.triu_indices(m)
@@ -155,6 +156,10 @@ def test_noised_statistics_give_the_thresholded_cosine() -> None:
     ids, values = _expected_table(cosine, head, n_items, k)
     np.testing.assert_allclose(_dense_by_item(table.ids, table.weights, n_items),
                                _dense_by_item(ids, values, n_items), atol=1e-6)
+
+
+def test_the_table_is_at_most_a_quarter_of_the_head_wide() -> None:
+    assert [table_width(100, m) for m in (2, 8, 169, 400, 2000)] == [1, 2, 42, 100, 100]
 
 
 def test_a_matrix_that_is_not_a_gram_matrix_gets_enough_ridge() -> None:
