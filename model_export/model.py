@@ -191,7 +191,7 @@ def group_size(groups: Sequence[str], n_items: int, dim: int) -> int:
 
 def pick(flat: np.ndarray, groups: Sequence[str], n_items: int, dim: int) -> np.ndarray:
     """The entries of ``groups`` in a flat weight vector: what a device uploads when only
-    those groups are trained (by default the bias and blend: V + 4 numbers, not 2Vd + V + 4)."""
+    those groups are trained (under DP, the blend alone: 4 numbers instead of 2Vd)."""
     return np.concatenate([flat[s] for s in _group_slices(n_items, dim, groups)])
 
 

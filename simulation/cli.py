@@ -189,7 +189,7 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True),
                      help="C: each device clips its update to this L2 norm (L1: Laplace). "
                           f"Default {NO_DP_DEFAULTS['clip_norm']:g} without DP, "
-                          f"{DP_DEFAULTS['clip_norm']:g} with."),
+                          f"{DP_DEFAULTS['clip_norm']:g} with (only the blend trains)."),
         click.option("--statistics/--no-statistics", default=True, show_default=True,
                      help="Begin with the statistics rounds (popularity, then co-occurrence "
                           "over the head items) that give the model its item-item table."),
