@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from websockets.asyncio.client import connect
 
+from model_export.model import group_size
 from simulation.cli import main as sim_main
 from simulation.report import PLOTS
 from tests.conftest import CSV_OPTS, write_basket_csv
@@ -50,12 +51,14 @@ def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
         assert 3 <= r["survivors"] <= r["sampled"]
         assert set(r["phase_seconds"]) >= {"ADVERTISE", "SHARE", "MASKED", "UNMASK"}
     # one masked vector each: the catalog's popularity, the head's co-occurrence triangle,
-    # and under DP only the blend's four weights (each plus the weight word)
+    # and the trained groups' values (under DP by default the blend's four), each plus the
+    # weight word
     catalog, head = metrics["data"]["catalog"], run["settings"]["head_items"]
     popularity, cooccurrence, *training = completed
     assert 4 * (catalog + 1) < popularity["bytes_up"] < 4 * (catalog + 1) + 20_000
     assert cooccurrence["bytes_up"] > 4 * (min(head, catalog) * (min(head, catalog) + 1) // 2)
-    assert all(r["bytes_up"] < 20_000 for r in training)
+    trained = group_size(run["settings"]["train_groups"], catalog, run["settings"]["dim"]) + 1
+    assert all(4 * trained < r["bytes_up"] < 4 * trained + 20_000 for r in training)
     assert popularity["model_version"] == 0 and cooccurrence["model_version"] == 1
     # the ledger charges every round, the statistics included, and spends at most the target
     epsilons = [r["epsilon"] for r in completed]
