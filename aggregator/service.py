@@ -454,8 +454,9 @@ class Aggregator:
     def _next_task(self) -> str:
         """The statistics rounds first (each until it completes), then training."""
         if self.config.statistics is not None:
+            released = self.store.released()
             for kind in STATISTICS:
-                if self.store.statistic(kind) is None:
+                if kind not in released:
                     return kind
         return TRAIN
 

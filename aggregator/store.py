@@ -250,6 +250,10 @@ class Store:
             self._insert_statistic(db, stat)
             self._complete_round(db, stat.round_id, survivors, detail)
 
+    def released(self) -> set[str]:
+        """The kinds of statistic released so far (without reading their sums)."""
+        return {kind for (kind,) in self.db.execute("SELECT kind FROM statistics")}
+
     def statistic(self, kind: str) -> Statistic | None:
         row = self.db.execute("SELECT round_id, head, total, noise_std FROM statistics WHERE "
                               "kind = ?", (kind,)).fetchone()
