@@ -413,15 +413,12 @@ class Aggregator:
                   "task": task, "clip_norm": fmt.clip_norm, "weight_cap": fmt.weight_cap,
                   "norm": fmt.norm, "packed": fmt.packed,
                   "vocabulary_sha256": self.bundle.manifest.vocabulary_sha256}
-        if task == TRAIN:
-            rates = [rate if name in self.groups else 0.0 for name, rate in
-                     zip(("e_in", "e_out", "bias", "blend"), cfg.learning_rates, strict=True)]
-            notice["training"] = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-                                  "learning_rates": rates, "examples": cfg.examples_per_round,
-                                  "groups": list(self.groups)}
         if head is not None:
             notice["head"] = head.tolist()
         if task == TRAIN:  # a statistics round needs only the catalog the device has
+            notice["training"] = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
+                                  "learning_rates": list(cfg.learning_rates),
+                                  "examples": cfg.examples_per_round, "groups": list(self.groups)}
             await asyncio.gather(*(self._send_model(self.connections[cid]) for cid in cohort
                                    if cid in self.connections))
         for cid in cohort:

@@ -20,7 +20,7 @@ from model_export.bundle import (
     unpack_members,
 )
 from model_export.export import export_bundle
-from model_export.model import init_weights
+from model_export.model import N_BLEND, init_weights, pick
 from model_export.update import UpdateFormat
 
 ITEMS = [f"sku{i:02d}" for i in range(25)]
@@ -130,6 +130,37 @@ def test_local_update_trains_on_own_baskets_only(served, tmp_path) -> None:
     fmt = UpdateFormat(n_params=delta.size, clip_norm=0.5, cohort_size=10)
     encoded = fmt.encode(delta, examples)
     assert encoded.dtype == np.uint32 and encoded.size == delta.size + 1
+
+
+def test_a_training_input_is_the_update_of_the_named_groups_only(served, tmp_path,
+                                                                  monkeypatch) -> None:
+    """The device trains only the groups the notice names (the others at learning rate 0)
+    and uploads their update alone, weighted by its examples."""
+    server_key, v0, _ = served
+    device = Device(tmp_path / "device", server_key)
+    device.install(v0)
+    device.add_basket(["sku01", "sku02", "sku03"])
+    device.add_basket(["sku02", "sku03"])
+    train = device.local_update
+    rates_used = []
+
+    def spy(epochs, rates, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rates_used.append(list(rates))
+        return train(epochs, rates, *args, **kwargs)
+
+    monkeypatch.setattr(device, "local_update", spy)
+    notice = {"task": "train", "norm": "l2", "clip_norm": 100.0, "cohort": 10,
+              "weight_cap": 8.0, "training": {"epochs": 1, "batch_size": 8, "examples": 8,
+                                              "learning_rates": [2.0, 2.0, 0.5, 0.05],
+                                              "groups": ["blend"]}}
+    vector, examples = device.round_input(notice)
+    assert rates_used == [[0.0, 0.0, 0.0, 0.05]] and examples == 2
+    fmt = UpdateFormat(N_BLEND, 100.0, 10, weight_cap=8.0)
+    values, weight = fmt.decode(vector)
+    delta, _ = train(1, [0.0, 0.0, 0.0, 0.05], 8)  # one batch holds both examples
+    assert weight == pytest.approx(2 / 8, abs=1 / fmt.scale)
+    np.testing.assert_allclose(values, 2 / 8 * pick(delta, ["blend"], len(ITEMS), 4),
+                               atol=2 / fmt.scale)
 
 
 def test_statistics_inputs_are_the_devices_clipped_summaries(served, tmp_path) -> None:
