@@ -220,9 +220,7 @@ def _value_of(config: AggregatorConfig, section: str, key: str) -> object:
         if key == "enabled":
             return config.statistics is not None
         return getattr(config.statistics or StatisticsSettings(), key)
-    inverse = {v: k for k, v in _RENAMED.items()}
-    name = next((n for n, (sec, k) in inverse.items() if (sec, k) == (section, key)), key)
-    return getattr(config, name)
+    return getattr(config, _RENAMED.get((section, key), key))
 
 
 def render_config(config: AggregatorConfig) -> str:

@@ -123,7 +123,9 @@ class Neighbours:
         return int(self.ids.shape[1])
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {"nbr_ids": self.ids, "nbr_w": self.weights}
+        """The graphs' table inputs, contiguous and of their dtypes (no copy if they are)."""
+        return {"nbr_ids": np.ascontiguousarray(self.ids, np.int64),
+                "nbr_w": np.ascontiguousarray(self.weights, np.float32)}
 
     def to_bytes(self) -> bytes:
         """The rows that have a neighbour, little-endian: their count R (uint32), their ids

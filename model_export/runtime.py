@@ -55,8 +55,7 @@ def _model_feeds(weights: Weights, neighbours: Neighbours) -> dict[str, np.ndarr
         raise ValueError(f"the neighbour table has {neighbours.n_items} rows, the model "
                          f"{weights.n_items} items")
     return {**{n: np.ascontiguousarray(t, np.float32) for n, t in weights.tensors().items()},
-            "nbr_ids": np.ascontiguousarray(neighbours.ids, np.int64),
-            "nbr_w": np.ascontiguousarray(neighbours.weights, np.float32)}
+            **neighbours.tensors()}
 
 
 class Recommender:

@@ -60,7 +60,7 @@ class UpdateFormat:
             raise ValueError(f"norm must be 'l1' or 'l2', got {self.norm!r}")
         if self.clip_norm <= 0 or self.weight_cap <= 0 or self.cohort_size < 1:
             raise ValueError("clip norm and weight cap must be positive, cohort size >= 1")
-        if self.packed and packed_scale_for(self.cohort_size) < MIN_PACKED_SCALE:
+        if self.packed and not self.can_pack(self.cohort_size):
             raise ValueError(f"a cohort of {self.cohort_size} is too large to pack")
 
     @staticmethod

@@ -42,7 +42,8 @@ GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up
 
 
 # Devices of one worker that hold a round's input at once (see Device.participate): a
-# co-occurrence input is 8 MB at M = 2000, and 2,000 devices holding theirs took 24 GB.
+# co-occurrence input is 4 MB at M = 2000 (packed), and 2,000 devices holding theirs took
+# 24 GB.
 INPUTS_AT_ONCE = 32
 
 
