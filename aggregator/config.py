@@ -58,6 +58,7 @@ ease_lambda = 0.5       # EASE ridge (exact sums), times the mean diagonal
 threshold = 2.5         # noised co-occurrences below threshold * noise std are dropped
 popularity_weight = 0.01  # bias = this * log(1 + popularity)
 popularity_noise_ratio = 4.0  # noise multiplier of the popularity round / co-occurrence's
+name_weight = 0.3       # of the neighbours by item name (0: none); names are public
 
 [privacy]
 mechanism = "gaussian"  # "gaussian", "laplace" (pure epsilon, L1 clip) or "none"

@@ -50,7 +50,7 @@ from aggregator.statedir import StateDir
 from aggregator.store import ModelRow, Statistic, Store
 from model_export.bundle import CONSTANT_FILES, GRAPH_FILES, pack_members, read_bundle
 from model_export.export import export_bundle
-from model_export.item_item import head_items, neighbour_table
+from model_export.item_item import head_items, item_table
 from model_export.model import Neighbours, Weights, group_size, place, trained_groups
 from model_export.statistics import (
     COOCCURRENCE,
@@ -597,9 +597,7 @@ class Aggregator:
             return
         popularity = self.store.statistic(POPULARITY)
         assert popularity is not None
-        table = neighbour_table(total, head, self.weights.n_items, noise_std=noise_std,
-                                k=stats.neighbours, ease_lambda=stats.ease_lambda,
-                                threshold=stats.threshold)
+        table = item_table(total, head, self.bundle.names, stats, noise_std)
         m = self.weights
         bias = stats.popularity_weight * popularity_bias(popularity.total)
         new = Weights(m.e_in, m.e_out, bias, m.blend)

@@ -66,5 +66,5 @@ def load_split(data_spec: str, user_col: str | None, item_col: str | None,
                   f"baskets, catalog {split.n_items:,} items, {len(split.queries):,} "
                   f"{'validation' if validation else 'test'} queries "
                   f"(sha256 {data.sha256[:12]})")
-    names = {item: data.name_of(item) for item in split.catalog}
+    names = dict(zip(split.catalog, split.names, strict=True))
     return split, names, data.sha256

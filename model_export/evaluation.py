@@ -49,6 +49,7 @@ class Split:
 
     name: str
     catalog: tuple[str, ...]
+    names: tuple[str, ...]  # display names in catalog order (the key where the data has none)
     users: tuple[str, ...]
     train: tuple[tuple[np.ndarray, ...], ...]
     queries: tuple[Query, ...]
@@ -105,7 +106,8 @@ def make_split(data: BasketData) -> Split:
             continue
         hidden = int(rng.choice(in_catalog))
         queries.append(Query(user=u, cart=in_catalog[in_catalog != hidden], hidden=hidden))
-    return Split(name=data.name, catalog=catalog, users=tuple(data.users),
+    return Split(name=data.name, catalog=catalog,
+                 names=tuple(data.name_of(item) for item in catalog), users=tuple(data.users),
                  train=tuple(train), queries=tuple(queries))
 
 

@@ -18,7 +18,8 @@ From that M x M Gram matrix G it derives each head item's K neighbours:
   population EASE is the better choice under DP too.
 
 Each item keeps its K largest positive weights, scaled so that the rows' largest weights
-average 1: the item-item blend weight then starts on the same footing in every model.
+average 1: the item-item blend weight then starts on the same footing in every model. The
+bundle's table adds the item names' neighbours to these (:func:`item_table`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import scipy.linalg.lapack as lapack
 
 from model_export.model import Neighbours
+from model_export.name_neighbours import with_names
 from model_export.statistics import (
     COOCCURRENCE,
     POPULARITY,
@@ -39,7 +41,7 @@ from model_export.statistics import (
 )
 
 __all__ = ["StatisticsSettings", "cosine_weights", "ease_weights", "exact_statistics",
-           "head_items", "neighbour_table", "table_width", "unpack_triangle"]
+           "head_items", "item_table", "neighbour_table", "table_width", "unpack_triangle"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class StatisticsSettings:
     # against 0.37); a small weight only breaks ties among items without other evidence
     popularity_weight: float = 0.01
     popularity_noise_ratio: float = 4.0  # its noise multiplier / the co-occurrence round's
+    name_weight: float = 0.3  # of the item names' table (name_neighbours.py); 0: none
 
     def __post_init__(self) -> None:
         if not 0 < self.sampling_rate <= 1 or self.popularity_noise_ratio <= 0:
@@ -162,14 +165,25 @@ def neighbour_table(total: np.ndarray, head: np.ndarray, n_items: int, *, noise_
     return Neighbours(ids, values)
 
 
-def exact_statistics(users: Sequence[Sequence[np.ndarray]], n_items: int,
+def item_table(total: np.ndarray, head: np.ndarray, names: Sequence[str],
+               settings: StatisticsSettings, noise_std: float) -> Neighbours:
+    """The bundle's table: the co-occurrence sum's neighbours (:func:`neighbour_table`)
+    blended with the item names' (name_neighbours.py) at ``settings.name_weight``."""
+    return with_names(neighbour_table(total, head, len(names), noise_std=noise_std,
+                                      k=settings.neighbours, ease_lambda=settings.ease_lambda,
+                                      threshold=settings.threshold),
+                      names, settings.name_weight)
+
+
+def exact_statistics(users: Sequence[Sequence[np.ndarray]], names: Sequence[str],
                      settings: StatisticsSettings) -> tuple[np.ndarray, Neighbours]:
-    """(bias, table) from the exact statistics of ``users`` (their baskets as catalog ids):
-    what the federated statistics rounds give without noise (central training)."""
+    """(bias, table) from the exact statistics of ``users`` (their baskets as catalog ids)
+    and the catalog's ``names``: what the federated statistics rounds give without noise
+    (central training)."""
+    n_items = len(names)
     popularity = sum_contributions(POPULARITY, users, n_items, settings.popularity_clip)
     head = head_items(popularity, min(settings.head_items, n_items))
     total = sum_contributions(COOCCURRENCE, users, n_items, settings.cooccurrence_clip,
                               head=head)
-    return settings.popularity_weight * popularity_bias(popularity), neighbour_table(
-        total, head, n_items, noise_std=0.0, k=settings.neighbours,
-        ease_lambda=settings.ease_lambda, threshold=settings.threshold)
+    return (settings.popularity_weight * popularity_bias(popularity),
+            item_table(total, head, names, settings, noise_std=0.0))

@@ -52,7 +52,7 @@ def initial_model(split: Split, config: TrainConfig) -> tuple[Weights, Neighbour
                            scale=config.init_scale)
     if config.statistics is None:
         return weights, Neighbours.empty(split.n_items)
-    bias, neighbours = exact_statistics([b for b in split.train if b], split.n_items,
+    bias, neighbours = exact_statistics([b for b in split.train if b], split.names,
                                         config.statistics)
     weights.bias[:] = bias
     return weights, neighbours

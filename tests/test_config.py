@@ -23,6 +23,7 @@ statistics = st.none() | st.builds(
     threshold=st.floats(0, 10),
     popularity_weight=st.floats(0, 10),
     popularity_noise_ratio=st.floats(1e-3, 100),
+    name_weight=st.floats(0, 10),
 )
 
 configs = st.builds(

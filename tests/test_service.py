@@ -24,7 +24,7 @@ from edge_client import device as device_module
 from edge_client.device import Device
 from model_export.bundle import read_bundle
 from model_export.evaluation import make_split
-from model_export.item_item import StatisticsSettings, head_items, neighbour_table
+from model_export.item_item import StatisticsSettings, head_items, item_table
 from model_export.statistics import COOCCURRENCE, POPULARITY, sum_contributions
 from secagg import channel
 from secagg.channel import checkin_statement
@@ -412,9 +412,7 @@ def test_statistics_rounds_release_exact_sums_then_publish_the_table(world) -> N
 
     v1 = read_bundle(state.bundles / "v00000001", server_key)
     settings = StatisticsSettings(head_items=12, neighbours=4)
-    table = neighbour_table(cooccurrence.total, cooccurrence.head, n_items, noise_std=0.0,
-                            k=4, ease_lambda=settings.ease_lambda,
-                            threshold=settings.threshold)
+    table = item_table(cooccurrence.total, cooccurrence.head, v1.names, settings, 0.0)
     np.testing.assert_array_equal(v1.neighbours().ids, table.ids)
     np.testing.assert_array_equal(v1.neighbours().weights, table.weights)
     np.testing.assert_allclose(v1.weights().bias, settings.popularity_weight *
