@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg.lapack as lapack
 
-from model_export.model import Neighbours
+from model_export.model import Neighbours, mean_row_max
 from model_export.name_neighbours import with_names
 from model_export.statistics import (
     COOCCURRENCE,
@@ -156,12 +156,10 @@ def neighbour_table(total: np.ndarray, head: np.ndarray, n_items: int, *, noise_
     top = np.argpartition(-weights, k - 1, axis=1)[:, :k] if m > 1 else np.zeros((m, 1), int)
     kept = np.take_along_axis(weights, top, axis=1)
     kept = np.where(kept > 0, kept, 0.0)
-    row_max = kept.max(axis=1)
-    scale = float(row_max[row_max > 0].mean()) if np.any(row_max > 0) else 1.0
     ids = np.zeros((n_items, k), np.int64)
     values = np.zeros((n_items, k), np.float32)
     ids[head] = head[top]
-    values[head] = kept / scale
+    values[head] = kept / mean_row_max(kept)
     return Neighbours(ids, values)
 
 

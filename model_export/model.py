@@ -42,6 +42,7 @@ __all__ = [
     "history_features",
     "init_weights",
     "loss_and_grads",
+    "mean_row_max",
     "n_parameters",
     "pick",
     "place",
@@ -93,6 +94,13 @@ class Weights:
         return Weights(*(t.astype(dtype) for t in self.tensors().values()))
 
 
+def mean_row_max(weights: np.ndarray) -> float:
+    """The mean of the positive row maxima of a table's weights (1 for an empty table): the
+    scale that puts every item-item table on the same footing for its blend weight."""
+    row_max = weights.max(axis=1)
+    return float(row_max[row_max > 0].mean()) if np.any(row_max > 0) else 1.0
+
+
 @dataclass(frozen=True)
 class Neighbours:
     """The item-item table: row i lists K item ids and the weight each gets when item i is
@@ -129,9 +137,10 @@ class Neighbours:
 
     def to_bytes(self) -> bytes:
         """The rows that have a neighbour, little-endian: their count R (uint32), their ids
-        (int32, ascending), then ids [R, K] (int32) and weights [R, K] (float32). The table
-        covers the head items only, so storing all V rows would mostly store zeros (11 MB
-        instead of 1.6 MB for Instacart's 13,880 items)."""
+        (int32, ascending), then ids [R, K] (int32) and weights [R, K] (float32). Items outside
+        the co-occurrence head have a row only where their names share a word, so storing all
+        V rows would mostly store zeros (11 MB instead of 1.6 MB for Instacart's 13,880
+        items)."""
         rows = np.flatnonzero(np.any(self.weights != 0, axis=1))
         return b"".join([np.array([len(rows)], "<u4").tobytes(), rows.astype("<i4").tobytes(),
                          self.ids[rows].astype("<i4").tobytes(),

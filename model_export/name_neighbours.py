@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import sparse
 
-from model_export.model import Neighbours
+from model_export.model import Neighbours, mean_row_max
 
 __all__ = ["name_neighbours", "name_vectors", "with_names"]
 
@@ -71,11 +71,6 @@ def name_neighbours(names: Sequence[str], k: int) -> Neighbours:
     return Neighbours(ids, weights)
 
 
-def _row_max_mean(weights: np.ndarray) -> float:
-    row_max = weights.max(axis=1)
-    return float(row_max[row_max > 0].mean()) if np.any(row_max > 0) else 1.0
-
-
 def with_names(table: Neighbours, names: Sequence[str], weight: float) -> Neighbours:
     """``table`` plus ``weight`` times the names' table, both scaled so their rows' largest
     weights average 1; each item keeps the K largest sums (K = the table's width), scaled
@@ -86,8 +81,8 @@ def with_names(table: Neighbours, names: Sequence[str], weight: float) -> Neighb
     if len(names) != n:
         raise ValueError(f"{len(names)} names for a table of {n} items")
     by_name = name_neighbours(names, k)
-    parts = [(table.ids, table.weights / _row_max_mean(table.weights)),
-             (by_name.ids, weight * by_name.weights / _row_max_mean(by_name.weights))]
+    parts = [(table.ids, table.weights / mean_row_max(table.weights)),
+             (by_name.ids, weight * by_name.weights / mean_row_max(by_name.weights))]
     row_of = np.concatenate([np.repeat(np.arange(n), ids.shape[1]) for ids, _ in parts])
     col_of = np.concatenate([ids.ravel() for ids, _ in parts])
     value = np.concatenate([w.ravel() for _, w in parts]).astype(np.float64)
@@ -104,4 +99,4 @@ def with_names(table: Neighbours, names: Sequence[str], weight: float) -> Neighb
     top = np.argpartition(-padded, k - 1, axis=1)[:, :k]
     kept = np.take_along_axis(padded, top, axis=1)
     ids = np.where(kept > 0, np.take_along_axis(padded_ids, top, axis=1), 0)
-    return Neighbours(ids, (kept / _row_max_mean(kept)).astype(np.float32))
+    return Neighbours(ids, (kept / mean_row_max(kept)).astype(np.float32))
