@@ -3,6 +3,8 @@ from an independent implementation, reproduced exactly (to the 4 decimals publis
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -33,7 +35,7 @@ def test_unscored_hidden_item_is_a_miss() -> None:
 def test_metrics_from_known_ranks() -> None:
     split = make_split(synthetic_data())
     queries = split.queries[:3]
-    split = split.__class__(split.name, split.catalog, split.users, split.train, queries)
+    split = dataclasses.replace(split, queries=queries)
     wanted = {q.hidden: r for q, r in zip(queries, (1, 3, 20), strict=True)}
 
     def scorer(qs: list[Query]) -> np.ndarray:
