@@ -597,7 +597,10 @@ class Aggregator:
             return
         popularity = self.store.statistic(POPULARITY)
         assert popularity is not None
-        table = item_table(total, head, self.bundle.names, stats, noise_std)
+        # seconds of numpy for a large catalog (the names' table, EASE's inverse): off the
+        # event loop, so check-ins and pings are served meanwhile
+        table = await asyncio.to_thread(item_table, total, head, self.bundle.names, stats,
+                                        noise_std)
         m = self.weights
         bias = stats.popularity_weight * popularity_bias(popularity.total)
         new = Weights(m.e_in, m.e_out, bias, m.blend)
