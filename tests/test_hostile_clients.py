@@ -26,7 +26,7 @@ from secagg import channel
 from secagg.channel import checkin_statement
 from secagg.crypto import IdentityKey
 from secagg.messages import _HEADER, MaskedInput, decode
-from tests.test_service import CONFIG, cli, make_world
+from tests.test_service import cli, config_for_all, make_world
 
 pytestmark = pytest.mark.reliability
 
@@ -72,7 +72,8 @@ def truncated(frame: bytes) -> list[bytes]:
 def test_a_misbehaving_member_of_the_round_is_dropped_and_the_round_completes(
         tmp_path: Path, monkeypatch, rule: Callable[[bytes], list[bytes]]) -> None:
     state, devices = make_world(tmp_path, n_users=8)
-    state.config.write_text(CONFIG.format(statistics='false', timeout=10.0, rounds=1))
+    state.config.write_text(config_for_all(len(devices), statistics='false', timeout=10.0,
+                                           rounds=1))
     attacker = devices[0]
     rewrite_frames(monkeypatch, {attacker.identity.public: rule})
     server = AggregatorProcess(state.root)
@@ -107,7 +108,8 @@ async def _checkin_frames(url: str, key: IdentityKey, server_key: bytes,
 def test_strangers_replays_floods_and_slow_clients_do_not_get_in_or_stop_rounds(
         tmp_path: Path) -> None:
     state, devices = make_world(tmp_path, n_users=6)
-    state.config.write_text(CONFIG.format(statistics='false', timeout=10.0, rounds=0))
+    state.config.write_text(config_for_all(len(devices), statistics='false', timeout=10.0,
+                                           rounds=0))
     server_key = bytes(state.signing_key().verify_key)
     enrolled = devices[0].identity
     stranger = IdentityKey.generate()
