@@ -9,7 +9,15 @@ import pytest
 from model_export.export import build_graphs
 from model_export.features import ExampleSet
 from model_export.graphs import OPSET, recommend_graph, train_step_graph
-from model_export.model import Neighbours, init_weights, scores, sgd_step
+from model_export.model import (
+    PRIOR,
+    TRAINABLE,
+    Neighbours,
+    init_weights,
+    scores,
+    sgd_step,
+    with_popularity,
+)
 from model_export.runtime import Recommender, TrainStep, make_session
 
 V, D = 40, 8
@@ -19,9 +27,10 @@ LR = np.array([3.0, 2.0, 0.5, 0.1], np.float32)
 @pytest.fixture(scope="module")
 def weights():
     rng = np.random.default_rng(7)
-    w = init_weights(V, D, rng, scale=0.3, popularity=rng.integers(0, 50, V))
+    w = with_popularity(init_weights(V, D, rng, scale=0.3), rng.integers(0, 50, V), 0.6)
     w.e_out[:] = rng.normal(scale=0.3, size=w.e_out.shape)
-    w.blend[:] = [0.7, 1.3, 0.4, 0.9]
+    w.bias[:] = rng.normal(scale=0.3, size=V)
+    w.blend[:4] = [0.7, 1.3, 0.4, 0.9]
     return w
 
 
@@ -93,8 +102,10 @@ def test_train_step_matches_reference(weights, nbrs, graphs, graph) -> None:
                              hist_w.astype(np.float64), hist_co.astype(np.float64), targets,
                              LR.astype(np.float64))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    for got, want in zip(tensors, ref.tensors().values(), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for got, name in zip(tensors, TRAINABLE, strict=True):
+        np.testing.assert_allclose(got, getattr(ref, name), rtol=1e-5, atol=1e-5)
+    # the prior's blend weight moved (its gradient is part of the step checked above)
+    assert tensors[TRAINABLE.index("blend")][PRIOR] != weights.blend[PRIOR]
 
 
 def test_train_step_loss_decreases_on_real_data(uci_split) -> None:
