@@ -226,7 +226,13 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
         g.op("Unsqueeze", g.op("ReduceSum", g.op("Mul", grad, s[f]), keepdims=0), "axis0")
         for grad, f in ((g_hist, "f_log"), (g_hist, "f_any"), (g_hist, "f_co"),
                         (g_nbr, "nbr_w"))), d_prior, axis=0)
-    g.op("Add", "blend", g.op("Mul", d_blend, step["blend"]), out="blend_out")
+    # the prior's weight steps only where the bias does not (model.blend_rates)
+    bias_frozen = g.op("Cast", g.op("Equal", step["bias"], g.const("zero_f", np.array(
+        0.0, np.float32))), to=FLOAT)
+    prior_slot = g.const("prior_slot", np.eye(N_BLEND, dtype=np.float32)[PRIOR])
+    rates = g.op("Mul", step["blend"], g.op("Add", g.const("other_slots", 1 - np.eye(
+        N_BLEND, dtype=np.float32)[PRIOR]), g.op("Mul", prior_slot, bias_frozen)))
+    g.op("Add", "blend", g.op("Mul", d_blend, rates), out="blend_out")
 
     inputs = [*_weight_inputs(n_items, dim), _io("ctx", INT64, ["B", "L"]),
               *_history_inputs(), _io("targets", INT64, ["B"]), _io("lr", FLOAT, [4])]

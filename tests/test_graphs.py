@@ -90,22 +90,26 @@ def test_k_larger_than_catalog_is_clamped(weights, nbrs, graphs) -> None:
 
 
 @pytest.mark.parametrize("graph", ["train_step.onnx", "train_step.ort"])
-def test_train_step_matches_reference(weights, nbrs, graphs, graph) -> None:
+@pytest.mark.parametrize("bias_trains", [True, False])
+def test_train_step_matches_reference(weights, nbrs, graphs, graph, bias_trains) -> None:
     rng = np.random.default_rng(1)
     ctx, hist_ids, hist_w, hist_co = inputs(rng)
     targets = np.array([4, 5, 0, 39], np.int64)
+    lr = LR if bias_trains else np.array([0.0, 0.0, 0.0, 0.1], np.float32)  # as under DP
     session = make_session(graphs[graph])
     loss, *tensors = session.run(None, {**weights.tensors(), **nbrs.tensors(), "ctx": ctx,
                                         "hist_ids": hist_ids, "hist_w": hist_w,
-                                        "hist_co": hist_co, "targets": targets, "lr": LR})
+                                        "hist_co": hist_co, "targets": targets, "lr": lr})
     ref_loss, ref = sgd_step(weights.astype(np.float64), nbrs, ctx, hist_ids,
                              hist_w.astype(np.float64), hist_co.astype(np.float64), targets,
-                             LR.astype(np.float64))
+                             lr.astype(np.float64))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for got, name in zip(tensors, TRAINABLE, strict=True):
         np.testing.assert_allclose(got, getattr(ref, name), rtol=1e-5, atol=1e-5)
-    # the prior's blend weight moved (its gradient is part of the step checked above)
-    assert tensors[TRAINABLE.index("blend")][PRIOR] != weights.blend[PRIOR]
+    blend = tensors[TRAINABLE.index("blend")]
+    assert np.all(blend[:PRIOR] != weights.blend[:PRIOR])
+    # the prior's weight steps only where the bias does not
+    assert (blend[PRIOR] == weights.blend[PRIOR]) == bias_trains
 
 
 def test_train_step_loss_decreases_on_real_data(uci_split) -> None:

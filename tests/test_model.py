@@ -11,6 +11,7 @@ from model_export.model import (
     TRAINABLE,
     Neighbours,
     Weights,
+    blend_rates,
     history_features,
     init_weights,
     loss_and_grads,
@@ -156,3 +157,9 @@ def test_popularity_prior_is_log_of_the_clipped_count_at_its_weight() -> None:
     np.testing.assert_array_equal(prior.blend[:PRIOR], w.blend[:PRIOR])
     with pytest.raises(ValueError, match="popularity of shape"):
         with_popularity(w, noised[:3], 0.25)
+
+
+def test_the_prior_weight_trains_only_where_the_bias_does_not() -> None:
+    np.testing.assert_array_equal(blend_rates(0.05, 0.0), np.full(N_BLEND, 0.05))
+    held = blend_rates(0.05, 1.0)
+    assert held[PRIOR] == 0.0 and np.all(np.delete(held, PRIOR) == 0.05)
