@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from model_export.item_item import StatisticsSettings
-from model_export.model import TRAINABLE, trained_groups
+from model_export.model import TENSOR_NAMES, trained_groups
 
 __all__ = ["DEFAULT_TOML", "AggregatorConfig", "ConfigError", "load_config", "render_config"]
 
@@ -56,7 +56,7 @@ cooccurrence_clip = 32.0  # C of a device's co-occurrence vector
 neighbours = 100        # K: neighbours per item in the bundle's item-item table
 ease_lambda = 0.5       # EASE ridge (exact sums), times the mean diagonal
 threshold = 2.5         # noised co-occurrences below threshold * noise std are dropped
-popularity_weight = 0.01  # starting blend weight of the prior log(1 + popularity); trained
+popularity_weight = 0.01  # bias = this * log(1 + popularity)
 popularity_noise_ratio = 4.0  # noise multiplier of the popularity round / co-occurrence's
 name_weight = 0.3       # of the neighbours by item name (0: none); names are public
 
@@ -98,7 +98,7 @@ class AggregatorConfig:
     lr_bias: float = 1.0
     lr_blend: float = 0.05
     batch_size: int = 64
-    train_groups: tuple[str, ...] = TRAINABLE
+    train_groups: tuple[str, ...] = TENSOR_NAMES
     # None: no statistics rounds
     statistics: StatisticsSettings | None = field(default_factory=StatisticsSettings)
     mechanism: str = "gaussian"

@@ -51,18 +51,12 @@ from aggregator.store import ModelRow, Statistic, Store
 from model_export.bundle import CONSTANT_FILES, GRAPH_FILES, pack_members, read_bundle
 from model_export.export import export_bundle
 from model_export.item_item import head_items, item_table
-from model_export.model import (
-    Neighbours,
-    Weights,
-    group_size,
-    place,
-    trained_groups,
-    with_popularity,
-)
+from model_export.model import Neighbours, Weights, group_size, place, trained_groups
 from model_export.statistics import (
     COOCCURRENCE,
     POPULARITY,
     STATISTICS,
+    popularity_bias,
     triangle_size,
 )
 from model_export.update import L1, L2, TRAIN, UpdateFormat
@@ -607,7 +601,9 @@ class Aggregator:
         # event loop, so check-ins and pings are served meanwhile
         table = await asyncio.to_thread(item_table, total, head, self.bundle.names, stats,
                                         noise_std)
-        new = with_popularity(self.weights, popularity.total, stats.popularity_weight)
+        m = self.weights
+        bias = stats.popularity_weight * popularity_bias(popularity.total)
+        new = Weights(m.e_in, m.e_out, bias, m.blend)
         log.info("round %d: item-item table over %d head items from %d devices (noise std "
                  "%.3g)", current.round_id, len(head), devices, noise_std)
         await self._publish(current, new, table, {}, detail, released)

@@ -12,15 +12,7 @@ from bench.common import Row, seconds_per_call
 from model_export.features import ExampleSet
 from model_export.graphs import recommend_graph, train_step_graph
 from model_export.item_item import table_width
-from model_export.model import (
-    ITEM_ITEM,
-    PRIOR,
-    Neighbours,
-    Weights,
-    init_weights,
-    sgd_step,
-    with_popularity,
-)
+from model_export.model import ITEM_ITEM, Neighbours, Weights, init_weights, sgd_step
 from model_export.runtime import Recommender, TrainStep
 
 GRID = [(169, 32), (4000, 32), (4000, 64), (50_000, 32), (50_000, 64)]
@@ -32,7 +24,7 @@ NEIGHBOURS = 100
 
 def model(n_items: int, dim: int, rng: np.random.Generator) -> tuple[Weights, Neighbours]:
     """Random weights (e_out too: zero would make the product trivial) and a random table."""
-    w = with_popularity(init_weights(n_items, dim, rng), np.arange(n_items), 1.0)
+    w = init_weights(n_items, dim, rng, popularity=np.arange(n_items))
     w.e_out[:] = rng.standard_normal(w.e_out.shape) * 0.1
     k = table_width(NEIGHBOURS, n_items)  # what the statistics rounds give such a catalog
     return w, Neighbours(rng.integers(0, n_items, (n_items, k)),
@@ -51,7 +43,6 @@ def read_bandwidth(n_bytes: int) -> float:
 
 def numpy_top10(w: Weights, nbrs: Neighbours, cart: np.ndarray) -> np.ndarray:
     scores = w.e_out @ (w.e_in[cart].sum(axis=0) / np.sqrt(len(cart))) + w.bias
-    scores += w.blend[PRIOR] * w.log_popularity
     scores += w.blend[ITEM_ITEM] * np.bincount(nbrs.ids[cart].ravel(), nbrs.weights[cart].ravel(),
                                                minlength=len(scores))
     scores[cart] = -np.inf
@@ -68,7 +59,7 @@ def bench_recommend(quick: bool) -> list[Row]:
         assert np.array_equal(ids[0], numpy_top10(w, nbrs, CART))
         onnx_s = seconds_per_call(lambda rec=rec: rec.top_k([CART], 10))
         numpy_s = seconds_per_call(lambda w=w, n=nbrs: numpy_top10(w, n, CART))
-        read_bytes = w.e_out.nbytes + w.bias.nbytes + w.log_popularity.nbytes
+        read_bytes = w.e_out.nbytes + w.bias.nbytes
         bound_s = read_bytes / read_bandwidth(read_bytes)
         params = {"V": n_items, "d": dim, "K": nbrs.k}
         rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",

@@ -1,8 +1,8 @@
 """PyTorch eager versions of the FedCart model, as benchmark baselines (the ``bench`` extra
 installs the torch 2.13.0 CPU build). Same parameters, same scores, same SGD step as
 model_export/model.py: EmbeddingBag (sum, scaled by 1/sqrt(n)) for the cart, a Linear layer
-for e_out and the bias plus the weighted popularity prior, the cart's item-item neighbours
-and the history blend added at their items (scatter_add)."""
+for e_out and the bias, the cart's item-item neighbours and the history blend added at their
+items (scatter_add)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from model_export.features import Batch
-from model_export.model import ITEM_ITEM, PRIOR, Neighbours, Weights
+from model_export.model import ITEM_ITEM, Neighbours, Weights
 
 torch.set_num_threads(1)
 
@@ -21,7 +21,6 @@ class TorchModel(nn.Module):
         super().__init__()
         self.nbr_ids = torch.from_numpy(nbrs.ids)
         self.nbr_w = torch.from_numpy(nbrs.weights)
-        self.log_popularity = torch.from_numpy(w.log_popularity)
         n_items, dim = w.e_in.shape
         self.e_in = nn.EmbeddingBag(n_items, dim, mode="sum", sparse=True)
         self.out = nn.Linear(dim, n_items)
@@ -37,7 +36,7 @@ class TorchModel(nn.Module):
         counts = valid.sum(dim=1).clamp(min=1).to(torch.float32)
         weights = valid.to(torch.float32) / counts.sqrt().unsqueeze(1)
         u = self.e_in(ctx.clamp(min=0), per_sample_weights=weights)
-        logits = self.out(u) + self.blend[PRIOR] * self.log_popularity
+        logits = self.out(u)
         rows = ctx.shape[0]
         nbr_w = self.nbr_w[ctx.clamp(min=0)] * valid.unsqueeze(-1) * self.blend[ITEM_ITEM]
         logits = logits.scatter_add(1, self.nbr_ids[ctx.clamp(min=0)].reshape(rows, -1),

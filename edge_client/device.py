@@ -37,7 +37,7 @@ from model_export.bundle import (
     verify_members,
 )
 from model_export.features import ExampleSet
-from model_export.model import TRAINABLE, pick, trained_groups
+from model_export.model import TENSOR_NAMES, pick, trained_groups
 from model_export.runtime import TrainStep
 from model_export.statistics import COOCCURRENCE, STATISTICS, check_head, contribution
 from model_export.update import TRAIN, UpdateFormat
@@ -236,9 +236,9 @@ class Device:
         if task != TRAIN:
             raise ValueError(f"unknown round task {task!r}")
         training = notice["training"]
-        groups = trained_groups(training.get("groups", TRAINABLE))
+        groups = trained_groups(training.get("groups", TENSOR_NAMES))
         rates = [rate if name in groups else 0.0
-                 for name, rate in zip(TRAINABLE, training["learning_rates"], strict=True)]
+                 for name, rate in zip(TENSOR_NAMES, training["learning_rates"], strict=True)]
         delta, examples = self.local_update(training["epochs"], rates, training["batch_size"],
                                             history, examples=training.get("examples"))
         update = pick(delta, groups, m.n_items, m.dim)

@@ -7,8 +7,7 @@ A bundle is a directory (or a zip of one) holding
     manifest.sig       Ed25519 signature (64 raw bytes) of manifest.json's exact bytes
     vocabulary.json    the item keys in catalog order, with display names
     recommend.onnx     recommend.ort    train_step.onnx    train_step.ort   (no weights)
-    weights.bin        e_in, e_out, bias, blend, log_popularity as little-endian float32, in
-                       that order
+    weights.bin        e_in, e_out, bias, blend as little-endian float32, in that order
     neighbours.bin     the item-item table [V, K]: the rows that have neighbours (int32
                        ids, then float32 weights; model.Neighbours.to_bytes)
 
@@ -57,8 +56,7 @@ __all__ = [
     "write_bundle",
 ]
 
-FORMAT_VERSION = 5  # 3: personal co-occurrence (hist_co); 4: the item-item table; 5: the
-# popularity prior (log_popularity, with a fifth blend weight)
+FORMAT_VERSION = 4  # 3: personal co-occurrence (hist_co); 4: the item-item table
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 VOCABULARY_FILE = "vocabulary.json"

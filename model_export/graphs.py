@@ -1,20 +1,19 @@
 """The model as ONNX graphs, built op by op with ``onnx.helper`` (opset 18).
 
-``recommend.onnx``: inputs the weights ``e_in``, ``e_out``, ``bias``, ``blend``,
-``log_popularity``, the item-item table ``nbr_ids`` int64[V, K] and ``nbr_w`` float32[V, K],
-then ``cart`` int64[B, L] and ``hist_ids`` int64[B, H] (both padded with -1; history ids
-distinct within a row), ``hist_w`` and ``hist_co`` float32[B, H], ``k`` int64[1]; outputs
-``top_ids`` int64[B, k'] and ``top_scores`` float32[B, k'] with k' = min(k, V). Cart items
-score -inf, so they are never recommended ahead of any other item.
+``recommend.onnx``: inputs the weights ``e_in``, ``e_out``, ``bias``, ``blend``, the item-item
+table ``nbr_ids`` int64[V, K] and ``nbr_w`` float32[V, K], then ``cart`` int64[B, L] and
+``hist_ids`` int64[B, H] (both padded with -1; history ids distinct within a row), ``hist_w``
+and ``hist_co`` float32[B, H], ``k`` int64[1]; outputs ``top_ids`` int64[B, k'] and
+``top_scores`` float32[B, k'] with k' = min(k, V). Cart items score -inf, so they are never
+recommended ahead of any other item.
 
 ``train_step.onnx``: weights and table as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``,
-``hist_co``, ``targets`` int64[B] and ``lr`` float32[4]; outputs ``loss`` and the trained
-weights (model.TRAINABLE) after one SGD step. The backward pass is closed-form (see model.py)
-and never forms the dense one-hot: ``e_in`` is updated with a ScatterND-add over the context
-rows only, ``e_out`` with one Gemm plus a ScatterND-add on the target rows. The item-item term
-is scattered from the cart's [B, L K] neighbour entries straight into the logits, and its
-blend gradient is read back at those entries: no dense [B, V] item-item tensor exists in
-either graph.
+``hist_co``, ``targets`` int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after
+one SGD step. The backward pass is closed-form (see model.py) and never forms the dense
+one-hot: ``e_in`` is updated with a ScatterND-add over the context rows only, ``e_out`` with
+one Gemm plus a ScatterND-add on the target rows. The item-item term is scattered from the
+cart's [B, L K] neighbour entries straight into the logits, and its blend gradient is read
+back at those entries: no dense [B, V] item-item tensor exists in either graph.
 
 Both graphs share :func:`_scores`, so the score the device ranks by is the score it trains.
 Neither graph holds weights: they depend only on (V, d), so a new model version is one
@@ -35,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export.model import ITEM_ITEM, N_BLEND, PRIOR, TRAINABLE
+from model_export.model import ITEM_ITEM, N_BLEND, TENSOR_NAMES
 
 __all__ = ["OPSET", "convert_to_ort", "recommend_graph", "train_step_graph"]
 
@@ -97,9 +96,7 @@ def _scores(g: _Graph, ctx: str) -> dict[str, str]:
     rows = g.op("Gather", "e_in", safe_ctx, axis=0)
     weights = g.op("Unsqueeze", g.op("Div", mask, count), "axis_last")
     u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)
-    # the popularity prior joins the bias on its [V] side, before the [B, V] Gemm
-    bias = g.op("Add", "bias", g.op("Mul", "log_popularity", _blend_weight(g, PRIOR)))
-    base = g.op("Gemm", u, "e_out", bias, transB=1)
+    base = g.op("Gemm", u, "e_out", "bias", transB=1)
 
     # The item-item term: each cart item's K neighbour entries, [B, L K], scattered (added)
     # into the logits with the blend weight applied on that small side.
@@ -139,12 +136,11 @@ def _history_inputs() -> list[onnx.ValueInfoProto]:
 
 
 def _weight_shapes(n_items: int, dim: int) -> dict[str, list[str | int]]:
-    return {"e_in": [n_items, dim], "e_out": [n_items, dim], "bias": [n_items],
-            "blend": [N_BLEND], "log_popularity": [n_items]}
+    return {"e_in": [n_items, dim], "e_out": [n_items, dim], "bias": [n_items], "blend": [N_BLEND]}
 
 
 def _weight_inputs(n_items: int, dim: int) -> list[onnx.ValueInfoProto]:
-    """The weights (model.TENSOR_NAMES), then the item-item table (K varies with the table)."""
+    """The trained weights, then the item-item table (K varies with the table)."""
     return [*(_io(n, FLOAT, s) for n, s in _weight_shapes(n_items, dim).items()),
             _io("nbr_ids", INT64, [n_items, "K_nbr"]), _io("nbr_w", FLOAT, [n_items, "K_nbr"])]
 
@@ -196,11 +192,11 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
     step = {name: g.op("Div", g.op("Gather", "lr", g.const(f"lr_idx_{name}",
                                                            np.array(i, np.int64)), axis=0),
                        batch)
-            for i, name in enumerate(TRAINABLE)}
+            for i, name in enumerate(TENSOR_NAMES)}
 
     bias_step = g.op("Expand", step["bias"], g.op("Shape", "targets"))
-    mass = g.op("ReduceSum", probs, "axis0", keepdims=0)  # [V]: sum over the batch
-    bias_down = g.op("Sub", "bias", g.op("Mul", mass, step["bias"]))
+    bias_down = g.op("Sub", "bias", g.op("Mul", g.op("ReduceSum", probs, "axis0",
+                                                     keepdims=0), step["bias"]))
     g.op("ScatterND", bias_down, target_col, bias_step, reduction="add", out="bias_out")
     u_step = g.op("Mul", s["u"], step["e_out"])
     e_out_down = g.op("Gemm", probs, u_step, "e_out", transA=1, alpha=-1.0, beta=1.0)
@@ -218,27 +214,16 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
         return g.op("Sub", is_target, g.op("GatherElements", probs, ids, axis=1))
 
     g_hist, g_nbr = entry_gradient(s["safe_hist"]), entry_gradient(s["nbr_ids"])
-    # the prior's: its value at the targets minus its mean under the softmax, summed
-    d_prior = g.op("Sub", g.op("ReduceSum", g.op("Gather", "log_popularity", "targets",
-                                                 axis=0), keepdims=1),
-                   g.op("ReduceSum", g.op("Mul", mass, "log_popularity"), keepdims=1))
     d_blend = g.op("Concat", *(
         g.op("Unsqueeze", g.op("ReduceSum", g.op("Mul", grad, s[f]), keepdims=0), "axis0")
         for grad, f in ((g_hist, "f_log"), (g_hist, "f_any"), (g_hist, "f_co"),
-                        (g_nbr, "nbr_w"))), d_prior, axis=0)
-    # the prior's weight steps only where the bias does not (model.blend_rates)
-    bias_frozen = g.op("Cast", g.op("Equal", step["bias"], g.const("zero_f", np.array(
-        0.0, np.float32))), to=FLOAT)
-    prior_slot = g.const("prior_slot", np.eye(N_BLEND, dtype=np.float32)[PRIOR])
-    rates = g.op("Mul", step["blend"], g.op("Add", g.const("other_slots", 1 - np.eye(
-        N_BLEND, dtype=np.float32)[PRIOR]), g.op("Mul", prior_slot, bias_frozen)))
-    g.op("Add", "blend", g.op("Mul", d_blend, rates), out="blend_out")
+                        (g_nbr, "nbr_w"))), axis=0)
+    g.op("Add", "blend", g.op("Mul", d_blend, step["blend"]), out="blend_out")
 
     inputs = [*_weight_inputs(n_items, dim), _io("ctx", INT64, ["B", "L"]),
               *_history_inputs(), _io("targets", INT64, ["B"]), _io("lr", FLOAT, [4])]
     outputs = [_io("loss", FLOAT, [])] + [_io(f"{n}_out", FLOAT, s)
-                                          for n, s in _weight_shapes(n_items, dim).items()
-                                          if n in TRAINABLE]
+                                          for n, s in _weight_shapes(n_items, dim).items()]
     return g.model("fedcart_train_step", inputs, outputs,
                    "FedCart local training: one SGD step of softmax cross-entropy.")
 

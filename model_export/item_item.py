@@ -35,6 +35,7 @@ from model_export.name_neighbours import with_names
 from model_export.statistics import (
     COOCCURRENCE,
     POPULARITY,
+    popularity_bias,
     sum_contributions,
     triangle_size,
 )
@@ -57,10 +58,9 @@ class StatisticsSettings:
     neighbours: int = 100  # K per item in the bundle
     ease_lambda: float = 0.5  # EASE's ridge, times the mean of the Gram diagonal
     threshold: float = 2.5  # noised counts below threshold * noise std are dropped
-    # the popularity prior's starting blend weight (training moves it): at 1 (the
-    # likelihood's optimum for an empty cart) popular items outrank the cart's neighbours
-    # (UCI validation HitRate@10 0.27 against 0.37); a small weight only breaks ties
-    # among items without other evidence
+    # the bias is this times log(1 + popularity): at 1 (the likelihood's optimum for an empty
+    # cart) popular items outrank the cart's neighbours (UCI validation HitRate@10 0.27
+    # against 0.37); a small weight only breaks ties among items without other evidence
     popularity_weight: float = 0.01
     popularity_noise_ratio: float = 4.0  # its noise multiplier / the co-occurrence round's
     name_weight: float = 0.3  # of the item names' table (name_neighbours.py); 0: none
@@ -175,7 +175,7 @@ def item_table(total: np.ndarray, head: np.ndarray, names: Sequence[str],
 
 def exact_statistics(users: Sequence[Sequence[np.ndarray]], names: Sequence[str],
                      settings: StatisticsSettings) -> tuple[np.ndarray, Neighbours]:
-    """(popularity, table) from the exact statistics of ``users`` (their baskets as catalog ids)
+    """(bias, table) from the exact statistics of ``users`` (their baskets as catalog ids)
     and the catalog's ``names``: what the federated statistics rounds give without noise
     (central training)."""
     n_items = len(names)
@@ -183,4 +183,5 @@ def exact_statistics(users: Sequence[Sequence[np.ndarray]], names: Sequence[str]
     head = head_items(popularity, min(settings.head_items, n_items))
     total = sum_contributions(COOCCURRENCE, users, n_items, settings.cooccurrence_clip,
                               head=head)
-    return popularity, item_table(total, head, names, settings, noise_std=0.0)
+    return (settings.popularity_weight * popularity_bias(popularity),
+            item_table(total, head, names, settings, noise_std=0.0))

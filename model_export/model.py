@@ -1,34 +1,22 @@
 """The FedCart model in numpy: the reference the ONNX graphs are tested against.
 
 Parameters (DESIGN.md section 2): ``e_in`` (V x d), ``e_out`` (V x d), ``bias`` (V) and
-``blend`` (5): the weights of the on-device history features, of the item-item term and of
-the popularity prior. Beside them, not trained: ``log_popularity`` (V), log(1 + the secure,
-DP-noised popularity sum), and the item-item table ``N`` (:class:`Neighbours`: for each item
-up to K neighbours with weights), derived by the aggregator from a secure, DP-noised sum of the
+``blend`` (4): the weights of the on-device history features and of the item-item term.
+Beside them, not trained: the item-item table ``N`` (:class:`Neighbours`: for each item up to K
+neighbours with weights), derived by the aggregator from a secure, DP-noised sum of the
 devices' co-occurrence statistics (statistics.py, item_item.py). For a batch of carts (item ids
 padded with -1) and each user's history (distinct item ids with recency-weighted counts
 h > 0 and personal co-occurrence with the cart c >= 0, see features.py; padded with -1):
 
     u      = sum of e_in rows of the cart's n items / sqrt(n) (0 for an empty cart)
-    s_j    = e_out[j] . u + bias_j + blend_4 log_popularity_j
-             + blend_3 sum over cart items i of N[i, j]
+    s_j    = e_out[j] . u + bias_j + blend_3 sum over cart items i of N[i, j]
              + [j in history] (blend_0 log(1 + h_j) + blend_1 + blend_2 log(1 + c_j))
 
-The history and item-item terms touch only the H history entries and the cart's K neighbours
-each, not the whole catalog; the prior joins the bias on its [V] side. Pooling by sqrt(n)
-rather than the mean lets a large cart score more sharply than a small one (EASE and
-co-occurrence sum over the cart): on UCI its best test HitRate@10 over the settings tried was
-0.323 (d 128), mean pooling's 0.303. The item-item term is full rank where the embeddings are
-rank d: it is what carries EASE's strength into the model.
-
-How much popularity should count differs by shop, and under DP the bias (V numbers) does not
-train: one blend weight on the prior learns it for one more number per update. It trains only
-where the bias does not (:func:`blend_rates`). With the table alone under DP (epsilon 8,
-validation), HitRate@10 on Groceries' 169 items is 0.284 at weight 0.01 and 0.345 at 1; on
-UCI's 3,627 the best is about 0.01 (0.290 at 0.3: popular items outrank the cart's
-neighbours). Started at 0.01, 10 DP rounds take it to 0.42 on Groceries (test: 0.298 before,
-0.340 now). On UCI cross-entropy raises it too, to 0.36, costing about 0.007 on validation:
-the loss rewards popularity more than a top-10 does.
+The blend touches only the H history entries and the cart's K neighbours each, not the whole
+catalog. Pooling by sqrt(n) rather than the mean lets a large cart score more sharply than a
+small one (EASE and co-occurrence sum over the cart): on UCI its best test HitRate@10 over the
+settings tried was 0.323 (d 128), mean pooling's 0.303. The item-item term is full rank where
+the embeddings are rank d: it is what carries EASE's strength into the model.
 
 Training: softmax cross-entropy of the held-out target over the whole catalog, mean over the
 batch. The gradients are closed-form; ``e_in``'s is sparse (only cart rows).
@@ -47,12 +35,9 @@ __all__ = [
     "ITEM_ITEM",
     "N_BLEND",
     "PAD",
-    "PRIOR",
     "TENSOR_NAMES",
-    "TRAINABLE",
     "Neighbours",
     "Weights",
-    "blend_rates",
     "group_size",
     "history_features",
     "init_weights",
@@ -64,16 +49,12 @@ __all__ = [
     "scores",
     "sgd_step",
     "trained_groups",
-    "with_popularity",
 ]
 
 PAD = -1
-TENSOR_NAMES = ("e_in", "e_out", "bias", "blend", "log_popularity")
-TRAINABLE = TENSOR_NAMES[:4]  # log_popularity is set from the popularity statistic only
-# log(1 + h), "in history", log(1 + co) (history features); item-item term; popularity prior
-N_BLEND = 5
+TENSOR_NAMES = ("e_in", "e_out", "bias", "blend")
+N_BLEND = 4  # log(1 + h), "in history", log(1 + co) (history features); item-item term
 ITEM_ITEM = 3  # the blend weight of the item-item term
-PRIOR = 4  # the blend weight of log_popularity
 
 
 @dataclass
@@ -84,7 +65,6 @@ class Weights:
     e_out: np.ndarray
     bias: np.ndarray
     blend: np.ndarray
-    log_popularity: np.ndarray
 
     @property
     def n_items(self) -> int:
@@ -103,12 +83,12 @@ class Weights:
 
     @classmethod
     def from_flat(cls, flat: np.ndarray, n_items: int, dim: int) -> Weights:
-        sizes = [n_items * dim, n_items * dim, n_items, N_BLEND, n_items]
+        sizes = [n_items * dim, n_items * dim, n_items, N_BLEND]
         if flat.shape != (n_parameters(n_items, dim),):
             raise ValueError(f"flat weights have shape {flat.shape}, expected ({sum(sizes)},)")
         parts = np.split(flat, np.cumsum(sizes)[:-1])
         return cls(parts[0].reshape(n_items, dim), parts[1].reshape(n_items, dim),
-                   parts[2], parts[3], parts[4])
+                   parts[2], parts[3])
 
     def astype(self, dtype: type) -> Weights:
         return Weights(*(t.astype(dtype) for t in self.tensors().values()))
@@ -197,21 +177,20 @@ class Neighbours:
 
 def n_parameters(n_items: int, dim: int) -> int:
     """The length of the flat weight vector."""
-    return 2 * n_items * dim + 2 * n_items + N_BLEND
+    return 2 * n_items * dim + n_items + N_BLEND
 
 
 def trained_groups(groups: Sequence[str]) -> tuple[str, ...]:
-    """``groups`` checked (trainable, at least one) and in TENSOR_NAMES order."""
-    unknown = set(groups) - set(TRAINABLE)
+    """``groups`` checked (known, at least one) and in TENSOR_NAMES order."""
+    unknown = set(groups) - set(TENSOR_NAMES)
     if unknown or not groups:
-        raise ValueError(f"trained groups must be a non-empty subset of {TRAINABLE}, got "
+        raise ValueError(f"trained groups must be a non-empty subset of {TENSOR_NAMES}, got "
                          f"{list(groups)}")
-    return tuple(n for n in TRAINABLE if n in groups)
+    return tuple(n for n in TENSOR_NAMES if n in groups)
 
 
 def _group_slices(n_items: int, dim: int, groups: Sequence[str]) -> list[slice]:
-    sizes = {"e_in": n_items * dim, "e_out": n_items * dim, "bias": n_items, "blend": N_BLEND,
-             "log_popularity": n_items}
+    sizes = {"e_in": n_items * dim, "e_out": n_items * dim, "bias": n_items, "blend": N_BLEND}
     ends = dict(zip(TENSOR_NAMES, np.cumsum([sizes[n] for n in TENSOR_NAMES]), strict=True))
     return [slice(int(ends[n] - sizes[n]), int(ends[n])) for n in trained_groups(groups)]
 
@@ -223,7 +202,7 @@ def group_size(groups: Sequence[str], n_items: int, dim: int) -> int:
 
 def pick(flat: np.ndarray, groups: Sequence[str], n_items: int, dim: int) -> np.ndarray:
     """The entries of ``groups`` in a flat weight vector: what a device uploads when only
-    those groups are trained (under DP, the blend alone: 5 numbers instead of 2Vd)."""
+    those groups are trained (under DP, the blend alone: 4 numbers instead of 2Vd)."""
     return np.concatenate([flat[s] for s in _group_slices(n_items, dim, groups)])
 
 
@@ -242,37 +221,27 @@ def place(values: np.ndarray, groups: Sequence[str], n_items: int, dim: int) -> 
     return out
 
 
-INITIAL_BLEND = (1.0, 1.0, 1.0, 1.0, 0.0)
+INITIAL_BLEND = (1.0, 1.0, 1.0, 1.0)
 
 
-def init_weights(n_items: int, dim: int, rng: np.random.Generator,
-                 scale: float = 0.1) -> Weights:
+def init_weights(n_items: int, dim: int, rng: np.random.Generator, scale: float = 0.1,
+                 popularity: np.ndarray | None = None) -> Weights:
     """Small random ``e_in`` and a zero ``e_out`` (as LoRA starts one factor at zero): the
     embedding term starts at exactly 0, so until it is trained (and wherever it is frozen,
-    as under DP) it adds no noise to the scores, while its gradient is not zero. Bias and
-    popularity prior start at 0 (:func:`with_popularity` sets the prior). The blend starts
-    at INITIAL_BLEND rather than 0, so that before anything is learned a device already
-    ranks its user's own past items and the cart's neighbours first (on UCI under DP at
-    epsilon 8, HitRate@10 0.19 instead of 0.01 after 10 rounds)."""
+    as under DP) it adds no noise to the scores, while its gradient is not zero. The bias
+    starts at log-popularity when it is given. The blend starts at INITIAL_BLEND rather than
+    0, so that before anything is learned a device already ranks its user's own past items
+    and the cart's neighbours first (on UCI under DP at epsilon 8, HitRate@10 0.19 instead
+    of 0.01 after 10 rounds)."""
+    bias = np.zeros(n_items, np.float32)
+    if popularity is not None:
+        bias = np.log(np.asarray(popularity, np.float64) + 1.0).astype(np.float32)
     return Weights(
         e_in=(rng.standard_normal((n_items, dim)) * scale).astype(np.float32),
         e_out=np.zeros((n_items, dim), np.float32),
-        bias=np.zeros(n_items, np.float32),
+        bias=bias,
         blend=np.array(INITIAL_BLEND, np.float32),
-        log_popularity=np.zeros(n_items, np.float32),
     )
-
-
-def with_popularity(w: Weights, popularity: np.ndarray, weight: float) -> Weights:
-    """``w`` with the prior of a (noised) popularity sum, log(1 + max(count, 0)) (the
-    softmax's optimum for an empty cart up to a constant), at blend weight ``weight``."""
-    counts = np.asarray(popularity, np.float64)
-    if counts.shape != (w.n_items,):
-        raise ValueError(f"a popularity of shape {counts.shape} for {w.n_items} items")
-    blend = w.blend.copy()
-    blend[PRIOR] = weight
-    prior = np.log1p(np.maximum(counts, 0.0))
-    return Weights(w.e_in, w.e_out, w.bias, blend, prior.astype(w.bias.dtype))
 
 
 def history_features(hist_ids: np.ndarray, hist_w: np.ndarray, hist_co: np.ndarray,
@@ -301,8 +270,7 @@ def _features(w: Weights, nbrs: Neighbours, ctx: np.ndarray, hist_ids: np.ndarra
     """The blend's N_BLEND dense features [N_BLEND, B, V]."""
     dtype = w.e_in.dtype
     history = history_features(hist_ids, hist_w, hist_co, w.n_items, dtype)
-    prior = np.broadcast_to(w.log_popularity.astype(dtype), (1, ctx.shape[0], w.n_items))
-    return np.concatenate([history, nbrs.scores(ctx, dtype)[None], prior])
+    return np.concatenate([history, nbrs.scores(ctx, dtype)[None]])
 
 
 def scores(w: Weights, nbrs: Neighbours, ctx: np.ndarray, hist_ids: np.ndarray,
@@ -316,8 +284,7 @@ def scores(w: Weights, nbrs: Neighbours, ctx: np.ndarray, hist_ids: np.ndarray,
 def loss_and_grads(w: Weights, nbrs: Neighbours, ctx: np.ndarray, hist_ids: np.ndarray,
                    hist_w: np.ndarray, hist_co: np.ndarray,
                    targets: np.ndarray) -> tuple[float, Weights]:
-    """Mean softmax cross-entropy and its exact gradient with respect to every parameter
-    (0 for the untrained ``log_popularity``)."""
+    """Mean softmax cross-entropy and its exact gradient with respect to every parameter."""
     u, mask, n = _cart_vector(w, ctx)
     features = _features(w, nbrs, ctx, hist_ids, hist_w, hist_co)
     logits = u @ w.e_out.T + w.bias + np.tensordot(w.blend, features, axes=1)
@@ -338,7 +305,6 @@ def loss_and_grads(w: Weights, nbrs: Neighbours, ctx: np.ndarray, hist_ids: np.n
         e_out=g.T @ u,
         bias=g.sum(axis=0),
         blend=(features * g).sum(axis=(1, 2)).astype(w.blend.dtype),
-        log_popularity=np.zeros_like(w.log_popularity),
     )
     return loss, grads
 
@@ -346,25 +312,9 @@ def loss_and_grads(w: Weights, nbrs: Neighbours, ctx: np.ndarray, hist_ids: np.n
 def sgd_step(w: Weights, nbrs: Neighbours, ctx: np.ndarray, hist_ids: np.ndarray,
              hist_w: np.ndarray, hist_co: np.ndarray, targets: np.ndarray,
              lr: np.ndarray) -> tuple[float, Weights]:
-    """One SGD step with a learning rate per trainable group (the order of TRAINABLE):
+    """One SGD step with a learning rate per parameter group (the order of TENSOR_NAMES):
     what train_step.onnx computes. The groups' gradients differ by orders of magnitude (a
     context row's is divided by the cart size, the blend's sums over the whole catalog)."""
     loss, g = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
-    rates = dict(zip(TRAINABLE, lr, strict=True))
-    stepped = {name: getattr(w, name) - rates[name] * getattr(g, name)
-               for name in TRAINABLE if name != "blend"}
-    blend = w.blend - blend_rates(rates["blend"], rates["bias"]) * g.blend
-    return loss, Weights(**stepped, blend=blend.astype(w.blend.dtype),
-                         log_popularity=w.log_popularity)
-
-
-def blend_rates(lr_blend: float, lr_bias: float) -> np.ndarray:
-    """Each blend weight's learning rate: ``lr_blend``, except the prior's, which steps only
-    where the bias does not (``lr_bias`` 0, as under DP). A trained bias learns each item's
-    popularity itself, and the prior's single weight would learn faster than it what the
-    cross-entropy wants: more popularity than a top-10 does. Trained with the bias, it cost
-    UCI's test HitRate@10 0.011 (central 0.3781 to 0.3673) and Instacart's 0.009."""
-    rates = np.full(N_BLEND, lr_blend, dtype=np.float64)
-    if lr_bias != 0:
-        rates[PRIOR] = 0.0
-    return rates
+    return loss, Weights(*(p - rate * q for p, q, rate in zip(
+        w.tensors().values(), g.tensors().values(), lr, strict=True)))

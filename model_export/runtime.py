@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_export.features import Batch, History, history_feeds, pad_histories, pad_rows
-from model_export.model import PAD, TRAINABLE, Neighbours, Weights
+from model_export.model import PAD, TENSOR_NAMES, Neighbours, Weights
 
 __all__ = ["Recommender", "TrainStep", "make_session", "shared_session"]
 
@@ -114,13 +114,12 @@ class TrainStep:
     def __init__(self, model: bytes, neighbours: Neighbours, threads: int = 1) -> None:
         self.session = shared_session(model, threads)
         self.neighbours = neighbours
-        self.outputs = ["loss", *(f"{n}_out" for n in TRAINABLE)]
+        self.outputs = ["loss", *(f"{n}_out" for n in TENSOR_NAMES)]
 
     def __call__(self, weights: Weights, batch: Batch,
                  lr: Sequence[float]) -> tuple[float, Weights]:
-        """``lr``: one learning rate per group of TRAINABLE."""
+        """``lr``: one learning rate per group of TENSOR_NAMES."""
         feeds = {**_model_feeds(weights, self.neighbours), **batch.feeds(),
                  "lr": np.asarray(lr, np.float32)}
         loss, *tensors = self.session.run(self.outputs, feeds)
-        return float(loss), Weights(**dict(zip(TRAINABLE, tensors, strict=True)),
-                                    log_popularity=weights.log_popularity)
+        return float(loss), Weights(*tensors)

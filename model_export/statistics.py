@@ -24,7 +24,7 @@ from model_export.update import L2, clip
 
 __all__ = ["COOCCURRENCE", "MAX_HEAD", "POPULARITY", "STATISTICS", "Contribution",
            "check_head", "contribution", "cooccurrence", "pair_index", "popularity",
-           "sum_contributions", "triangle_size"]
+           "popularity_bias", "sum_contributions", "triangle_size"]
 
 POPULARITY = "popularity"
 COOCCURRENCE = "cooccurrence"
@@ -124,3 +124,9 @@ def sum_contributions(statistic: str, users: Sequence[Sequence[np.ndarray]], n_i
     if total is None:
         raise ValueError("no users to sum")
     return total
+
+
+def popularity_bias(total: np.ndarray) -> np.ndarray:
+    """The model's bias from a (noised) popularity sum: log(1 + count), the softmax's
+    optimum for an empty cart up to a constant."""
+    return np.log1p(np.maximum(np.asarray(total, np.float64), 0.0)).astype(np.float32)

@@ -16,7 +16,7 @@ from model_export.evaluation import Query, Scorer, Split
 from model_export.features import ExampleSet, History, history_of
 from model_export.graphs import recommend_graph, train_step_graph
 from model_export.item_item import StatisticsSettings, exact_statistics
-from model_export.model import Neighbours, Weights, init_weights, with_popularity
+from model_export.model import Neighbours, Weights, init_weights
 from model_export.runtime import Recommender, TrainStep
 
 __all__ = ["TrainConfig", "model_scorer", "train_central"]
@@ -42,20 +42,20 @@ class TrainConfig:
 
     @property
     def learning_rates(self) -> tuple[float, float, float, float]:
-        """Per trainable group (model.TRAINABLE)."""
         return (self.lr_embeddings, self.lr_embeddings, self.lr_bias, self.lr_blend)
 
 
 def initial_model(split: Split, config: TrainConfig) -> tuple[Weights, Neighbours]:
-    """Small random embeddings, and the popularity prior and table from the exact
-    statistics (without statistics: no table, prior 0)."""
+    """Small random embeddings, and the bias and table from the exact statistics (without
+    statistics: no table, bias 0)."""
     weights = init_weights(split.n_items, config.dim, np.random.default_rng(config.seed),
                            scale=config.init_scale)
     if config.statistics is None:
         return weights, Neighbours.empty(split.n_items)
-    popularity, neighbours = exact_statistics([b for b in split.train if b], split.names,
-                                              config.statistics)
-    return with_popularity(weights, popularity, config.statistics.popularity_weight), neighbours
+    bias, neighbours = exact_statistics([b for b in split.train if b], split.names,
+                                        config.statistics)
+    weights.bias[:] = bias
+    return weights, neighbours
 
 
 def train_central(split: Split, config: TrainConfig,

@@ -25,7 +25,7 @@ from rich.table import Table
 from model_export.cli_options import data_options, load_split, validation_option
 from model_export.evaluation import Split
 from model_export.keys import load_or_create_signing_key
-from model_export.model import TRAINABLE, n_parameters, trained_groups
+from model_export.model import TENSOR_NAMES, n_parameters, trained_groups
 from model_export.statistics import MAX_HEAD
 from model_export.train import TrainConfig
 from model_export.update import TRAIN
@@ -199,7 +199,7 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           f" without DP, {DP_DEFAULTS['head_items']} with."),
         click.option("--train-groups", callback=_groups, metavar="NAME,...",
                      help="Parameter groups training rounds train and upload, of "
-                          f"{','.join(TRAINABLE)}. Default "
+                          f"{','.join(TENSOR_NAMES)}. Default "
                           f"{','.join(NO_DP_DEFAULTS['train_groups'])} without DP, "
                           f"{','.join(DP_DEFAULTS['train_groups'])} with."),
         click.option("--examples-per-round", type=click.IntRange(1),

@@ -42,11 +42,10 @@ POLL_SECONDS = 0.2
 
 # Tuned defaults (the validation splits), by privacy regime. With the item-item table in the
 # model, training the embeddings adds nothing measurable (central, validation: UCI 0.3669
-# with and without, Instacart 0.433), so rounds train the bias and blend (V + 5 numbers to
+# with and without, Instacart 0.433), so rounds train the bias and blend (V + 4 numbers to
 # upload, not 2 V d): without DP the table is EASE over a large head; under DP only the
-# blend trains (five numbers, so the noise per coordinate barely matters; the popularity
-# prior's weight among them stands in for the bias) and the table is the thresholded cosine
-# over a smaller head, whose users' vectors are clipped harder.
+# blend trains (four numbers, so the noise per coordinate barely matters) and the table is
+# the thresholded cosine over a smaller head, whose users' vectors are clipped harder.
 NO_DP_DEFAULTS: dict[str, Any] = {
     "train_groups": ("bias", "blend"), "head_items": 2000, "cooccurrence_clip": 32.0,
     "clip_norm": 5.0, "lr_blend": 0.05, "training_noise_ratio": 1.0}

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from aggregator.config import AggregatorConfig, load_config, render_config
 from model_export.item_item import StatisticsSettings
-from model_export.model import TRAINABLE
+from model_export.model import TENSOR_NAMES
 
 statistics = st.none() | st.builds(
     StatisticsSettings,
@@ -45,8 +45,8 @@ configs = st.builds(
     optimizer=st.sampled_from(["fedavg", "fedadam"]),
     optimizer_lr=st.floats(1e-9, 10),
     examples_per_round=st.integers(1, 1000),
-    train_groups=st.lists(st.sampled_from(TRAINABLE), min_size=1, unique=True).map(
-        lambda g: tuple(n for n in TRAINABLE if n in g)),
+    train_groups=st.lists(st.sampled_from(TENSOR_NAMES), min_size=1, unique=True).map(
+        lambda g: tuple(n for n in TENSOR_NAMES if n in g)),
     statistics=statistics,
     training_noise_ratio=st.floats(1e-3, 100),
 )

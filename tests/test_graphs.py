@@ -9,15 +9,7 @@ import pytest
 from model_export.export import build_graphs
 from model_export.features import ExampleSet
 from model_export.graphs import OPSET, recommend_graph, train_step_graph
-from model_export.model import (
-    PRIOR,
-    TRAINABLE,
-    Neighbours,
-    init_weights,
-    scores,
-    sgd_step,
-    with_popularity,
-)
+from model_export.model import Neighbours, init_weights, scores, sgd_step
 from model_export.runtime import Recommender, TrainStep, make_session
 
 V, D = 40, 8
@@ -27,10 +19,9 @@ LR = np.array([3.0, 2.0, 0.5, 0.1], np.float32)
 @pytest.fixture(scope="module")
 def weights():
     rng = np.random.default_rng(7)
-    w = with_popularity(init_weights(V, D, rng, scale=0.3), rng.integers(0, 50, V), 0.6)
+    w = init_weights(V, D, rng, scale=0.3, popularity=rng.integers(0, 50, V))
     w.e_out[:] = rng.normal(scale=0.3, size=w.e_out.shape)
-    w.bias[:] = rng.normal(scale=0.3, size=V)
-    w.blend[:4] = [0.7, 1.3, 0.4, 0.9]
+    w.blend[:] = [0.7, 1.3, 0.4, 0.9]
     return w
 
 
@@ -90,26 +81,20 @@ def test_k_larger_than_catalog_is_clamped(weights, nbrs, graphs) -> None:
 
 
 @pytest.mark.parametrize("graph", ["train_step.onnx", "train_step.ort"])
-@pytest.mark.parametrize("bias_trains", [True, False])
-def test_train_step_matches_reference(weights, nbrs, graphs, graph, bias_trains) -> None:
+def test_train_step_matches_reference(weights, nbrs, graphs, graph) -> None:
     rng = np.random.default_rng(1)
     ctx, hist_ids, hist_w, hist_co = inputs(rng)
     targets = np.array([4, 5, 0, 39], np.int64)
-    lr = LR if bias_trains else np.array([0.0, 0.0, 0.0, 0.1], np.float32)  # as under DP
     session = make_session(graphs[graph])
     loss, *tensors = session.run(None, {**weights.tensors(), **nbrs.tensors(), "ctx": ctx,
                                         "hist_ids": hist_ids, "hist_w": hist_w,
-                                        "hist_co": hist_co, "targets": targets, "lr": lr})
+                                        "hist_co": hist_co, "targets": targets, "lr": LR})
     ref_loss, ref = sgd_step(weights.astype(np.float64), nbrs, ctx, hist_ids,
                              hist_w.astype(np.float64), hist_co.astype(np.float64), targets,
-                             lr.astype(np.float64))
+                             LR.astype(np.float64))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    for got, name in zip(tensors, TRAINABLE, strict=True):
-        np.testing.assert_allclose(got, getattr(ref, name), rtol=1e-5, atol=1e-5)
-    blend = tensors[TRAINABLE.index("blend")]
-    assert np.all(blend[:PRIOR] != weights.blend[:PRIOR])
-    # the prior's weight steps only where the bias does not
-    assert (blend[PRIOR] == weights.blend[PRIOR]) == bias_trains
+    for got, want in zip(tensors, ref.tensors().values(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_train_step_loss_decreases_on_real_data(uci_split) -> None:

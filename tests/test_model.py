@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 
 from model_export.model import (
-    N_BLEND,
-    PRIOR,
-    TRAINABLE,
     Neighbours,
     Weights,
-    blend_rates,
     history_features,
     init_weights,
     loss_and_grads,
@@ -20,7 +16,6 @@ from model_export.model import (
     scores,
     sgd_step,
     trained_groups,
-    with_popularity,
 )
 
 
@@ -42,16 +37,16 @@ def batch(rng: np.random.Generator, n_items: int) -> tuple[np.ndarray, ...]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gradients_match_finite_differences(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    w = with_popularity(init_weights(12, 5, rng, scale=0.5), rng.integers(0, 9, 12),
-                        1.0).astype(np.float64)
+    w = init_weights(12, 5, rng, scale=0.5, popularity=rng.integers(0, 9, 12)).astype(
+        np.float64)
     w.e_out[:] = rng.normal(scale=0.5, size=w.e_out.shape)
-    w.blend[:] = rng.normal(size=N_BLEND)
+    w.blend[:] = rng.normal(size=4)
     nbrs = neighbours(rng, 12)
     ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 12)
     _, grads = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
     eps = 1e-6
-    for name in TRAINABLE:
-        flat = getattr(w, name).reshape(-1)
+    for name, tensor in w.tensors().items():
+        flat = tensor.reshape(-1)
         for index in rng.choice(flat.size, min(flat.size, 12), replace=False):
             saved = flat[index]
             flat[index] = saved + eps
@@ -66,16 +61,15 @@ def test_gradients_match_finite_differences(seed: int) -> None:
 
 def test_padding_and_empty_cart() -> None:
     rng = np.random.default_rng(0)
-    w = with_popularity(init_weights(6, 3, rng), rng.integers(0, 9, 6), 0.5)
-    w.bias[:] = rng.normal(size=6)
-    w.blend[:PRIOR] = [0.0, 0.0, 0.0, 2.0]
+    w = init_weights(6, 3, rng)
+    w.blend[:] = [0.0, 0.0, 0.0, 2.0]
     nbrs = neighbours(rng, 6)
     no_history = (np.full((1, 1), -1), np.zeros((1, 1)), np.zeros((1, 1)))
     padded = scores(w, nbrs, np.array([[2, 4, -1, -1]]), *no_history)
     tight = scores(w, nbrs, np.array([[4, 2]]), *no_history)
     np.testing.assert_allclose(padded, tight, rtol=1e-6)
     empty = scores(w, nbrs, np.array([[-1]]), *no_history)
-    np.testing.assert_allclose(empty[0], w.bias + 0.5 * w.log_popularity, rtol=1e-6)
+    np.testing.assert_allclose(empty[0], w.bias)
 
 
 def test_item_item_term_sums_the_cart_rows_of_the_table() -> None:
@@ -136,30 +130,10 @@ def test_picking_trained_groups_round_trips() -> None:
     np.testing.assert_array_equal(both, np.concatenate([w.e_out.ravel(), w.blend]))
     back = place(both, ["e_out", "blend"], 7, 3)
     np.testing.assert_array_equal(back, np.concatenate([np.zeros(21), w.e_out.ravel(),
-                                                        np.zeros(7), w.blend, np.zeros(7)]))
+                                                        np.zeros(7), w.blend]))
     with pytest.raises(ValueError, match="values"):
         place(both[:-1], ["e_out", "blend"], 7, 3)
     with pytest.raises(ValueError, match="subset"):
         trained_groups(["e_in", "gamma"])
     with pytest.raises(ValueError, match="subset"):
         trained_groups([])
-    with pytest.raises(ValueError, match="subset"):  # set from the statistic, never trained
-        trained_groups(["blend", "log_popularity"])
-
-
-def test_popularity_prior_is_log_of_the_clipped_count_at_its_weight() -> None:
-    w = init_weights(4, 2, np.random.default_rng(0))
-    noised = np.array([3.0, -2.0, 0.0, 99.0])  # a noised count can be negative
-    prior = with_popularity(w, noised, 0.25)
-    np.testing.assert_allclose(prior.log_popularity, np.log([4.0, 1.0, 1.0, 100.0]),
-                               rtol=1e-6)
-    assert prior.blend[PRIOR] == 0.25 and w.blend[PRIOR] == 0.0
-    np.testing.assert_array_equal(prior.blend[:PRIOR], w.blend[:PRIOR])
-    with pytest.raises(ValueError, match="popularity of shape"):
-        with_popularity(w, noised[:3], 0.25)
-
-
-def test_the_prior_weight_trains_only_where_the_bias_does_not() -> None:
-    np.testing.assert_array_equal(blend_rates(0.05, 0.0), np.full(N_BLEND, 0.05))
-    held = blend_rates(0.05, 1.0)
-    assert held[PRIOR] == 0.0 and np.all(np.delete(held, PRIOR) == 0.05)

@@ -25,7 +25,6 @@ from edge_client.device import Device
 from model_export.bundle import read_bundle
 from model_export.evaluation import make_split
 from model_export.item_item import StatisticsSettings, head_items, item_table
-from model_export.model import PRIOR
 from model_export.statistics import COOCCURRENCE, POPULARITY, sum_contributions
 from secagg import channel
 from secagg.channel import checkin_statement
@@ -424,9 +423,8 @@ def test_statistics_rounds_release_exact_sums_then_publish_the_table(world) -> N
     table = item_table(cooccurrence.total, cooccurrence.head, v1.names, settings, 0.0)
     np.testing.assert_array_equal(v1.neighbours().ids, table.ids)
     np.testing.assert_array_equal(v1.neighbours().weights, table.weights)
-    np.testing.assert_allclose(v1.weights().log_popularity,
+    np.testing.assert_allclose(v1.weights().bias, settings.popularity_weight *
                                np.log1p(np.maximum(popularity.total, 0)), rtol=1e-6)
-    assert v1.weights().blend[PRIOR] == np.float32(settings.popularity_weight)
     assert v1.neighbours().weights[cooccurrence.head].max() == pytest.approx(
         v1.neighbours().weights.max()) and v1.neighbours().weights.max() > 0
     # the statistics rounds sent no model: each device downloaded v0 at check-in, then v1
