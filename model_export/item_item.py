@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg.lapack as lapack
 
-from model_export.model import Neighbours, mean_row_max
+from model_export.model import Neighbours, largest_per_row, mean_row_max
 from model_export.name_neighbours import with_names
 from model_export.statistics import (
     COOCCURRENCE,
@@ -153,9 +153,7 @@ def neighbour_table(total: np.ndarray, head: np.ndarray, n_items: int, *, noise_
         weights = _ease_with_enough_ridge(gram, ease_lambda * max(float(np.mean(np.diag(gram))),
                                                                   1e-9))
     k = table_width(k, m)
-    top = np.argpartition(-weights, k - 1, axis=1)[:, :k] if m > 1 else np.zeros((m, 1), int)
-    kept = np.take_along_axis(weights, top, axis=1)
-    kept = np.where(kept > 0, kept, 0.0)
+    top, kept = largest_per_row(weights, k)
     ids = np.zeros((n_items, k), np.int64)
     values = np.zeros((n_items, k), np.float32)
     ids[head] = head[top]

@@ -41,6 +41,7 @@ __all__ = [
     "group_size",
     "history_features",
     "init_weights",
+    "largest_per_row",
     "loss_and_grads",
     "mean_row_max",
     "n_parameters",
@@ -99,6 +100,14 @@ def mean_row_max(weights: np.ndarray) -> float:
     scale that puts every item-item table on the same footing for its blend weight."""
     row_max = weights.max(axis=1)
     return float(row_max[row_max > 0].mean()) if np.any(row_max > 0) else 1.0
+
+
+def largest_per_row(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(columns, values) of each row's ``k`` largest entries, in no particular order, with
+    entries that are not positive read as 0: how every item-item table keeps its K."""
+    top = np.argpartition(-values, k - 1, axis=1)[:, :k]
+    kept = np.take_along_axis(values, top, axis=1)
+    return top, np.where(kept > 0, kept, 0.0).astype(values.dtype)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import sparse
 
-from model_export.model import Neighbours, mean_row_max
+from model_export.model import Neighbours, largest_per_row, mean_row_max
 
 __all__ = ["name_neighbours", "name_vectors", "with_names"]
 
@@ -64,10 +64,9 @@ def name_neighbours(names: Sequence[str], k: int) -> Neighbours:
         stop = min(n, start + block)
         similarity = (vectors[start:stop] @ transposed).toarray()
         similarity[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-        kept = np.take_along_axis(similarity, top, axis=1)
+        top, kept = largest_per_row(similarity, k)
         ids[start:stop] = np.where(kept > 0, top, 0)
-        weights[start:stop] = np.maximum(kept, 0.0)
+        weights[start:stop] = kept
     return Neighbours(ids, weights)
 
 
@@ -96,7 +95,6 @@ def with_names(table: Neighbours, names: Sequence[str], weight: float) -> Neighb
     padded = np.zeros((n, width), np.float64)
     padded_ids[row, slot] = summed.indices
     padded[row, slot] = summed.data
-    top = np.argpartition(-padded, k - 1, axis=1)[:, :k]
-    kept = np.take_along_axis(padded, top, axis=1)
+    top, kept = largest_per_row(padded, k)
     ids = np.where(kept > 0, np.take_along_axis(padded_ids, top, axis=1), 0)
     return Neighbours(ids, (kept / mean_row_max(kept)).astype(np.float32))

@@ -35,11 +35,8 @@ def _reference_cosine(names: list[str]) -> np.ndarray:
 
 
 def _by_item(table: Neighbours) -> np.ndarray:
-    n = table.ids.shape[0]
-    out = np.zeros((n, n))
-    for i in range(n):
-        np.add.at(out[i], table.ids[i], table.weights[i])
-    return out
+    """Row i: item i's weight for every item (a cart of item i alone)."""
+    return table.scores(np.arange(table.n_items)[:, None], np.float64)
 
 
 def test_the_names_table_keeps_each_items_k_most_similar_names() -> None:
