@@ -151,11 +151,13 @@ def status(state_dir: Path, as_json: bool) -> None:
     table = Table(title="rounds")
     for column in ("round", "task", "status", "model", "sampled", "survivors", "seconds"):
         table.add_column(column, justify="right")
+    table.add_column("SecAgg+ groups", justify="left")
     for r in rounds:
         seconds = f"{r.finished_at - r.started_at:.2f}" if r.finished_at else "-"
         table.add_row(str(r.round_id), str(r.detail.get("task", "-")), r.status,
                       str(r.model_version), str(r.sampled),
-                      str(r.survivors if r.survivors is not None else "-"), seconds)
+                      str(r.survivors if r.survivors is not None else "-"), seconds,
+                      r.secagg())
     out.print(table)
 
 

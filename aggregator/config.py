@@ -33,7 +33,11 @@ sampling_rate = 0.5     # q: each connected, enrolled device joins a round with 
 min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
 min_connected = 0       # a round waits (up to population_wait) for this many checked-in devices
 population_wait = 60.0  # seconds a round waits for min_connected before it goes ahead
-secagg_degree = 20      # k: SecAgg+ neighbours per device (k >= cohort-1: classic SecAgg)
+group_size = 1000       # a larger cohort splits into groups, each its own SecAgg+ round
+expected_dropout = 0.1  # share of a group's devices expected to drop out of a round
+corrupt_fraction = 0.0  # share of devices that may collude with the server
+failure_bound = 1e-6    # k and t keep P[a group fails] at expected_dropout below this
+secagg_degree = 0       # k: 0 chooses k and t per group (above); > 0 fixes k, t = k/2+1
 phase_timeout = 30.0    # seconds a protocol phase waits before going on without stragglers
 round_interval = 0.0    # seconds between rounds
 max_rounds = 0          # stop after this many completed rounds (0: until told to stop)
@@ -88,7 +92,11 @@ class AggregatorConfig:
     min_clients: int = 3
     min_connected: int = 0
     population_wait: float = 60.0
-    secagg_degree: int = 20
+    group_size: int = 1000
+    expected_dropout: float = 0.1
+    corrupt_fraction: float = 0.0
+    failure_bound: float = 1e-6
+    secagg_degree: int = 0
     phase_timeout: float = 30.0
     round_interval: float = 0.0
     max_rounds: int = 0
@@ -119,7 +127,14 @@ class AggregatorConfig:
             (0 < self.sampling_rate <= 1, "round.sampling_rate must lie in (0, 1]"),
             (self.min_clients >= 2, "round.min_clients must be at least 2"),
             (self.min_connected >= 0, "round.min_connected must not be negative"),
-            (self.secagg_degree >= 2, "round.secagg_degree must be at least 2"),
+            (self.secagg_degree == 0 or self.secagg_degree >= 2,
+             "round.secagg_degree must be 0 (chosen per group) or at least 2"),
+            (self.group_size >= 2, "round.group_size must be at least 2"),
+            (0 <= self.expected_dropout < 1 and 0 <= self.corrupt_fraction < 1
+             and self.expected_dropout + self.corrupt_fraction < 1,
+             "round.expected_dropout and round.corrupt_fraction must lie in [0, 1) with a "
+             "sum below 1"),
+            (0 < self.failure_bound < 1, "round.failure_bound must lie in (0, 1)"),
             (self.phase_timeout > 0, "round.phase_timeout must be positive"),
             (self.population_wait >= 0, "round.population_wait must not be negative"),
             (self.mechanism in ("gaussian", "laplace", "none"),

@@ -8,9 +8,18 @@ items, then a co-occurrence round over them, from whose noised sum the item-item
 derived (model_export/item_item.py) and published in a new model version. Every later round
 trains. All of them are charged to the same privacy ledger.
 
-The websocket code only moves bytes into and out of the sans-I/O ``ServerRound``; a device
+A round's cohort is split into groups of at most ``round.group_size`` devices
+(``secagg.groups``), each its own SecAgg+ round with the degree and threshold its size and
+the expected dropout call for (``secagg.params``); the groups run side by side and their
+sums add up, so a group that fails costs its devices, not the round.
+
+The websocket code only moves bytes into and out of the sans-I/O ``ServerRound``s; a device
 whose bytes break the protocol is dropped from the round and disconnected, and the round
-goes on. HTTP GET /healthz and /metrics (Prometheus) are served on the same port.
+goes on. A slow device is not a bad one: a message for a round that has ended, or from a
+device its group stopped waiting for, is counted and ignored, and the device stays
+connected for the next round. The CPU-bound end of a group (unmasking) runs in a worker
+thread, so check-ins and keepalives are served meanwhile. HTTP GET /healthz and /metrics
+(Prometheus) are served on the same port.
 """
 
 from __future__ import annotations
@@ -63,14 +72,19 @@ from model_export.update import L1, L2, TRAIN, UpdateFormat
 from secagg import channel
 from secagg.channel import checkin_statement
 from secagg.crypto import IdentityKey, verify
-from secagg.errors import ProtocolViolation, RemoteProtocolError, RoundFailed
+from secagg.errors import LateMessage, ProtocolViolation, RemoteProtocolError, RoundFailed
+from secagg.groups import split_cohort
+from secagg.messages import envelope
+from secagg.params import SecAggParameters, choose
 from secagg.server import ServerRound, ServerState
 
 __all__ = ["Aggregator"]
 
 log = logging.getLogger("fedcart.aggregator")
 CHECKIN_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0  # seconds a closing connection waits for the device's close frame
 BUNDLE_SENDS = 8  # bundles being sent at once
+LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
 
 
 @dataclass
@@ -84,15 +98,65 @@ class _Connection:
 
 
 @dataclass
+class _Group:
+    """One group of a round: its own SecAgg+ round over some of the cohort."""
+
+    index: int
+    server: ServerRound
+    params: SecAggParameters
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.server.state == ServerState.DONE and self.server.result is not None
+
+    def summary(self) -> dict:
+        return {"devices": self.params.n, "k": self.params.degree,
+                "t": self.params.threshold, "failure_bound": self.params.failure,
+                "survivors": len(self.server.survivors) if self.done else 0,
+                "status": "completed" if self.done else "failed",
+                "reason": self.server.failure}
+
+
+@dataclass
 class _Round:
     round_id: int
     task: str
-    server: ServerRound
     cohort: dict[int, bytes]
+    groups: list[_Group]
     head: np.ndarray | None = None  # a co-occurrence round's head items
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_up: int = 0
-    phase_seconds: dict[str, float] = field(default_factory=dict)
+    late: int = 0  # messages that came after their group stopped waiting for them
+    loop_stall: float = 0.0  # the event loop's longest stall during the round, seconds
+    told_over: set[int] = field(default_factory=set)  # late devices told the round is over
+
+    def __post_init__(self) -> None:
+        self.group_of = {cid: g for g in self.groups for cid in g.server.participants}
+
+    @property
+    def survivors(self) -> int:
+        return sum(len(g.server.survivors) for g in self.groups if g.done)
+
+    def dropped(self) -> dict[int, str]:
+        """Why each device of the round is not in its sum: dropped within a group that
+        completed, or a member of a group that failed."""
+        out: dict[int, str] = {}
+        for g in self.groups:
+            if g.done:
+                out.update(g.server.dropped)
+            else:
+                out.update(dict.fromkeys(g.server.participants,
+                                         f"group {g.index} failed"))
+        return out
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Each phase's longest time over the groups."""
+        out: dict[str, float] = {}
+        for g in self.groups:
+            for phase, seconds in g.phase_seconds.items():
+                out[phase] = max(out.get(phase, 0.0), seconds)
+        return out
 
 
 def peak_resident_mb() -> float:
@@ -124,6 +188,14 @@ class _Metrics:
                                 registry=self.registry)
         self.bytes_down = Counter("fedcart_bytes_sent", "Bytes sent to devices",
                                   registry=self.registry)
+        self.late = Counter("fedcart_late_messages", "Messages that came after their round "
+                            "or group stopped waiting for them (ignored)",
+                            registry=self.registry)
+        self.groups = Counter("fedcart_groups", "SecAgg+ groups by outcome", ["status"],
+                              registry=self.registry)
+        self.loop_stall = Gauge("fedcart_event_loop_stall_seconds", "The event loop's "
+                                "longest stall in the last round (check-ins and keepalives "
+                                "wait that long)", registry=self.registry)
         self.connected = Gauge("fedcart_connected_devices", "Checked-in devices",
                                registry=self.registry)
         self.model_version = Gauge("fedcart_model_version", "Published model version",
@@ -219,26 +291,43 @@ class Aggregator:
         vector_bytes = 4 * (largest + 1)
         # no permessage-deflate: masked vectors are uniformly random and never compress;
         # deflating them cost CPU on both ends and held decompression buffers per connection
+        # leaving the block closes every connection at once (1001), each waiting at most
+        # CLOSE_TIMEOUT for the device's answer: a stop takes seconds, not one close
+        # timeout per device in turn
         async with serve(self._handle, cfg.host, cfg.port, max_size=vector_bytes + (1 << 20),
                          process_request=self._http, ssl=tls, ping_interval=20,
-                         ping_timeout=60, compression=None) as server:
+                         ping_timeout=60, close_timeout=CLOSE_TIMEOUT,
+                         compression=None) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving on %s://%s:%d (model version %d)", "wss" if tls else "ws",
                      cfg.host, self.port, self.model_version)
             if ready is not None:
                 ready.set()
             rounds = asyncio.create_task(self._round_loop())
-            await self.stopping.wait()
+            probe = asyncio.create_task(self._probe_loop())
+            stopped = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([rounds, stopped], return_when=asyncio.FIRST_COMPLETED)
             rounds.cancel()
+            stopped.cancel()
+            probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await rounds
-            for conn in list(self.connections.values()):
-                await conn.ws.close(1001, "server shutting down")
+            log.info("closing %d connections", len(self.connections))
         self.store.close()
         log.info("stopped; peak resident memory %.1f MB", peak_resident_mb())
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def _probe_loop(self) -> None:
+        """Measure how late the event loop wakes a sleeper: the time a check-in, a ping or
+        a message waits behind work on the loop. A round records its longest stall."""
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(LAG_PROBE)
+            stall = time.monotonic() - started - LAG_PROBE
+            if self.round is not None:
+                self.round.loop_stall = max(self.round.loop_stall, stall)
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
@@ -397,56 +486,99 @@ class Aggregator:
             charge = RoundCharge(round_id, sampling_rate, self.noise_multipliers[task],
                                  cfg.mechanism)
             check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
-        n = len(cohort)
-        degree = min(cfg.secagg_degree, n - 1)
-        even = min(n - 1, degree + degree % 2)
         head = self._head() if task == COOCCURRENCE else None
-        fmt = self._format(task, n, head)
-        server = ServerRound(round_id, cohort, degree, even // 2 + 1, fmt.vector_len,
-                             self.identity)
-        current = _Round(round_id, task, server, cohort, head)
+        members = split_cohort(list(cohort), cfg.group_size)
+        # every group encodes for the largest group's size: one format for the round
+        fmt = self._format(task, max(len(m) for m in members), head)
+        groups = [self._group(i, round_id, {cid: cohort[cid] for cid in ids}, fmt.vector_len)
+                  for i, ids in enumerate(members)]
+        current = _Round(round_id, task, cohort, groups, head)
         self.round = current
-        self.store.start_round(round_id, self.model_version, n)
-        log.info("round %d (%s): %d devices sampled, k=%d, t=%d", round_id, task, n, degree,
-                 even // 2 + 1)
-        notice = {"round_id": round_id, "model_version": self.model_version, "cohort": n,
-                  "task": task, "clip_norm": fmt.clip_norm, "weight_cap": fmt.weight_cap,
-                  "norm": fmt.norm, "packed": fmt.packed,
+        self.store.start_round(round_id, self.model_version, len(cohort))
+        log.info("round %d (%s): %d devices sampled in %d group(s): %s", round_id, task,
+                 len(cohort), len(groups), "; ".join(
+                     f"{g.params.n} devices {g.params.describe()}" for g in groups))
+        try:
+            await self._notify(current, fmt)
+            await asyncio.gather(*(self._drive(current, g) for g in groups))
+        finally:
+            self.round = None
+        detail = {"task": task, "values": fmt.vector_len,
+                  "dropped": {str(k): v for k, v in current.dropped().items()},
+                  "phase_seconds": current.phase_seconds(), "bytes_up": current.bytes_up,
+                  "late_messages": current.late,
+                  "loop_stall_seconds": round(current.loop_stall, 4),
+                  "groups": [g.summary() for g in groups]}
+        self.metrics.dropouts.inc(len(current.dropped()))
+        self.metrics.loop_stall.set(current.loop_stall)
+        for g in groups:
+            self.metrics.groups.labels("completed" if g.done else "failed").inc()
+        done = [g for g in groups if g.done]
+        if not done:
+            reasons = "; ".join(f"group {g.index}: {g.server.failure}" for g in groups)
+            self.store.finish_round(round_id, "failed", None, {**detail, "reason": reasons})
+            self.metrics.rounds.labels("failed").inc()
+            log.warning("round %d failed: %s", round_id, reasons)
+            await self._announce(current, "failed")
+            return "failed"
+        for g in groups:
+            if not g.done:
+                log.warning("round %d: group %d (%d devices) failed and drops out: %s",
+                            round_id, g.index, g.params.n, g.server.failure)
+        summed, weight_sum = self._sum(done, fmt)
+        if task == TRAIN:
+            await self._apply(current, summed, weight_sum, charge, detail)
+        else:
+            await self._apply_statistic(current, fmt, summed, weight_sum, charge, detail)
+        await self._announce(current, "completed")
+        return "completed" if task == TRAIN else "statistic"
+
+    def _group(self, index: int, round_id: int, members: dict[int, bytes],
+               vector_len: int) -> _Group:
+        """A group's SecAgg+ round, with k and t chosen for its size (or the configured k,
+        with t = k/2 + 1)."""
+        cfg, n = self.config, len(members)
+        if cfg.secagg_degree:
+            degree = min(cfg.secagg_degree, n - 1)
+            even = min(n - 1, degree + degree % 2)
+            params = SecAggParameters(n, degree, even // 2 + 1, float("nan"), float("nan"))
+        else:
+            params = choose(n, cfg.expected_dropout, cfg.corrupt_fraction, cfg.failure_bound)
+        server = ServerRound(round_id, members, params.degree, params.threshold, vector_len,
+                             self.identity)
+        return _Group(index, server, params)
+
+    async def _notify(self, current: _Round, fmt: UpdateFormat) -> None:
+        """Send a training round's cohort the model if they are behind, then every member
+        its round notice."""
+        cfg, task = self.config, current.task
+        notice = {"round_id": current.round_id, "model_version": self.model_version,
+                  "cohort": fmt.cohort_size, "task": task, "clip_norm": fmt.clip_norm,
+                  "weight_cap": fmt.weight_cap, "norm": fmt.norm, "packed": fmt.packed,
                   "vocabulary_sha256": self.bundle.manifest.vocabulary_sha256}
-        if head is not None:
-            notice["head"] = head.tolist()
+        if current.head is not None:
+            notice["head"] = current.head.tolist()
         if task == TRAIN:  # a statistics round needs only the catalog the device has
             notice["training"] = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
                                   "learning_rates": list(cfg.learning_rates),
                                   "examples": cfg.examples_per_round, "groups": list(self.groups)}
-            await asyncio.gather(*(self._send_model(self.connections[cid]) for cid in cohort
-                                   if cid in self.connections))
-        for cid in cohort:
-            await self._send(cid, channel.control("round", client_id=cid, **notice))
-        try:
-            server.start()
-            await self._flush(current)
-            await self._drive(current)
-        finally:
-            self.round = None
-        detail = {"task": task, "values": fmt.vector_len,
-                  "dropped": {str(k): v for k, v in server.dropped.items()},
-                  "phase_seconds": current.phase_seconds, "bytes_up": current.bytes_up,
-                  "k": degree, "t": even // 2 + 1}
-        self.metrics.dropouts.inc(len(server.dropped))
-        if server.state != ServerState.DONE or server.result is None:
-            self.store.finish_round(round_id, "failed", None,
-                                    {**detail, "reason": server.failure})
-            self.metrics.rounds.labels("failed").inc()
-            log.warning("round %d failed: %s", round_id, server.failure)
-            await self._announce(cohort, "failed")
-            return "failed"
-        if task == TRAIN:
-            await self._apply(current, fmt, charge, detail)
-        else:
-            await self._apply_statistic(current, fmt, charge, detail)
-        await self._announce(cohort, "completed")
-        return "completed" if task == TRAIN else "statistic"
+            await asyncio.gather(*(self._send_model(self.connections[cid])
+                                   for cid in current.cohort if cid in self.connections))
+        await asyncio.gather(*(self._send(cid, channel.control("round", client_id=cid,
+                                                               **notice))
+                               for cid in current.cohort))
+
+    @staticmethod
+    def _sum(done: list[_Group], fmt: UpdateFormat) -> tuple[np.ndarray, float]:
+        """The completed groups' decoded sums added up (each decodes exactly on its own:
+        no group's modular sum can wrap)."""
+        summed, weight_sum = np.zeros(fmt.n_params), 0.0
+        for g in done:
+            assert g.server.result is not None
+            part, weight = fmt.decode(g.server.result)
+            summed += part
+            weight_sum += weight
+        return summed, weight_sum
 
     def _next_task(self) -> str:
         """The statistics rounds first (each until it completes), then training."""
@@ -485,48 +617,80 @@ class Aggregator:
                             clip_norm=stats.cooccurrence_clip, cohort_size=cohort_size,
                             weight_cap=1.0, norm=norm, packed=packed)
 
-    async def _drive(self, current: _Round) -> None:
-        """Wait for each phase to end (every expected answer in, or dropped) or time out,
-        and send what the round queued: a disconnect can end a phase as well as a message."""
-        server = current.server
+    async def _drive(self, current: _Round, group: _Group) -> None:
+        """Run one group to its end: wait for each phase to end (every expected answer in,
+        or dropped) or time out, send what the group queued (a disconnect can end a phase
+        as well as a message), and unmask in a worker thread."""
+        server = group.server
+        server.start()
+        await self._flush(group)
         while server.state not in (ServerState.DONE, ServerState.FAILED):
             phase, started = server.state, time.monotonic()
-            deadline = started + self.config.phase_timeout
-            while server.state == phase and (remaining := deadline - time.monotonic()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(current.changed.wait(), remaining)
-                current.changed.clear()
-                await self._flush(current)
-            if server.state == phase:
+            if phase == ServerState.RECONSTRUCT:
                 with contextlib.suppress(RoundFailed):
-                    server.deadline()
-                await self._flush(current)
-            current.phase_seconds[phase.name] = round(time.monotonic() - started, 4)
+                    await asyncio.to_thread(server.finish)
+            else:
+                deadline = started + self.config.phase_timeout
+                while server.state == phase and (remaining := deadline - time.monotonic()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(group.changed.wait(), remaining)
+                    group.changed.clear()
+                    await self._flush(group)
+                if server.state == phase:
+                    with contextlib.suppress(RoundFailed):
+                        server.deadline()
+                    await self._flush(group)
+            group.phase_seconds[phase.name] = round(time.monotonic() - started, 4)
 
     async def _secagg_from(self, conn: _Connection, data: bytes | memoryview) -> None:
+        """Route a device's secagg message to its group. One for a round that has ended,
+        or that its group no longer waits for, is late: counted, ignored, and the device is
+        told that its round is over; it keeps its connection."""
+        round_id, _ = envelope(data)
         current = self.round
-        if current is None or conn.client_id not in current.cohort:
-            raise ProtocolViolation("secagg message outside a round this device is in")
+        group = None if current is None else current.group_of.get(conn.client_id)
+        if current is None or group is None or round_id != current.round_id:
+            ended = current.round_id if current is not None else self.store.next_round_id()
+            if round_id < ended:  # a round that is over
+                self._late(conn.client_id, round_id)
+                return
+            raise ProtocolViolation(f"secagg message for round {round_id}, which this "
+                                    "device is not in")
         current.bytes_up += len(data)
         try:
-            current.server.receive(conn.client_id, data)
+            group.server.receive(conn.client_id, data)
+        except LateMessage:
+            self._late(conn.client_id, round_id)
+            if conn.client_id not in current.told_over:
+                current.told_over.add(conn.client_id)
+                await self._send(conn.client_id, self._round_over(round_id, "dropped"))
+            return
         except RoundFailed:
             pass  # the round loop sees FAILED and records the reason
         finally:
-            current.changed.set()
-        await self._flush(current)
+            group.changed.set()
+        await self._flush(group)
+
+    def _late(self, client_id: int, round_id: int) -> None:
+        self.metrics.late.inc()
+        if self.round is not None and self.round.round_id == round_id:
+            self.round.late += 1
+        log.info("late message from device %d for round %d, ignored", client_id, round_id)
 
     def _drop_from_round(self, client_id: int, reason: str) -> None:
         current = self.round
-        if current is not None and client_id in current.cohort and \
-                current.server.state not in (ServerState.DONE, ServerState.FAILED):
+        group = None if current is None else current.group_of.get(client_id)
+        if group is not None and group.server.state not in (
+                ServerState.RECONSTRUCT, ServerState.DONE, ServerState.FAILED):
             with contextlib.suppress(RoundFailed):
-                current.server.drop(client_id, reason)
-            current.changed.set()
+                group.server.drop(client_id, reason)
+            group.changed.set()
 
-    async def _flush(self, current: _Round) -> None:
-        for cid, data in current.server.data_to_send():
-            await self._send(cid, bytes([channel.SECAGG]) + data)
+    async def _flush(self, group: _Group) -> None:
+        """Send what the group queued, to every device at once: one device whose buffer is
+        full must not hold up the others' messages."""
+        await asyncio.gather(*(self._send(cid, bytes([channel.SECAGG]) + data)
+                               for cid, data in group.server.data_to_send()))
 
     async def _send(self, client_id: int, frame: bytes) -> None:
         conn = self.connections.get(client_id)
@@ -539,10 +703,22 @@ class Aggregator:
         except Exception:
             self._drop_from_round(client_id, "send failed")
 
-    async def _announce(self, cohort: dict[int, bytes], status: str) -> None:
-        for cid in cohort:
-            await self._send(cid, channel.control("round_over", status=status,
-                                                  model_version=self.model_version))
+    def _round_over(self, round_id: int, status: str) -> bytes:
+        return channel.control("round_over", round_id=round_id, status=status,
+                               model_version=self.model_version)
+
+    async def _announce(self, current: _Round, status: str) -> None:
+        """Tell every member how the round ended for it: ``status`` if its input is in the
+        sum, else dropped (its group went on without it) or failed (its group failed)."""
+
+        def outcome(group: _Group, cid: int) -> str:
+            if group.done and cid in group.server.survivors:
+                return status
+            return "dropped" if group.done else "failed"
+
+        await asyncio.gather(*(
+            self._send(cid, self._round_over(current.round_id, outcome(g, cid)))
+            for g in current.groups for cid in g.server.participants))
 
     def _noised(self, summed: np.ndarray, task: str, clip_norm: float,
                 charge: RoundCharge | None) -> tuple[np.ndarray, float]:
@@ -556,13 +732,11 @@ class Aggregator:
             return summed + noise.gaussian(summed.size, scale), scale
         return summed + noise.laplace(summed.size, scale), scale * float(np.sqrt(2.0))
 
-    async def _apply(self, current: _Round, fmt: UpdateFormat, charge: RoundCharge | None,
-                     detail: dict) -> None:
-        """A training round: decode, charge the ledger, noise, step the optimizer on the
+    async def _apply(self, current: _Round, summed: np.ndarray, weight_sum: float,
+                     charge: RoundCharge | None, detail: dict) -> None:
+        """A training round: charge the ledger, noise the sum, step the optimizer on the
         trained groups, sign and publish."""
         cfg = self.config
-        assert current.server.result is not None
-        summed, weight_sum = fmt.decode(current.server.result)
         noised, _ = self._noised(summed, TRAIN, cfg.clip_norm, charge)
         population = cfg.population or self.store.enrolled()
         mean = (noised / max(weight_sum, 1e-12) if charge is None
@@ -576,18 +750,18 @@ class Aggregator:
         await self._publish(current, new, self.neighbours, optimizer.state(), detail)
 
     async def _apply_statistic(self, current: _Round, fmt: UpdateFormat,
+                               summed: np.ndarray, devices: float,
                                charge: RoundCharge | None, detail: dict) -> None:
-        """A statistics round: decode, charge, noise, store. The popularity sum names the
-        next round's head items; the co-occurrence sum becomes the item-item table and,
-        with the popularity, the bias of a new model version."""
+        """A statistics round: charge, noise, store. The popularity sum names the next
+        round's head items; the co-occurrence sum becomes the item-item table and, with the
+        popularity, the bias of a new model version."""
         stats = self.config.statistics
-        assert current.server.result is not None and stats is not None
-        summed, devices = fmt.decode(current.server.result)
+        assert stats is not None
         total, noise_std = self._noised(summed, current.task, fmt.clip_norm, charge)
         detail["devices"] = round(devices)
         head = current.head if current.head is not None else np.arange(self.weights.n_items)
         released = Statistic(current.task, current.round_id, head, total, noise_std)
-        survivors = len(current.server.survivors)
+        survivors = current.survivors
         if current.task == POPULARITY:
             detail["epsilon"] = epsilon_spent(self.store.ledger(), self.config.delta)
             self.store.record_statistic(released, survivors, detail)
@@ -614,7 +788,7 @@ class Aggregator:
         """Sign and publish a new model version (with the statistic it was derived from, in
         the same transaction), then send it to the devices that follow every version."""
         cfg = self.config
-        survivors = len(current.server.survivors)
+        survivors = current.survivors
         version = self.model_version + 1
         name = f"v{version:08d}"
         manifest = export_bundle(self.state.bundles / name, weights, self.bundle.items,

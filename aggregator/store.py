@@ -113,6 +113,27 @@ class RoundRow:
     finished_at: float | None
     detail: dict
 
+    def secagg(self) -> str:
+        """The round's SecAgg+ groups in a few words: how many, of what size, the k and t
+        each used with its failure bound, and how many failed."""
+        return describe_groups(self.detail.get("groups", []))
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """One line for a round's groups (``detail["groups"]``), as status and the report show
+    them: "5 x 867 devices, k=38 t=20 (failure <= 5.3e-07); 1 failed"."""
+    if not groups:
+        return "-"
+    kinds: dict[tuple, int] = {}
+    for g in groups:
+        key = (g["devices"], g["k"], g["t"], g["failure_bound"])
+        kinds[key] = kinds.get(key, 0) + 1
+    parts = [f"{count} x {n} devices, k={k} t={t}" + (
+        f" (failure <= {bound:.1e})" if bound == bound else "")  # NaN: k was configured
+             for (n, k, t, bound), count in kinds.items()]
+    failed = sum(g["status"] != "completed" for g in groups)
+    return "; ".join(parts) + (f"; {failed} failed" if failed else "")
+
 
 class Store:
     def __init__(self, path: Path) -> None:

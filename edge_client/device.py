@@ -342,7 +342,10 @@ class _Session:
             log.warning("server refused: %s", msg.get("reason"))
             return True
         elif kind == "round_over":
-            if self.round is not None:
+            # a round_over for an earlier round (this device's late message drew it) must
+            # not end the round it is in now
+            if self.round is not None and msg.get("round_id", self.round_info.get(
+                    "round_id")) == self.round_info.get("round_id"):
                 self.finish(msg.get("status", "over"))
             if self.rounds_wanted is None or len(self.reports) < self.rounds_wanted:
                 return False

@@ -6,16 +6,22 @@
         ├── MalformedMessage       bytes that do not decode as a message
         └── ProtocolViolation      a well-formed message the protocol forbids: out of
                                    phase, replayed, badly signed, inconsistent sets
+    LateMessage                    (SecAggError) a message the round no longer waits for:
+                                   its sender was dropped as absent (a deadline passed, or
+                                   its connection went), or the round stopped collecting
     RoundFailed                    (SecAggError) the server cannot finish the round: too
                                    few survivors or shares; the message names the reason
 
 A server drops a client that raises RemoteProtocolError and goes on; a client that raises
-it abandons the round without revealing anything more.
+it abandons the round without revealing anything more. A late message is no violation: a
+slow device is not a malicious one, so the I/O layer ignores it and keeps the connection
+for the next round.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "LateMessage",
     "LocalProtocolError",
     "MalformedMessage",
     "ProtocolViolation",
@@ -43,6 +49,10 @@ class MalformedMessage(RemoteProtocolError, ValueError):
 
 class ProtocolViolation(RemoteProtocolError):
     """A valid message the protocol forbids here (phase, replay, signature, consistency)."""
+
+
+class LateMessage(SecAggError):
+    """A well-formed message from a client the round has stopped waiting for."""
 
 
 class RoundFailed(SecAggError):

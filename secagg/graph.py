@@ -15,7 +15,7 @@ import numpy as np
 
 from secagg.prg import keystream
 
-__all__ = ["neighbours", "neighbours_of", "pairwise_sign"]
+__all__ = ["neighbours", "neighbours_of", "pairwise_sign", "shuffled"]
 
 
 def pairwise_sign(own: int, peer: int) -> int:
@@ -24,8 +24,8 @@ def pairwise_sign(own: int, peer: int) -> int:
     return 1 if own < peer else -1
 
 
-def _ring(ids: list[int], seed: bytes) -> list[int]:
-    """The participants in a random order: sorted by 64-bit keys drawn from the seed."""
+def shuffled(ids: Sequence[int], seed: bytes) -> list[int]:
+    """``ids`` in a random order: sorted by 64-bit keys drawn from the seed."""
     keys = np.frombuffer(keystream(seed, 8 * len(ids)), dtype="<u8")
     return [ids[i] for i in np.argsort(keys, kind="stable")]
 
@@ -45,7 +45,7 @@ def neighbours_of(participants: Sequence[int], degree: int, seed: bytes,
     _check(len(ids), degree)
     if degree >= len(ids) - 1:
         return frozenset(ids) - {node}
-    ring = _ring(ids, seed)
+    ring = shuffled(ids, seed)
     pos, half, n = ring.index(node), (degree + 1) // 2, len(ids)
     return frozenset(ring[(pos + step) % n] for step in range(-half, half + 1) if step)
 
@@ -57,7 +57,7 @@ def neighbours(participants: Sequence[int], degree: int, seed: bytes) -> dict[in
     if degree >= len(ids) - 1:
         everyone = frozenset(ids)
         return {u: everyone - {u} for u in ids}
-    ring = _ring(ids, seed)
+    ring = shuffled(ids, seed)
     half, n = (degree + 1) // 2, len(ids)
     return {u: frozenset(ring[(pos + step) % n] for step in range(-half, half + 1) if step)
             for pos, u in enumerate(ring)}

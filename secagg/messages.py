@@ -38,6 +38,7 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskShares",
     "decode",
+    "envelope",
 ]
 
 MAGIC = b"FCSA"
@@ -344,8 +345,15 @@ _TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
     SurvivorSet, ConsistencySignature, UnmaskRequest, UnmaskShares)}
 
 
-def decode(data: bytes | memoryview) -> Message:
-    """One message from bytes, or MalformedMessage saying what is wrong."""
+def envelope(data: bytes | memoryview) -> tuple[int, int]:
+    """(round_id, sender) from a message's envelope, checked but without parsing the body:
+    what an I/O layer needs to route a message to its round, or to recognise one for a
+    round that has ended."""
+    round_id, sender, _ = _envelope(data)
+    return round_id, sender
+
+
+def _envelope(data: bytes | memoryview) -> tuple[int, int, int]:
     if len(data) < _HEADER.size:
         raise MalformedMessage(f"{len(data)} bytes is shorter than the envelope")
     magic, version, kind, reserved, round_id, sender, length = _HEADER.unpack_from(data)
@@ -360,6 +368,12 @@ def decode(data: bytes | memoryview) -> Message:
     if length != len(data) - _HEADER.size:
         raise MalformedMessage(f"body length {length} disagrees with the "
                                f"{len(data) - _HEADER.size} bytes received")
+    return round_id, sender, kind
+
+
+def decode(data: bytes | memoryview) -> Message:
+    """One message from bytes, or MalformedMessage saying what is wrong."""
+    round_id, sender, kind = _envelope(data)
     reader = _Reader(memoryview(data)[_HEADER.size:])
     message = _TYPES[kind].parse(round_id, sender, reader)
     reader.done()

@@ -5,7 +5,13 @@ what :meth:`data_to_send` returns; call :meth:`deadline` when a phase's time is 
 keeps no clock). A phase ends when every client still expected has answered, or at its
 deadline with those who have. A client whose message is malformed, out of phase, replayed or
 badly signed is dropped (``receive`` raises RemoteProtocolError for the I/O layer to log and
-close) and the round goes on without it.
+close) and the round goes on without it. A client dropped as absent (its deadline passed, or
+the I/O layer said it went) whose message arrives after all is late, not malicious:
+``receive`` raises LateMessage and the connection may stay for the next round.
+
+When the last unmask answer is in, the round waits in RECONSTRUCT: :meth:`finish` does the
+CPU-bound work (Shamir reconstruction, a mask expansion per survivor and per pair with a
+dropped client), which an I/O layer runs off its event loop.
 
 Phases (state: what it collects -> what it sends when the phase ends):
 
@@ -13,7 +19,8 @@ Phases (state: what it collects -> what it sends when the phase ends):
     SHARE        EncryptedShares        -> SharesForYou to each sharer            (U2)
     MASKED       MaskedInput            -> SurvivorSet to each survivor           (U3)
     CONSISTENCY  ConsistencySignature   -> UnmaskRequest to each signer           (U4)
-    UNMASK       UnmaskShares           -> DONE: ``result`` is the sum over U3
+    UNMASK       UnmaskShares           -> RECONSTRUCT
+    RECONSTRUCT  (finish())             -> DONE: ``result`` is the sum over U3
 
 Masked inputs are summed as they arrive, so memory is O(d), not O(n d). Unmasking removes
 each survivor's self mask (seed rebuilt from t shares) and, for each client that shared keys
@@ -34,7 +41,13 @@ import numpy as np
 from secagg import shamir
 from secagg.client import MASK_KEY, SELF_MASK
 from secagg.crypto import IdentityKey, mask_seed, verify
-from secagg.errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError, RoundFailed
+from secagg.errors import (
+    LateMessage,
+    LocalProtocolError,
+    ProtocolViolation,
+    RemoteProtocolError,
+    RoundFailed,
+)
 from secagg.graph import neighbours, pairwise_sign
 from secagg.messages import (
     SERVER,
@@ -64,8 +77,9 @@ class ServerState(IntEnum):
     MASKED = 3
     CONSISTENCY = 4
     UNMASK = 5
-    DONE = 6
-    FAILED = 7
+    RECONSTRUCT = 6
+    DONE = 7
+    FAILED = 8
 
 
 _SUMMED = np.zeros(0, dtype=np.uint32)  # stands in for a vector already added to the sum
@@ -101,6 +115,7 @@ class ServerRound:
         self.result: np.ndarray | None = None
         self.failure: str | None = None
         self.dropped: dict[int, str] = {}  # client -> why (malformed, violation, ...)
+        self._absent: set[int] = set()  # dropped for silence or a lost connection
         self._outbox: list[tuple[int, bytes]] = []
         self._expected: set[int] = set()
         self._answers: dict[int, Message] = {}
@@ -110,6 +125,7 @@ class ServerRound:
         self._total = np.zeros(vector_len, dtype=np.uint32)
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
+        self._unmask_answers: dict[int, Message] = {}
         self._phase_end = {
             ServerState.ADVERTISE: self._end_advertise,
             ServerState.SHARE: self._end_share,
@@ -133,13 +149,18 @@ class ServerRound:
 
     def receive(self, client: int, data: bytes | memoryview) -> None:
         """One message from ``client``. A bad one drops the client (RemoteProtocolError is
-        raised for the caller to log) and never stops the round."""
-        if self.state in (ServerState.CREATED, ServerState.DONE, ServerState.FAILED):
-            raise LocalProtocolError(f"not collecting messages ({self.state.name})")
+        raised for the caller to log) and never stops the round; a late one (LateMessage)
+        changes nothing."""
+        if self.state == ServerState.CREATED:
+            raise LocalProtocolError("the round has not started")
+        collecting = self.state in _EXPECTS
         try:
             message = decode(data)
             if message.sender != client or message.round_id != self.round_id:
                 raise ProtocolViolation("message names another sender or round")
+            if client in self.participants and (client in self._absent or not collecting):
+                raise LateMessage(f"client {client}'s {type(message).__name__} came after "
+                                  f"the round stopped waiting for it ({self.state.name})")
             if client not in self._expected:
                 raise ProtocolViolation(f"client {client} is not expected in "
                                         f"{self.state.name} (dropped, replay, or unknown)")
@@ -150,7 +171,8 @@ class ServerRound:
                                         f"{self.state.name}")
             self._accept(client, message)
         except RemoteProtocolError as exc:
-            self.drop(client, str(exc))
+            if collecting:
+                self._drop(client, str(exc))
             raise
         # a masked input lives on only in the running sum: keeping n vectors until the phase
         # ends would make the server's memory O(n d)
@@ -159,20 +181,44 @@ class ServerRound:
         self._maybe_end_phase()
 
     def drop(self, client: int, reason: str) -> None:
-        """Expect nothing more from ``client`` (disconnected, or misbehaved). A valid answer
-        it already gave in this phase stands: a masked input in the sum must be unmasked."""
+        """Expect nothing more from ``client``: the I/O layer lost it (disconnected, or it
+        left). A message it sends after all is late (LateMessage), not a violation. A valid
+        answer it already gave in this phase stands: a masked input in the sum must be
+        unmasked."""
+        if self.state not in _EXPECTS or client not in self.participants:
+            return
+        self._absent.add(client)
+        self._drop(client, reason)
+
+    def _drop(self, client: int, reason: str) -> None:
         self.dropped.setdefault(client, reason)
         self._expected.discard(client)
-        if self.state not in (ServerState.DONE, ServerState.FAILED, ServerState.CREATED):
-            self._maybe_end_phase()
+        self._maybe_end_phase()
 
     def deadline(self) -> None:
-        """The current phase's time is up: go on with the clients that answered."""
+        """The current phase's time is up: go on with the clients that answered (the others
+        are absent: what they send later is late)."""
         if self.state in self._phase_end:
             for client in self._expected - set(self._answers):
                 self.dropped.setdefault(client, f"no answer in {self.state.name}")
+                self._absent.add(client)
             self._expected = set(self._answers)
             self._maybe_end_phase()
+
+    def finish(self) -> None:
+        """Unmask the sum (RECONSTRUCT -> DONE, or FAILED raising RoundFailed): rebuild each
+        survivor's self-mask seed and each dropped client's masking key from t shares and
+        remove their masks. CPU-bound (a mask expansion of the vector per survivor and per
+        survivor-dropped pair): an asyncio I/O layer runs it in a worker thread, and calls
+        nothing else on this round meanwhile."""
+        if self.state != ServerState.RECONSTRUCT:
+            raise LocalProtocolError(f"nothing to reconstruct in {self.state.name}")
+        try:
+            self._reconstruct()
+        except RoundFailed as exc:
+            self.state = ServerState.FAILED
+            self.failure = exc.reason
+            raise
 
     def data_to_send(self) -> list[tuple[int, bytes]]:
         out, self._outbox = self._outbox, []
@@ -279,8 +325,13 @@ class ServerRound:
         self._enter(ServerState.UNMASK, set(self._signatures))
 
     def _end_unmask(self) -> None:
+        self._unmask_answers = self._answers
+        self._expected, self._answers = set(), {}
+        self.state = ServerState.RECONSTRUCT
+
+    def _reconstruct(self) -> None:
         collected: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
-        for holder, m in sorted(self._answers.items()):
+        for holder, m in sorted(self._unmask_answers.items()):
             assert isinstance(m, UnmaskShares)
             for owner, kind, share in zip(m.owners, m.kinds, m.shares, strict=True):
                 collected.setdefault((owner, kind), []).append((holder + 1, share))

@@ -180,8 +180,13 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      default=d.dropout, show_default=True,
                      help="Probability that a sampled device goes offline at a random "
                           "protocol step of its round."),
-        click.option("--secagg-k", type=click.IntRange(2), default=d.secagg_k,
-                     show_default=True, help="SecAgg+ neighbours per device."),
+        click.option("--secagg-k", type=click.IntRange(0), default=d.secagg_k,
+                     show_default=True, help="SecAgg+ neighbours per device; 0 chooses k and "
+                     "t per group from its size and --dropout, bounding P[a group fails]."),
+        click.option("--group-size", type=click.IntRange(2), default=d.group_size,
+                     show_default=True, help="Largest SecAgg+ group: a larger cohort splits "
+                     "into groups whose sums add up, and a failed group costs only its "
+                     "devices."),
         click.option("--local-epochs", type=click.IntRange(1), default=d.local_epochs,
                      show_default=True, help="Passes over its own baskets a device makes."),
         click.option("--dim", type=click.IntRange(1), default=d.dim, show_default=True,

@@ -69,7 +69,8 @@ class FederatedSettings:
     delta: float | None = None  # default 1 / N^1.1
     noise_multiplier: float | None = None
     clip_norm: float | None = None
-    secagg_k: int = 20
+    secagg_k: int = 0  # 0: k and t chosen per group (secagg.params)
+    group_size: int = 1000
     local_epochs: int = 1
     examples_per_round: int = 8
     batch_size: int = 64
@@ -105,6 +106,9 @@ class FederatedSettings:
             raise ValueError("give exactly one of --clients-per-round and --q")
         if not 0 <= self.dropout < 1:
             raise ValueError("--dropout must lie in [0, 1)")
+        if self.secagg_k == 1 or self.group_size < 2:
+            raise ValueError("--secagg-k must be 0 (chosen per group) or at least 2, and "
+                             "--group-size at least 2")
         if self.rounds < 1 or self.workers < 1 or self.eval_every < 1:
             raise ValueError("--rounds, --workers and --eval-every must be at least 1")
 
@@ -150,6 +154,7 @@ class RoundRecord:
     bytes_up: float | None = None  # mean per device that completed the round
     bytes_down: float | None = None
     values: int | None = None  # the length of the round's masked vector
+    groups: str = "-"  # its SecAgg+ groups, k, t and failure bound (RoundRow.secagg)
 
 
 @dataclass
@@ -198,7 +203,10 @@ def aggregator_config(settings: FederatedSettings, n_devices: int,
                   if settings.statistics else None)
     return AggregatorConfig(
         host="127.0.0.1", sampling_rate=q, min_clients=3, min_connected=n_devices,
-        secagg_degree=settings.secagg_k,
+        secagg_degree=settings.secagg_k, group_size=settings.group_size,
+        # a device can drop out even where the simulation removes none (a phase deadline
+        # under load): k and t are chosen for at least 5%
+        expected_dropout=max(settings.dropout, 0.05),
         phase_timeout=settings.phase_timeout, population_wait=60.0, round_interval=0.0,
         max_rounds=settings.rounds,
         local_epochs=settings.local_epochs, examples_per_round=settings.examples_per_round,
@@ -326,7 +334,10 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
         if server is not None:
             if server.proc.poll() is None:
                 result.interrupted = True
-            server.terminate()
+            try:
+                server.terminate(timeout=30)
+            except RuntimeError as exc:  # it was killed: the rounds done still count
+                status(str(exc))
             result.server_peak_mb = server.peak_memory_mb()
         else:
             workers.send("stop", None)
@@ -397,6 +408,7 @@ def _record(row: RoundRow, first_start: float) -> RoundRecord:
         seconds=float((row.finished_at or row.started_at) - row.started_at),
         phase_seconds=dict(detail.get("phase_seconds", {})),
         epsilon=float(detail.get("epsilon", 0.0)), values=detail.get("values"),
+        groups=row.secagg(),
         elapsed=float((row.finished_at or row.started_at) - first_start))
 
 

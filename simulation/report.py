@@ -75,7 +75,7 @@ def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _round_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["round", "task", "status", "sampled", "survivors", "HR@10", "HR@10 global",
-              "epsilon", "seconds", "KB up/device", "KB down/device"]
+              "epsilon", "seconds", "KB up/device", "KB down/device", "SecAgg+ groups"]
     body = []
     for r in run["rounds"]:
         body.append([str(r["round"]), r.get("task", "train"), r["status"], str(r["sampled"]),
@@ -83,7 +83,8 @@ def _round_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                      _fmt(r["hr"]), _fmt(r["hr_global"]), _fmt(r["epsilon"], 3),
                      f"{r['seconds']:.2f}",
                      "-" if r["bytes_up"] is None else f"{r['bytes_up'] / 1024:,.0f}",
-                     "-" if r["bytes_down"] is None else f"{r['bytes_down'] / 1024:,.0f}"])
+                     "-" if r["bytes_down"] is None else f"{r['bytes_down'] / 1024:,.0f}",
+                     r.get("groups", "-")])
     return header, body
 
 

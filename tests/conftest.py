@@ -1,8 +1,11 @@
-"""Shared fixtures: the bundled data sets' splits (loaded once per session) and a small
-synthetic split for fast unit tests."""
+"""Shared fixtures: the bundled data sets' splits (loaded once per session), a small
+synthetic split for fast unit tests, and the owner of every process a test starts, with
+the check at the session's end that none is left running."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,54 @@ import pytest
 
 from model_export.datasets import BasketData, load_instacart, load_uci
 from model_export.evaluation import Split, make_split
+from tests.process_owner import SESSION, ProcessOwner, end, left_running
+
+_SESSION_TMP = pytest.StashKey[Path]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmp(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Note the session's tmp dir: at the end, an aggregator still serving a state under it
+    was left running by this session, however it was started."""
+    request.config.stash[_SESSION_TMP] = tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(autouse=True)
+def processes(request: pytest.FixtureRequest) -> Iterator[ProcessOwner]:
+    """Start a test's subprocesses with ``processes.popen``: at its teardown every one still
+    alive (its whole process group), and every AggregatorProcess the test left running, is
+    killed. Leaving one is an error of a test that otherwise passed, a warning of one that
+    failed (its failure may have stopped it before it stopped them)."""
+    owner = ProcessOwner()
+    failures = request.session.testsfailed
+    yield owner
+    left = owner.end()
+    if not left:
+        return
+    message = "the test left running (now killed):\n  " + "\n  ".join(left)
+    if request.session.testsfailed == failures:
+        pytest.fail(message, pytrace=False)
+    warnings.warn(message, stacklevel=1)
+
+
+@pytest.hookimpl(trylast=True)  # after every fixture's teardown (Ctrl-C defers them to here)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if a process the suite started is still alive, and end it."""
+    left = left_running(SESSION, session.config.stash.get(_SESSION_TMP, None))
+    if not left:
+        return
+    writer = session.config.get_terminal_writer()
+    writer.line()
+    writer.sep("=", "processes the test session left running (now killed)", red=True)
+    for process in left:
+        writer.line(str(process), red=True)
+        try:
+            end(process)
+        except RuntimeError as error:  # it survived SIGKILL (say, stuck in the kernel)
+            writer.line(f"  {error}", red=True)
+    if session.exitstatus == pytest.ExitCode.OK:  # never hides an interruption or an error
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from model_export.evaluation import make_split
 from model_export.export import export_bundle
 from model_export.model import init_weights
 from tests.conftest import synthetic_data
+from tests.process_owner import ProcessOwner
 from tests.test_service import cli, ledger_matches_dp_accounting
 
 pytestmark = pytest.mark.reliability
@@ -75,22 +76,23 @@ async def _serve_then_kill(url: str, devices: list[Device], pid: int, after: flo
 def test_thirty_random_sigkills_lose_nothing_and_never_undercount(tmp_path: Path) -> None:
     state, server_key, devices = _world(tmp_path)
     rng = random.Random(1234)
+    # each service is ended on leaving its block, whatever raised inside it: the last one,
+    # told to stop after two rounds, would otherwise serve on if its devices failed
     for _ in range(KILLS):
-        server = AggregatorProcess(state.root)
-        asyncio.run(_serve_then_kill(server.url, devices, server.proc.pid,
-                                     rng.uniform(0.05, 1.5)))
-        server.proc.wait(30)
+        with AggregatorProcess(state.root) as server:
+            asyncio.run(_serve_then_kill(server.url, devices, server.proc.pid,
+                                         rng.uniform(0.05, 1.5)))
         # every restart must find a consistent store
         assert Store(state.database).integrity_ok()
     # a final clean stretch: the service resumes and completes rounds again
-    server = AggregatorProcess(state.root, "--max-rounds", "2")
+    with AggregatorProcess(state.root, "--max-rounds", "2") as server:
 
-    async def resume() -> None:
-        await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=120)
-                               for d in devices))
+        async def resume() -> None:
+            await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=120)
+                                   for d in devices))
 
-    asyncio.run(resume())
-    assert server.wait(60) == 0, server.log()
+        asyncio.run(resume())
+        assert server.wait(60) == 0, server.log()
 
     store = Store(state.database)
     assert store.integrity_ok()
@@ -127,7 +129,8 @@ for path in sys.argv[3:]:
 """
 
 
-def test_sigkill_of_a_device_mid_swap_keeps_a_verified_bundle(tmp_path: Path) -> None:
+def test_sigkill_of_a_device_mid_swap_keeps_a_verified_bundle(
+        tmp_path: Path, processes: ProcessOwner) -> None:
     items = [f"sku{i:03d}" for i in range(2000)]
     state = init_state(tmp_path / "agg", items, items, dim=64, seed=0)
     key = state.signing_key()
@@ -147,7 +150,7 @@ def test_sigkill_of_a_device_mid_swap_keeps_a_verified_bundle(tmp_path: Path) ->
     for trial in range(10):
         device_dir = tmp_path / f"device{trial}"
         Device(device_dir, server_key).install(versions[0].read_bytes())
-        proc = subprocess.Popen(
+        proc = processes.popen(
             [sys.executable, "-c", SWAPPER, str(device_dir), server_key.hex(),
              *map(str, versions[1:])],
             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)

@@ -153,6 +153,9 @@ class Setup:
 
     def run_to(self, state: ServerState) -> None:
         while self.server.state != state:
+            if self.server.state == ServerState.RECONSTRUCT:
+                self.server.finish()
+                continue
             self.deliver(self.step())
 
 

@@ -19,6 +19,7 @@ from model_export.model import group_size
 from simulation.cli import main as sim_main
 from simulation.report import PLOTS
 from tests.conftest import CSV_OPTS, write_basket_csv
+from tests.process_owner import ProcessOwner
 
 FAST = ["--dim", "8", "--clients-per-round", "30", "--secagg-k", "20", "--no-central"]
 
@@ -121,12 +122,12 @@ def test_bad_options_are_clear_errors(basket_csv: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
-async def _images_in_chromium(page: Path) -> list[dict]:
+async def _images_in_chromium(page: Path, processes: ProcessOwner) -> list[dict]:
     """Open ``page`` in headless Chromium and return every <img> with its load state."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium package is missing: make test installs it"
     with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen(
+        proc = processes.popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
              "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
             stderr=subprocess.PIPE, text=True)
@@ -171,12 +172,12 @@ async def _images_in_chromium(page: Path) -> list[dict]:
                     await asyncio.sleep(0.1)
                 raise AssertionError("the page never finished loading")
         finally:
-            proc.kill()
-            proc.wait()
+            processes.kill(proc)  # with the renderers and helpers in its process group
 
 
-def test_report_renders_in_chromium_with_every_plot(csv_report: Path) -> None:
-    images = asyncio.run(_images_in_chromium(csv_report / "index.html"))
+def test_report_renders_in_chromium_with_every_plot(csv_report: Path,
+                                                     processes: ProcessOwner) -> None:
+    images = asyncio.run(_images_in_chromium(csv_report / "index.html", processes))
     assert sorted(i["src"] for i in images) == sorted(PLOTS)
     for image in images:
         assert image["complete"] and image["width"] > 300 and image["height"] > 150, image
