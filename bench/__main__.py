@@ -14,10 +14,12 @@ import onnxruntime
 
 from bench import model, secagg
 from bench.common import markdown_table
+from bench.population import bench_population
 from bench.round import bench_round
 
 BENCHES = {"recommend": model.bench_recommend, "train": model.bench_train,
-           "prg": secagg.bench_prg, "secagg": secagg.bench_secagg, "round": bench_round}
+           "prg": secagg.bench_prg, "secagg": secagg.bench_secagg, "round": bench_round,
+           "population": bench_population}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,12 @@ def test_quick_bench_writes_every_row(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert main(["--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg", "round"}
+    assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg", "round",
+                                            "population"}
     for row in rows:
         assert set(row) == FIELDS
         assert math.isfinite(row["value"]) and math.isfinite(row["ratio"])
-        if "growth" not in row["metric"]:  # a growth may be zero; times, rates, sizes not
+        # a growth or a count of failed groups may be zero; times, rates, sizes not
+        if "growth" not in row["metric"] and "failed" not in row["metric"]:
             assert row["value"] > 0
     assert "| recommend |" in capsys.readouterr().out
