@@ -88,7 +88,10 @@ class FederatedSettings:
     dim: int = 16  # the embeddings do not train by default: d only costs download
     workers: int = 2
     eval_every: int = 5
-    phase_timeout: float = 300.0  # a dropout ends its wait at once; this is for stragglers
+    # a dropout ends its wait at once; this is for stragglers. Two worker processes mask
+    # 4,335 inputs of 4 MB one after another (about 5 minutes at k = 38): a device still
+    # in that queue is no straggler, and a shorter deadline would drop the last ones
+    phase_timeout: float = 600.0
     seed: int = 0
     label: str = ""
 
