@@ -57,7 +57,13 @@ from aggregator.privacy import (
 )
 from aggregator.statedir import StateDir
 from aggregator.store import ModelRow, Statistic, Store
-from model_export.bundle import CONSTANT_FILES, GRAPH_FILES, pack_members, read_bundle
+from model_export.bundle import (
+    CONSTANT_FILES,
+    GRAPH_FILES,
+    Bundle,
+    pack_members,
+    read_bundle,
+)
 from model_export.export import export_bundle
 from model_export.item_item import head_items, item_table
 from model_export.model import Neighbours, Weights, group_size, place, trained_groups
@@ -173,6 +179,28 @@ def peak_resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass(frozen=True)
+class _Model:
+    """A published model version as the service serves it: the verified bundle and two
+    frames shared by every send (not a copy per device): the whole bundle, and for a device
+    that holds the files that never change, the rest."""
+
+    bundle: Bundle
+    constant_files: frozenset[str]
+    bundle_frame: bytes
+    update_frame: bytes
+
+
+def _read_model(bundle_dir: Path, public_key: bytes) -> _Model:
+    """Read, verify and frame a bundle: a second of hashing and copying for a large model,
+    which the service runs off its event loop after each round."""
+    bundle = read_bundle(bundle_dir, public_key)
+    return _Model(bundle, frozenset(bundle.manifest.files[n] for n in CONSTANT_FILES),
+                  bytes([channel.BUNDLE]) + pack_members(bundle.members()),
+                  bytes([channel.BUNDLE]) + pack_members(bundle.members(
+                      without=CONSTANT_FILES)))
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -264,18 +292,15 @@ class Aggregator:
         self.metrics.epsilon.set(epsilon_spent(self.store.ledger(), self.config.delta))
 
     def _load_model(self, row: ModelRow) -> None:
-        bundle_dir = self.state.root / row.bundle_dir
-        self.bundle = read_bundle(bundle_dir, self.identity.public)
-        # two frames per version, shared by every send (not a copy per device): the whole
-        # bundle, and for a device that holds the files that never change, the rest
-        self.constant_files = frozenset(self.bundle.manifest.files[n] for n in CONSTANT_FILES)
-        self.bundle_frame = bytes([channel.BUNDLE]) + pack_members(self.bundle.members())
-        self.update_frame = bytes([channel.BUNDLE]) + pack_members(
-            self.bundle.members(without=CONSTANT_FILES))
-        self.weights = self.bundle.weights()
-        self.neighbours = self.bundle.neighbours()
-        self.model_version = row.version
-        self.metrics.model_version.set(row.version)
+        self._use(_read_model(self.state.root / row.bundle_dir, self.identity.public),
+                  row.version)
+
+    def _use(self, model: _Model, version: int) -> None:
+        self.bundle, self.constant_files = model.bundle, model.constant_files
+        self.bundle_frame, self.update_frame = model.bundle_frame, model.update_frame
+        self.weights, self.neighbours = model.bundle.weights(), model.bundle.neighbours()
+        self.model_version = version
+        self.metrics.model_version.set(version)
 
     # -- serving -------------------------------------------------------------------------
     async def serve(self, ready: asyncio.Event | None = None) -> None:
@@ -791,17 +816,20 @@ class Aggregator:
         survivors = current.survivors
         version = self.model_version + 1
         name = f"v{version:08d}"
-        manifest = export_bundle(self.state.bundles / name, weights, self.bundle.items,
-                                 self.bundle.names, self.signing_key, neighbours=neighbours,
-                                 model_version=version, round_id=current.round_id,
-                                 history_decay=self.bundle.manifest.history_decay,
-                                 graphs={n: self.bundle.files[n] for n in GRAPH_FILES})
+        # writing, signing, then reading back and verifying a bundle: off the event loop
+        manifest = await asyncio.to_thread(
+            export_bundle, self.state.bundles / name, weights, self.bundle.items,
+            self.bundle.names, self.signing_key, neighbours=neighbours, model_version=version,
+            round_id=current.round_id, history_decay=self.bundle.manifest.history_decay,
+            graphs={n: self.bundle.files[n] for n in GRAPH_FILES})
         digest = hashlib.sha256(manifest.to_json()).hexdigest()
         detail["epsilon"] = epsilon_spent(self.store.ledger(), cfg.delta)
         row = ModelRow(version, current.round_id, f"bundles/{name}", digest)
+        model = await asyncio.to_thread(_read_model, self.state.root / row.bundle_dir,
+                                        self.identity.public)
         self.store.publish(row, optimizer_state, current.round_id, survivors, detail,
                            statistic)
-        self._load_model(row)
+        self._use(model, version)
         self.metrics.rounds.labels("completed").inc()
         self.metrics.survivors.set(survivors)
         self.metrics.epsilon.set(detail["epsilon"])

@@ -104,7 +104,8 @@ def _plot_quality(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("HitRate@10 (with the device's history)")
     ax.set_title(f"{report['data']['name']}: quality per round")
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # a run stopped before any evaluation has none
+        ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
