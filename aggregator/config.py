@@ -129,7 +129,9 @@ class AggregatorConfig:
             (self.min_connected >= 0, "round.min_connected must not be negative"),
             (self.secagg_degree == 0 or self.secagg_degree >= 2,
              "round.secagg_degree must be 0 (chosen per group) or at least 2"),
-            (self.group_size >= 2, "round.group_size must be at least 2"),
+            (self.group_size >= 2 * self.min_clients,
+             "round.group_size must be at least twice round.min_clients: a cohort split "
+             "into groups then gives each group at least min_clients devices"),
             (0 <= self.expected_dropout < 1 and 0 <= self.corrupt_fraction < 1
              and self.expected_dropout + self.corrupt_fraction < 1,
              "round.expected_dropout and round.corrupt_fraction must lie in [0, 1) with a "

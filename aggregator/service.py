@@ -77,6 +77,7 @@ from model_export.statistics import (
 from model_export.update import L1, L2, TRAIN, UpdateFormat
 from secagg import channel
 from secagg.channel import checkin_statement
+from secagg.client import PROTOCOL_MESSAGES
 from secagg.crypto import IdentityKey, verify
 from secagg.errors import LateMessage, ProtocolViolation, RemoteProtocolError, RoundFailed
 from secagg.groups import split_cohort
@@ -101,6 +102,7 @@ class _Connection:
     model_version: int
     held_files: frozenset[str]  # sha256 of bundle files the device says it holds
     follow_model: bool  # send it every new version, not only when it is sampled
+    late: dict[int, int] = field(default_factory=dict)  # late messages of its latest round
 
 
 @dataclass
@@ -146,11 +148,14 @@ class _Round:
 
     def dropped(self) -> dict[int, str]:
         """Why each device of the round is not in its sum: dropped within a group that
-        completed, or a member of a group that failed."""
+        completed (a survivor that missed a later deadline is in the sum), or a member of
+        a group that failed."""
         out: dict[int, str] = {}
         for g in self.groups:
             if g.done:
-                out.update(g.server.dropped)
+                survivors = set(g.server.survivors)
+                out.update((c, why) for c, why in g.server.dropped.items()
+                           if c not in survivors)
             else:
                 out.update(dict.fromkeys(g.server.participants,
                                          f"group {g.index} failed"))
@@ -332,6 +337,9 @@ class Aggregator:
             probe = asyncio.create_task(self._probe_loop())
             stopped = asyncio.create_task(self.stopping.wait())
             await asyncio.wait([rounds, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if self.round is not None:  # an unmasking thread gives up at its next secret
+                for group in self.round.groups:
+                    group.server.abort()
             rounds.cancel()
             stopped.cancel()
             probe.cancel()
@@ -453,13 +461,13 @@ class Aggregator:
         in at the same moment held a whole bundle (O(n * model) memory)."""
         if conn.model_version >= self.model_version:
             return
-        frame = (self.update_frame if self.constant_files <= conn.held_files
-                 else self.bundle_frame)
+        # taken together before any await: a version published meanwhile is not this one
+        version, files = self.model_version, self.constant_files
+        frame = self.update_frame if files <= conn.held_files else self.bundle_frame
         with contextlib.suppress(Exception):
             async with self._bundle_sends:
                 await conn.ws.send(frame)
-            conn.model_version = self.model_version
-            conn.held_files = self.constant_files
+            conn.model_version, conn.held_files = version, files
             self.metrics.bytes_down.inc(len(frame))
 
     # -- rounds --------------------------------------------------------------------------
@@ -677,7 +685,7 @@ class Aggregator:
         if current is None or group is None or round_id != current.round_id:
             ended = current.round_id if current is not None else self.store.next_round_id()
             if round_id < ended:  # a round that is over
-                self._late(conn.client_id, round_id)
+                self._late(conn, round_id)
                 return
             raise ProtocolViolation(f"secagg message for round {round_id}, which this "
                                     "device is not in")
@@ -685,10 +693,13 @@ class Aggregator:
         try:
             group.server.receive(conn.client_id, data)
         except LateMessage:
-            self._late(conn.client_id, round_id)
-            if conn.client_id not in current.told_over:
+            self._late(conn, round_id)
+            # a survivor that missed a later deadline is in the sum: the round's end tells it
+            if conn.client_id not in current.told_over and \
+                    conn.client_id not in group.server.survivors:
                 current.told_over.add(conn.client_id)
-                await self._send(conn.client_id, self._round_over(round_id, "dropped"))
+                outcome = "failed" if group.server.state == ServerState.FAILED else "dropped"
+                await self._send(conn.client_id, self._round_over(round_id, outcome))
             return
         except RoundFailed:
             pass  # the round loop sees FAILED and records the reason
@@ -696,11 +707,21 @@ class Aggregator:
             group.changed.set()
         await self._flush(group)
 
-    def _late(self, client_id: int, round_id: int) -> None:
+    def _late(self, conn: _Connection, round_id: int) -> None:
+        """Count and ignore a late message; log the first of a device's round. More late
+        messages than a round has (a device sends PROTOCOL_MESSAGES) is abuse, not
+        slowness: a violation."""
         self.metrics.late.inc()
         if self.round is not None and self.round.round_id == round_id:
             self.round.late += 1
-        log.info("late message from device %d for round %d, ignored", client_id, round_id)
+        count = conn.late.get(round_id, 0) + 1
+        conn.late = {round_id: count}  # only the latest round's count is kept
+        if count > PROTOCOL_MESSAGES:
+            raise ProtocolViolation(f"{count} late messages for round {round_id}: a round "
+                                    f"has {PROTOCOL_MESSAGES}")
+        if count == 1:
+            log.info("late message from device %d for round %d, ignored", conn.client_id,
+                     round_id)
 
     def _drop_from_round(self, client_id: int, reason: str) -> None:
         current = self.round

@@ -50,9 +50,12 @@ from secagg.messages import (
 )
 from secagg.prg import add_mask
 
-__all__ = ["ClientRound", "ClientState"]
+__all__ = ["PROTOCOL_MESSAGES", "ClientRound", "ClientState"]
 
 SELF_MASK, MASK_KEY = 0, 1
+# messages a client sends in a round: keys, shares, masked input, consistency signature,
+# unmask shares
+PROTOCOL_MESSAGES = 5
 _SHARE_PAYLOAD = 2 * shamir.WORDS * 4
 
 

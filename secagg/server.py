@@ -64,6 +64,7 @@ from secagg.messages import (
     UnmaskShares,
     consistency_statement,
     decode,
+    envelope,
 )
 from secagg.prg import add_mask
 
@@ -126,6 +127,7 @@ class ServerRound:
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
         self._unmask_answers: dict[int, Message] = {}
+        self._aborted = False
         self._phase_end = {
             ServerState.ADVERTISE: self._end_advertise,
             ServerState.SHARE: self._end_share,
@@ -144,7 +146,7 @@ class ServerRound:
                              self.threshold, self.graph_seed, self.vector_len)
         data = dataclasses.replace(
             config, signature=self.identity.sign(config.signed_part())).encode()
-        self._outbox += [(i, data) for i in ids]
+        self._outbox += [(i, data) for i in ids if i not in self.dropped]
         self._enter(ServerState.ADVERTISE, set(ids))
 
     def receive(self, client: int, data: bytes | memoryview) -> None:
@@ -155,12 +157,14 @@ class ServerRound:
             raise LocalProtocolError("the round has not started")
         collecting = self.state in _EXPECTS
         try:
-            message = decode(data)
-            if message.sender != client or message.round_id != self.round_id:
+            round_id, sender = envelope(data)
+            if sender != client or round_id != self.round_id:
                 raise ProtocolViolation("message names another sender or round")
+            # judged late from the envelope alone: a late vector is never parsed
             if client in self.participants and (client in self._absent or not collecting):
-                raise LateMessage(f"client {client}'s {type(message).__name__} came after "
-                                  f"the round stopped waiting for it ({self.state.name})")
+                raise LateMessage(f"client {client}'s message came after the round stopped "
+                                  f"waiting for it ({self.state.name})")
+            message = decode(data)
             if client not in self._expected:
                 raise ProtocolViolation(f"client {client} is not expected in "
                                         f"{self.state.name} (dropped, replay, or unknown)")
@@ -185,9 +189,13 @@ class ServerRound:
         left). A message it sends after all is late (LateMessage), not a violation. A valid
         answer it already gave in this phase stands: a masked input in the sum must be
         unmasked."""
-        if self.state not in _EXPECTS or client not in self.participants:
+        if client not in self.participants or self.state not in (ServerState.CREATED,
+                                                                 *_EXPECTS):
             return
         self._absent.add(client)
+        if self.state == ServerState.CREATED:  # start() leaves it out
+            self.dropped.setdefault(client, reason)
+            return
         self._drop(client, reason)
 
     def _drop(self, client: int, reason: str) -> None:
@@ -329,6 +337,12 @@ class ServerRound:
         self._expected, self._answers = set(), {}
         self.state = ServerState.RECONSTRUCT
 
+    def abort(self) -> None:
+        """Make a ``finish()`` running in another thread give up at its next secret (the
+        service is stopping): it raises RoundFailed and the round is FAILED. Safe to call
+        from any thread."""
+        self._aborted = True
+
     def _reconstruct(self) -> None:
         collected: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
         for holder, m in sorted(self._unmask_answers.items()):
@@ -337,8 +351,10 @@ class ServerRound:
                 collected.setdefault((owner, kind), []).append((holder + 1, share))
         total = self._total
         for u in self._survivors:
+            self._check_aborted()
             add_mask(total, self._rebuild(collected, u, SELF_MASK), -1)
         for v in sorted(set(self._shares_sent) - set(self._survivors)):
+            self._check_aborted()
             secret = self._rebuild(collected, v, MASK_KEY)
             if nacl.bindings.crypto_scalarmult_base(secret) != self._keys[v].mask_key:
                 raise RoundFailed(f"client {v}'s masking key rebuilt from shares does not "
@@ -349,6 +365,10 @@ class ServerRound:
                     add_mask(total, seed, -pairwise_sign(u, v))
         self.result = total
         self.state = ServerState.DONE
+
+    def _check_aborted(self) -> None:
+        if self._aborted:
+            raise RoundFailed("aborted: the server is stopping")
 
     def _rebuild(self, collected: dict[tuple[int, int], list[tuple[int, np.ndarray]]],
                  owner: int, kind: int) -> bytes:

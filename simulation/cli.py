@@ -183,7 +183,7 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--secagg-k", type=click.IntRange(0), default=d.secagg_k,
                      show_default=True, help="SecAgg+ neighbours per device; 0 chooses k and "
                      "t per group from its size and --dropout, bounding P[a group fails]."),
-        click.option("--group-size", type=click.IntRange(2), default=d.group_size,
+        click.option("--group-size", type=click.IntRange(6), default=d.group_size,
                      show_default=True, help="Largest SecAgg+ group: a larger cohort splits "
                      "into groups whose sums add up, and a failed group costs only its "
                      "devices."),

@@ -30,12 +30,10 @@ import websockets
 
 from edge_client.device import Device
 from model_export.bundle import read_bundle
+from secagg.client import PROTOCOL_MESSAGES
 
-__all__ = ["PROTOCOL_MESSAGES", "Shard", "worker_main"]
+__all__ = ["Shard", "worker_main"]
 
-# Messages a device sends in a round (keys, shares, masked input, consistency signature,
-# unmask answers): a device that drops out leaves after 0 to 4 of them.
-PROTOCOL_MESSAGES = 5
 RECONNECT_DELAY = 0.1  # doubled after each session without a round, up to MAX_DELAY
 MAX_DELAY = 5.0
 GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up

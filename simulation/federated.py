@@ -109,9 +109,9 @@ class FederatedSettings:
             raise ValueError("give exactly one of --clients-per-round and --q")
         if not 0 <= self.dropout < 1:
             raise ValueError("--dropout must lie in [0, 1)")
-        if self.secagg_k == 1 or self.group_size < 2:
+        if self.secagg_k == 1 or self.group_size < 6:
             raise ValueError("--secagg-k must be 0 (chosen per group) or at least 2, and "
-                             "--group-size at least 2")
+                             "--group-size at least 6 (twice the 3 devices a round needs)")
         if self.rounds < 1 or self.workers < 1 or self.eval_every < 1:
             raise ValueError("--rounds, --workers and --eval-every must be at least 1")
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.config import AggregatorConfig, load_config, render_config
+from aggregator.config import AggregatorConfig, ConfigError, load_config, render_config
 from model_export.item_item import StatisticsSettings
 from model_export.model import TENSOR_NAMES
 
@@ -31,9 +32,13 @@ configs = st.builds(
     host=st.text(max_size=20),
     port=st.integers(0, 65535),
     sampling_rate=st.floats(1e-6, 1.0),
-    min_clients=st.integers(2, 10**6),
+    min_clients=st.integers(2, 1000),
     min_connected=st.integers(0, 10**6),
-    secagg_degree=st.integers(2, 1000),
+    group_size=st.integers(2000, 10**6),
+    expected_dropout=st.floats(0, 0.5),
+    corrupt_fraction=st.floats(0, 0.4),
+    failure_bound=st.floats(1e-12, 0.5),
+    secagg_degree=st.just(0) | st.integers(2, 1000),
     phase_timeout=st.floats(1e-3, 1e6),
     max_rounds=st.integers(0, 10**6),
     mechanism=st.sampled_from(["gaussian", "laplace", "none"]),
@@ -64,3 +69,9 @@ def test_rendering_keeps_the_comments() -> None:
     text = render_config(AggregatorConfig(min_connected=4335))
     assert "min_connected = 4335       # a round waits (up to population_wait)" in text
     assert "# q: each connected, enrolled device joins a round" in text
+
+
+def test_groups_smaller_than_two_rounds_are_refused() -> None:
+    with pytest.raises(ConfigError, match="group_size must be at least twice"):
+        AggregatorConfig(min_clients=3, group_size=5)
+    assert AggregatorConfig(min_clients=3, group_size=6).group_size == 6

@@ -54,8 +54,10 @@ def test_a_late_device_stays_connected_and_takes_the_next_round(tmp_path: Path,
     state.config.write_text(config_for_all(len(devices), statistics="false", timeout=2.0,
                                            rounds=2))
     slow, slower = devices[0].identity.public, devices[1].identity.public
+    unsure = devices[2].identity.public  # signs the survivor set late: still a survivor
     delay_schedule(monkeypatch, {(slow, 1): (ClientState.WAIT_SURVIVORS, 4.0),
-                                 (slower, 1): (ClientState.DONE, 3.0)})
+                                 (slower, 1): (ClientState.DONE, 3.0),
+                                 (unsure, 1): (ClientState.WAIT_UNMASK, 3.0)})
     server = AggregatorProcess(state.root)
 
     async def everyone() -> list:
@@ -75,6 +77,13 @@ def test_a_late_device_stays_connected_and_takes_the_next_round(tmp_path: Path,
     # neither was disconnected: each took round 2 on the connection it began with
     assert [r.status for r in reports[0]] == ["dropped", "completed"]
     assert [r.status for r in reports[1]] == ["completed", "completed"]
+    # a survivor that missed the CONSISTENCY deadline: its input is in the sum, and it is
+    # told so, not that it was dropped
+    assert [r.status for r in reports[2]] == ["completed", "completed"]
+    store = Store(state.database)
+    unsure_id = store.client_of(unsure)
+    store.close()
+    assert str(unsure_id) not in first["detail"]["dropped"]
     assert "misbehaved" not in server.log()
     assert f"late message from device {slow_id} for round 1, ignored" in server.log()
     assert f"late message from device {slower_id} for round 1, ignored" in server.log()
@@ -205,3 +214,55 @@ def test_sigterm_during_a_thousand_device_masked_phase_stops_within_seconds(
     assert stopped < 10, f"SIGTERM took {stopped:.1f} s"
     assert f"closing {n} connections" in server.log()
     assert "round 1 (train): 1000 devices sampled in 1 group(s)" in server.log()
+
+
+def test_a_flood_of_late_messages_is_a_violation(tmp_path: Path) -> None:
+    """Late is forgiven up to what a round has: a member that the round dropped for silence
+    and then repeats its keys more often than a round has messages is disconnected, and
+    the rounds complete for the others."""
+    state, devices = make_world(tmp_path, n_users=6)
+    key = IdentityKey.generate()
+    store = Store(state.database)
+    store.enroll(key.public)
+    store.close()
+    state.config.write_text(config_for_all(len(devices) + 1, statistics="false", timeout=2.0,
+                                           rounds=2).replace('mechanism = "gaussian"',
+                                                             'mechanism = "none"'))
+    server = AggregatorProcess(state.root)
+    server_key = bytes(state.signing_key().verify_key)
+
+    async def flooder() -> str:
+        async with connect(server.url, max_size=None) as ws:
+            _, challenge = channel.parse(await ws.recv())
+            await ws.send(channel.control("hello", public_key=key.public.hex(),
+                                          model_version=10**6, follow_model=False,
+                                          signature=key.sign(checkin_statement(
+                                              bytes.fromhex(challenge["nonce"]),
+                                              server_key)).hex()))
+            client: ClientRound | None = None
+            keys: bytes = b""
+            async for frame in ws:
+                kind, body = channel.parse(frame)
+                if kind == channel.CONTROL and body["type"] == "round":
+                    client = ClientRound(body["client_id"], key, server_key)
+                elif kind == channel.CONTROL and body["type"] == "error":
+                    return str(body["reason"])
+                elif kind == channel.SECAGG and client is not None and not keys:
+                    client.receive(body)
+                    keys = bytes([channel.SECAGG]) + client.data_to_send()[0]
+                    await ws.send(keys)  # then silence: dropped at the SHARE deadline
+                    await asyncio.sleep(3.0)
+                    for _ in range(6):
+                        await ws.send(keys)
+            return "closed without an error"
+
+    async def everyone() -> tuple:
+        return await asyncio.gather(flooder(), *(d.participate(server.url, rounds=2,
+                                                               timeout=120)
+                                                 for d in devices))
+
+    reason, *reports = asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    assert "6 late messages for round 1" in reason
+    assert all([r.status for r in rs] == ["completed"] * 2 for rs in reports)
+    assert server.log().count("late message from device") == 1  # logged once, not 6 times

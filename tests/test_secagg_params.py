@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
+from secagg.crypto import IdentityKey
 from secagg.errors import LateMessage, ProtocolViolation
 from secagg.graph import neighbours
 from secagg.groups import split_cohort
 from secagg.local import run_local_round
 from secagg.messages import AdvertiseKeys
 from secagg.params import binomial_cdf, choose, minimum_group
-from secagg.server import ServerState
+from secagg.server import ServerRound, ServerState
 from tests.test_secagg_round import Setup
 
 
@@ -133,3 +134,13 @@ def test_a_message_after_the_round_is_late() -> None:
     with pytest.raises(LateMessage):
         run.server.receive(0, AdvertiseKeys(1, 0, bytes(32), bytes(32), signature).encode())
     assert run.server.state == ServerState.DONE
+
+
+def test_a_client_dropped_before_the_round_starts_is_left_out() -> None:
+    keys = {i: IdentityKey.generate() for i in range(5)}
+    server = ServerRound(1, {i: k.public for i, k in keys.items()}, 4, 3, 4,
+                         IdentityKey.generate())
+    server.drop(0, "left")  # its leave came while the round notices went out
+    server.start()
+    assert server.dropped == {0: "left"}
+    assert {cid for cid, _ in server.data_to_send()} == {1, 2, 3, 4}
