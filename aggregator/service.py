@@ -41,6 +41,7 @@ import nacl.signing
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from aggregator import noise
@@ -390,6 +391,8 @@ class Aggregator:
             with contextlib.suppress(Exception):
                 await ws.send(channel.control("error", reason=str(exc)))
             await ws.close(1008, "protocol violation")
+        except ConnectionClosed as exc:  # a phone going away is routine: one line
+            log.info("device %d disconnected: %s", conn.client_id, exc)
         except Exception:
             log.exception("connection of device %d failed", conn.client_id)
         finally:

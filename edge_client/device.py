@@ -287,6 +287,15 @@ class _Session:
         self.round_info: dict = {}
         self.bytes_up = self.bytes_down = 0
         self.messages_left: int | None = None
+        # the round's cryptography (signatures, key agreements, shares, masks) runs in a
+        # worker thread, so that this connection's keepalive pings are answered meanwhile;
+        # the lock keeps one thread at a time on the round (ClientRound is not thread-safe)
+        self.round_lock = asyncio.Lock()
+
+    async def in_round(self, step: Callable[..., object], *args: object) -> None:
+        """Run one step of the round (``receive``, ``set_input``) off the event loop."""
+        async with self.round_lock:
+            await asyncio.to_thread(step, *args)
 
     async def send(self, frame: bytes) -> None:
         """Send one message; a large one (a masked input) as websocket fragments of at most
@@ -400,22 +409,26 @@ class _Session:
                 return
             self.round_info["examples"] = examples
             try:
-                current.set_input(vector)
+                await self.in_round(current.set_input, vector)
             except LocalProtocolError:  # the round failed meanwhile; its end is reported
                 return
             await self.flush()
             await done.wait()
 
     async def on_secagg(self, data: bytes | memoryview) -> None:
-        if self.round is None:
+        current = self.round
+        if current is None:
             return
         try:
-            self.round.receive(data)
+            await self.in_round(current.receive, data)
         except (RemoteProtocolError, RoundFailed) as exc:
-            await self.refuse(str(exc))
+            if self.round is current:
+                await self.refuse(str(exc))
             return
-        if self.round.config is not None:
-            self.device.store.put("last_round", str(self.round.config.round_id))
+        if self.round is not current:  # it ended (refused, say) while the step ran
+            return
+        if current.config is not None:
+            self.device.store.put("last_round", str(current.config.round_id))
         await self.flush()
 
     async def refuse(self, reason: str) -> None:
@@ -425,9 +438,13 @@ class _Session:
         await self.send(channel.control("leave", reason=reason[:200]))
 
     async def flush(self) -> None:
-        assert self.round is not None
-        masked = self.round.masked_sent
-        for data in self.round.data_to_send():
+        async with self.round_lock:
+            current = self.round
+            if current is None:  # the round ended while a step ran
+                return
+            masked = current.masked_sent
+            queued = current.data_to_send()
+        for data in queued:
             await self.send(bytes([channel.SECAGG]) + data)
             if self.messages_left is not None:
                 self.messages_left -= 1
