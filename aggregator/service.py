@@ -539,13 +539,14 @@ class Aggregator:
             await asyncio.gather(*(self._drive(current, g) for g in groups))
         finally:
             self.round = None
+        dropped = current.dropped()
         detail = {"task": task, "values": fmt.vector_len,
-                  "dropped": {str(k): v for k, v in current.dropped().items()},
+                  "dropped": {str(k): v for k, v in dropped.items()},
                   "phase_seconds": current.phase_seconds(), "bytes_up": current.bytes_up,
                   "late_messages": current.late,
                   "loop_stall_seconds": round(current.loop_stall, 4),
                   "groups": [g.summary() for g in groups]}
-        self.metrics.dropouts.inc(len(current.dropped()))
+        self.metrics.dropouts.inc(len(dropped))
         self.metrics.loop_stall.set(current.loop_stall)
         for g in groups:
             self.metrics.groups.labels("completed" if g.done else "failed").inc()
