@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from aggregator.privacy import check_accountable
 from model_export.item_item import StatisticsSettings
 from model_export.model import TENSOR_NAMES, trained_groups
 
@@ -72,7 +73,7 @@ target_epsilon = 0.0    # > 0: calibrate z so that planned_rounds rounds spend t
 planned_rounds = 100
 delta = 1e-5
 budget_epsilon = 10.0   # rounds that would spend more are refused
-weight_cap = 100.0      # a device's weight is min(examples / weight_cap, 1)
+weight_cap = 8.0        # a device's weight is min(examples / weight_cap, 1)
 population = 0          # N for the fixed denominator q*N (0: the number enrolled)
 training_noise_ratio = 1.0  # noise multiplier of training rounds / co-occurrence's
 
@@ -116,7 +117,7 @@ class AggregatorConfig:
     planned_rounds: int = 100
     delta: float = 1e-5
     budget_epsilon: float = 10.0
-    weight_cap: float = 100.0
+    weight_cap: float = 8.0
     population: int = 0
     training_noise_ratio: float = 1.0
     optimizer: str = "fedavg"
@@ -144,6 +145,9 @@ class AggregatorConfig:
             (self.clip_norm > 0, "privacy.clip_norm must be positive"),
             (self.noise_multiplier > 0, "privacy.noise_multiplier must be positive"),
             (0 < self.delta < 1, "privacy.delta must lie in (0, 1)"),
+            (self.population == 0 or self.delta * self.population <= 0.01,
+             "privacy.delta must be well under 1 / privacy.population: N * delta is the "
+             "chance that the guarantee fails for some user (docs/security.md)"),
             (self.optimizer in ("fedavg", "fedadam"), "optimizer.name must be fedavg or fedadam"),
             (bool(self.tls_cert) == bool(self.tls_key), "give both tls_cert and tls_key"),
             (self.examples_per_round >= 1, "training.examples_per_round must be at least 1"),
@@ -156,6 +160,14 @@ class AggregatorConfig:
             trained_groups(self.train_groups)
         except ValueError as exc:
             raise ConfigError(f"training.train_groups: {exc}") from exc
+        if self.mechanism != "none":
+            rates = {self.sampling_rate} | ({self.statistics.sampling_rate}
+                                            if self.statistics is not None else set())
+            for rate in sorted(rates):
+                try:
+                    check_accountable(self.mechanism, rate, self.target_epsilon, self.delta)
+                except ValueError as exc:
+                    raise ConfigError(f"[privacy]: {exc}") from exc
 
     @property
     def learning_rates(self) -> tuple[float, float, float, float]:

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -50,6 +52,7 @@ from aggregator.optimizer import make_optimizer
 from aggregator.privacy import (
     Budget,
     BudgetExceeded,
+    Mechanism,
     RoundCharge,
     Stage,
     calibrate_plan,
@@ -67,7 +70,8 @@ from model_export.bundle import (
 )
 from model_export.export import export_bundle
 from model_export.item_item import head_items, item_table
-from model_export.model import Neighbours, Weights, group_size, place, trained_groups
+from model_export.model import Neighbours, Weights, place, trained_groups
+from model_export.model import group_size as group_size_of
 from model_export.statistics import (
     COOCCURRENCE,
     POPULARITY,
@@ -75,10 +79,12 @@ from model_export.statistics import (
     popularity_bias,
     triangle_size,
 )
-from model_export.update import L1, L2, TRAIN, UpdateFormat
+from model_export.update import TRAIN, UpdateFormat
+from protocol.terms import Norm, RoundTerms, Task, TrainingPlan
 from secagg import channel
 from secagg.channel import checkin_statement
 from secagg.client import PROTOCOL_MESSAGES
+from secagg.consistency import corrupt_count
 from secagg.crypto import IdentityKey, verify
 from secagg.errors import LateMessage, ProtocolViolation, RemoteProtocolError, RoundFailed
 from secagg.groups import split_cohort
@@ -268,9 +274,9 @@ class Aggregator:
             stages += [Stage(stats.sampling_rate, stats.popularity_noise_ratio),
                        Stage(stats.sampling_rate, 1.0)]
         scale = cfg.noise_multiplier
-        if cfg.target_epsilon > 0 and cfg.mechanism == "gaussian":
-            scale = calibrate_plan(cfg.target_epsilon, cfg.delta, stages)
-        multipliers = {task: ratio * scale for task, ratio in ratios.items()}
+        if cfg.target_epsilon > 0 and cfg.mechanism != "none":
+            scale = calibrate_plan(cfg.target_epsilon, cfg.delta, stages, cfg.mechanism)
+        multipliers: dict[str, float] = {task: ratio * scale for task, ratio in ratios.items()}
         if cfg.mechanism != "none":
             log.info("noise multipliers %s%s", ", ".join(
                 f"{t} z = {z:.4f}" for t, z in multipliers.items()),
@@ -517,16 +523,18 @@ class Aggregator:
         if len(cohort) < cfg.min_clients:
             return "skipped"
         round_id = self.store.next_round_id()
-        charge = None
-        if cfg.mechanism != "none":
-            charge = RoundCharge(round_id, sampling_rate, self.noise_multipliers[task],
-                                 cfg.mechanism)
-            check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
         head = self._head() if task == COOCCURRENCE else None
         members = split_cohort(list(cohort), cfg.group_size)
         # every group encodes for the largest group's size: one format for the round
-        fmt = self._format(task, max(len(m) for m in members), head)
-        groups = [self._group(i, round_id, {cid: cohort[cid] for cid in ids}, fmt.vector_len)
+        terms = self._terms(task, max(len(m) for m in members), head)
+        fmt = UpdateFormat.of(terms)
+        charge = None
+        if cfg.mechanism != "none":
+            charge = RoundCharge(round_id, sampling_rate, self.noise_multipliers[task],
+                                 Mechanism(cfg.mechanism), fmt.sensitivity)
+            check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
+        groups = [self._group(i, round_id, {cid: cohort[cid] for cid in ids}, fmt.vector_len,
+                              terms)
                   for i, ids in enumerate(members)]
         current = _Round(round_id, task, cohort, groups, head)
         self.round = current
@@ -535,7 +543,7 @@ class Aggregator:
                  len(cohort), len(groups), "; ".join(
                      f"{g.params.n} devices {g.params.describe()}" for g in groups))
         try:
-            await self._notify(current, fmt)
+            await self._notify(current)
             await asyncio.gather(*(self._drive(current, g) for g in groups))
         finally:
             self.round = None
@@ -562,16 +570,16 @@ class Aggregator:
             if not g.done:
                 log.warning("round %d: group %d (%d devices) failed and drops out: %s",
                             round_id, g.index, g.params.n, g.server.failure)
-        summed, weight_sum = self._sum(done, fmt)
+        sums = self._sum(groups, fmt, detail)
         if task == TRAIN:
-            await self._apply(current, summed, weight_sum, charge, detail)
+            await self._apply(current, fmt, sums, charge, detail)
         else:
-            await self._apply_statistic(current, fmt, summed, weight_sum, charge, detail)
+            await self._apply_statistic(current, fmt, sums, charge, detail)
         await self._announce(current, "completed")
         return "completed" if task == TRAIN else "statistic"
 
     def _group(self, index: int, round_id: int, members: dict[int, bytes],
-               vector_len: int) -> _Group:
+               vector_len: int, terms: RoundTerms) -> _Group:
         """A group's SecAgg+ round, with k and t chosen for its size (or the configured k,
         with t = k/2 + 1)."""
         cfg, n = self.config, len(members)
@@ -582,40 +590,38 @@ class Aggregator:
         else:
             params = choose(n, cfg.expected_dropout, cfg.corrupt_fraction, cfg.failure_bound)
         server = ServerRound(round_id, members, params.degree, params.threshold, vector_len,
-                             self.identity)
+                             self.identity, terms=terms.to_bytes(),
+                             corrupt=corrupt_count(n, cfg.corrupt_fraction))
         return _Group(index, server, params)
 
-    async def _notify(self, current: _Round, fmt: UpdateFormat) -> None:
+    async def _notify(self, current: _Round) -> None:
         """Send a training round's cohort the model if they are behind, then every member
-        its round notice."""
-        cfg, task = self.config, current.task
-        notice = {"round_id": current.round_id, "model_version": self.model_version,
-                  "cohort": fmt.cohort_size, "task": task, "clip_norm": fmt.clip_norm,
-                  "weight_cap": fmt.weight_cap, "norm": fmt.norm, "packed": fmt.packed,
-                  "vocabulary_sha256": self.bundle.manifest.vocabulary_sha256}
-        if current.head is not None:
-            notice["head"] = current.head.tolist()
-        if task == TRAIN:  # a statistics round needs only the catalog the device has
-            notice["training"] = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-                                  "learning_rates": list(cfg.learning_rates),
-                                  "examples": cfg.examples_per_round, "groups": list(self.groups)}
+        its round notice: the round's id and the device's id in it (the terms come signed,
+        in the round config)."""
+        if current.task == TRAIN:
             await asyncio.gather(*(self._send_model(self.connections[cid])
                                    for cid in current.cohort if cid in self.connections))
-        await asyncio.gather(*(self._send(cid, channel.control("round", client_id=cid,
-                                                               **notice))
-                               for cid in current.cohort))
+        await asyncio.gather(*(self._send(cid, channel.control(
+            "round", round_id=current.round_id, client_id=cid)) for cid in current.cohort))
 
     @staticmethod
-    def _sum(done: list[_Group], fmt: UpdateFormat) -> tuple[np.ndarray, float]:
-        """The completed groups' decoded sums added up (each decodes exactly on its own:
-        no group's modular sum can wrap)."""
-        summed, weight_sum = np.zeros(fmt.n_params), 0.0
-        for g in done:
+    def _sum(groups: list[_Group], fmt: UpdateFormat, detail: dict) -> np.ndarray:
+        """The completed groups' integer sums added up, each first clamped to what its
+        survivors could honestly have sent (UpdateFormat.clamp says why it is clamped, not
+        refused); ``detail`` records how many entries a group had outside that range."""
+        total = np.zeros(fmt.n_params, np.int64)
+        for g in groups:
+            if not g.done:
+                continue
             assert g.server.result is not None
-            part, weight = fmt.decode(g.server.result)
-            summed += part
-            weight_sum += weight
-        return summed, weight_sum
+            sums, outside = fmt.clamp(fmt.decode(g.server.result), len(g.server.survivors))
+            if outside:
+                detail["clamped_entries"] = detail.get("clamped_entries", 0) + outside
+                log.warning("round %d: group %d's sum had %d entries outside what its "
+                            "devices can honestly send: clamped", g.server.round_id,
+                            g.index, outside)
+            total += sums
+        return total
 
     def _next_task(self) -> str:
         """The statistics rounds first (each until it completes), then training."""
@@ -633,26 +639,32 @@ class Aggregator:
         return head_items(popularity.total, min(self.config.statistics.head_items,
                                                 self.weights.n_items))
 
-    def _format(self, task: str, cohort_size: int, head: np.ndarray | None) -> UpdateFormat:
-        """How a task's inputs are clipped and encoded: a training round's is the update of
-        the trained groups, weighted; a statistics round's one clipped vector per device
-        (weight 1, so the weights' sum counts the devices)."""
-        cfg, norm = self.config, L1 if self.config.mechanism == "laplace" else L2
-        if task == TRAIN:
-            n_params = group_size(self.groups, self.weights.n_items, self.weights.dim)
-            return UpdateFormat(n_params=n_params, clip_norm=cfg.clip_norm,
-                                cohort_size=cohort_size, weight_cap=cfg.weight_cap, norm=norm)
-        stats = cfg.statistics
-        assert stats is not None
-        packed = UpdateFormat.can_pack(cohort_size)  # every statistic's value is in [0, 1]
+    def _terms(self, task: str, group_size: int, head: np.ndarray | None) -> RoundTerms:
+        """A round's terms: how its inputs are clipped and encoded (a training round's is
+        the update of the trained groups, weighted; a statistics round's one clipped vector
+        per device), and what a training round's devices do."""
+        cfg, stats = self.config, self.config.statistics
+        packed = task != TRAIN and UpdateFormat.can_pack(group_size)  # values in [0, 1]
+        terms = RoundTerms(
+            Task.POPULARITY, self.bundle.manifest.vocabulary_sha256,
+            n_params=self.weights.n_items, clip_norm=stats.popularity_clip if stats else 1.0,
+            norm=Norm.L1 if cfg.mechanism == Mechanism.LAPLACE else Norm.L2, packed=packed,
+            group_size=group_size)
         if task == POPULARITY:
-            return UpdateFormat(n_params=self.weights.n_items, clip_norm=stats.popularity_clip,
-                                cohort_size=cohort_size, weight_cap=1.0, norm=norm,
-                                packed=packed)
-        assert head is not None
-        return UpdateFormat(n_params=triangle_size(len(head)),
-                            clip_norm=stats.cooccurrence_clip, cohort_size=cohort_size,
-                            weight_cap=1.0, norm=norm, packed=packed)
+            return terms
+        if task == COOCCURRENCE:
+            assert head is not None and stats is not None
+            return dataclasses.replace(terms, task=Task.COOCCURRENCE,
+                                       n_params=triangle_size(len(head)),
+                                       clip_norm=stats.cooccurrence_clip,
+                                       head=tuple(int(i) for i in head))
+        plan = TrainingPlan(cfg.local_epochs, cfg.batch_size, tuple(cfg.learning_rates),
+                            cfg.examples_per_round, tuple(self.groups))
+        return dataclasses.replace(
+            terms, task=Task.TRAIN, n_params=group_size_of(self.groups, self.weights.n_items,
+                                                           self.weights.dim),
+            clip_norm=cfg.clip_norm, weight_cap=cfg.weight_cap,
+            model_version=self.model_version, training=plan)
 
     async def _drive(self, current: _Round, group: _Group) -> None:
         """Run one group to its end: wait for each phase to end (every expected answer in,
@@ -770,27 +782,43 @@ class Aggregator:
             self._send(cid, self._round_over(current.round_id, outcome(g, cid)))
             for g in current.groups for cid in g.server.participants))
 
-    def _noised(self, summed: np.ndarray, task: str, clip_norm: float,
-                charge: RoundCharge | None) -> tuple[np.ndarray, float]:
-        """``summed`` plus the task's DP noise (none without DP), and the noise's standard
-        deviation per entry; the charge is committed first, before the noised sum exists."""
+    async def _noised(self, current: _Round, sums: np.ndarray, fmt: UpdateFormat,
+                      charge: RoundCharge | None, detail: dict) -> tuple[np.ndarray, float]:
+        """The integer ``sums`` plus the round's DP noise (none without DP), sampled
+        exactly in the integers (in a worker thread: seconds for a large vector), in the
+        values' units and brought within the norm honest inputs and the noise can reach;
+        and the noise's standard deviation in those units. The charge is committed first,
+        before the noised sum exists."""
         if charge is None:
-            return summed, 0.0
-        self.store.charge(charge)
-        scale = self.noise_multipliers[task] * clip_norm
-        if self.config.mechanism == "gaussian":
-            return summed + noise.gaussian(summed.size, scale), scale
-        return summed + noise.laplace(summed.size, scale), scale * float(np.sqrt(2.0))
+            noised, std, noise_norm = sums, 0.0, 0.0
+        else:
+            self.store.charge(charge)
+            scale = charge.noise_scale
+            if charge.mechanism is Mechanism.GAUSSIAN:
+                draw = await asyncio.to_thread(noise.discrete_gaussian, sums.size, scale)
+                std, noise_norm = scale, noise.gaussian_norm_bound(sums.size, scale)
+            else:
+                draw = await asyncio.to_thread(noise.discrete_laplace, sums.size, scale)
+                std, noise_norm = scale * math.sqrt(2), noise.laplace_norm_bound(sums.size,
+                                                                                  scale)
+            noised = sums + draw
+        values, limited = fmt.limit_norm(fmt.values(noised), current.survivors, noise_norm)
+        if limited:
+            detail["norm_limited"] = True
+            log.warning("round %d: the sum's norm exceeded what honest devices and the noise "
+                        "reach: scaled down", current.round_id)
+        return values, std / fmt.scale
 
-    async def _apply(self, current: _Round, summed: np.ndarray, weight_sum: float,
+    async def _apply(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,
                      charge: RoundCharge | None, detail: dict) -> None:
         """A training round: charge the ledger, noise the sum, step the optimizer on the
-        trained groups, sign and publish."""
+        trained groups with the mean over a denominator the server fixes (no device's
+        input sets it), sign and publish."""
         cfg = self.config
-        noised, _ = self._noised(summed, TRAIN, cfg.clip_norm, charge)
-        population = cfg.population or self.store.enrolled()
-        mean = (noised / max(weight_sum, 1e-12) if charge is None
-                else noised / (cfg.sampling_rate * population))
+        noised, _ = await self._noised(current, sums, fmt, charge, detail)
+        denominator = (cfg.sampling_rate * (cfg.population or self.store.enrolled())
+                       if charge is not None else current.survivors)
+        mean = noised / max(denominator, 1.0)
         m = self.weights
         optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_lr)
         optimizer.load(self.store.optimizer_state(self.model_version))
@@ -799,16 +827,14 @@ class Aggregator:
         new = Weights.from_flat(flat.astype(np.float32), m.n_items, m.dim)
         await self._publish(current, new, self.neighbours, optimizer.state(), detail)
 
-    async def _apply_statistic(self, current: _Round, fmt: UpdateFormat,
-                               summed: np.ndarray, devices: float,
+    async def _apply_statistic(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,
                                charge: RoundCharge | None, detail: dict) -> None:
         """A statistics round: charge, noise, store. The popularity sum names the next
         round's head items; the co-occurrence sum becomes the item-item table and, with the
         popularity, the bias of a new model version."""
         stats = self.config.statistics
         assert stats is not None
-        total, noise_std = self._noised(summed, current.task, fmt.clip_norm, charge)
-        detail["devices"] = round(devices)
+        total, noise_std = await self._noised(current, sums, fmt, charge, detail)
         head = current.head if current.head is not None else np.arange(self.weights.n_items)
         released = Statistic(current.task, current.round_id, head, total, noise_std)
         survivors = current.survivors
@@ -816,8 +842,8 @@ class Aggregator:
             detail["epsilon"] = epsilon_spent(self.store.ledger(), self.config.delta)
             self.store.record_statistic(released, survivors, detail)
             self.metrics.rounds.labels("completed").inc()
-            log.info("round %d: popularity of %d items from %d devices", current.round_id,
-                     total.size, devices)
+            log.info("round %d: popularity of %d items from %d survivors", current.round_id,
+                     total.size, survivors)
             return
         popularity = self.store.statistic(POPULARITY)
         assert popularity is not None
@@ -828,8 +854,8 @@ class Aggregator:
         m = self.weights
         bias = stats.popularity_weight * popularity_bias(popularity.total)
         new = Weights(m.e_in, m.e_out, bias, m.blend)
-        log.info("round %d: item-item table over %d head items from %d devices (noise std "
-                 "%.3g)", current.round_id, len(head), devices, noise_std)
+        log.info("round %d: item-item table over %d head items from %d survivors (noise "
+                 "std %.3g)", current.round_id, len(head), survivors, noise_std)
         await self._publish(current, new, table, {}, detail, released)
 
     async def _publish(self, current: _Round, weights: Weights, neighbours: Neighbours,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.privacy import RoundCharge
+from aggregator.privacy import Mechanism, RoundCharge
 
 __all__ = ["ModelRow", "RoundRow", "Statistic", "Store"]
 
@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     sampling_rate    REAL NOT NULL,
     noise_multiplier REAL NOT NULL,
     mechanism        TEXT NOT NULL,
-    committed_at     REAL NOT NULL
+    committed_at     REAL NOT NULL,
+    sensitivity      INTEGER  -- Delta in steps of the integer noise; NULL: float noise
 );
 CREATE TABLE IF NOT EXISTS models (
     version     INTEGER PRIMARY KEY,
@@ -142,6 +143,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(ledger)")}
+        if "sensitivity" not in columns:  # a ledger from before integer noise
+            self.db.execute("ALTER TABLE ledger ADD COLUMN sensitivity INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -242,14 +246,16 @@ class Store:
         """Commit a round's privacy cost; done before its result leaves memory."""
         with self.transaction() as db:
             db.execute("INSERT INTO ledger (round_id, sampling_rate, noise_multiplier, "
-                       "mechanism, committed_at) VALUES (?, ?, ?, ?, ?)",
+                       "mechanism, committed_at, sensitivity) VALUES (?, ?, ?, ?, ?, ?)",
                        (charge.round_id, charge.sampling_rate, charge.noise_multiplier,
-                        charge.mechanism, time.time()))
+                        charge.mechanism.value, time.time(), charge.sensitivity))
 
     def ledger(self) -> list[RoundCharge]:
-        return [RoundCharge(int(r[0]), float(r[1]), float(r[2]), str(r[3]))
+        return [RoundCharge(int(r[0]), float(r[1]), float(r[2]), Mechanism(r[3]),
+                            None if r[4] is None else int(r[4]))
                 for r in self.db.execute("SELECT round_id, sampling_rate, noise_multiplier, "
-                                         "mechanism FROM ledger ORDER BY round_id")]
+                                         "mechanism, sensitivity FROM ledger "
+                                         "ORDER BY round_id")]
 
     def rounds(self) -> list[RoundRow]:
         return [RoundRow(int(r[0]), r[1], int(r[2]), int(r[3]), r[4], r[5], r[6],

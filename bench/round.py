@@ -23,6 +23,7 @@ from aggregator.store import Store
 from bench.common import Row
 from edge_client.device import Device
 from model_export.model import n_parameters
+from simulation.devices import POLICY
 
 CONFIG = """
 [round]
@@ -57,7 +58,7 @@ def run_round(n: int, n_items: int, dim: int, workdir: Path) -> dict:
     store = Store(state.database)
     devices = []
     for u in range(n):
-        device = Device(workdir / f"d{u}", server_key)
+        device = Device(workdir / f"d{u}", server_key, policy=POLICY)
         for _ in range(3):
             device.add_basket([items[i] for i in rng.choice(n_items, 5, replace=False)])
         store.enroll(device.identity.public)

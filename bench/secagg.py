@@ -1,6 +1,8 @@
 """secagg and prg: round cost against n (k fixed), against d, against Flower's SecAgg+ in
-the same run; upload bytes against 4 bytes per parameter; mask expansion against OpenSSL's
-raw ChaCha20 keystream."""
+the same run; upload bytes against 4 bytes per parameter; what the consistency quorum and
+the derived graph seed cost a device at n = 1000 (Ed25519 verifications, time, download
+bytes) against the t-signature check and neighbour-only key list they replace; mask
+expansion against OpenSSL's raw ChaCha20 keystream."""
 
 from __future__ import annotations
 
@@ -12,7 +14,18 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from bench.common import Row, seconds_per_call
+from secagg.consistency import check_quorum, quorum
+from secagg.crypto import IdentityKey
+from secagg.graph import graph_seed, neighbours_of
 from secagg.local import PHASES, run_local_round
+from secagg.messages import (
+    SERVER,
+    AdvertiseKeys,
+    Advertisements,
+    RoundConfig,
+    UnmaskRequest,
+    consistency_statement,
+)
 from secagg.prg import add_mask
 
 MASKED = PHASES[2]
@@ -89,6 +102,53 @@ def bench_secagg(quick: bool) -> list[Row]:
         rows.append(Row("secagg", params, "critical path s (server + slowest client)",
                         critical, "s", "round s (all clients + server)", seconds,
                         seconds / critical))
+    rows += bench_consistency(1000, k)
+    return rows
+
+
+def bench_consistency(n: int, k: int, dropout: float = 0.1) -> list[Row]:
+    """One device's cost, at n participants, of the consistency quorum (verifying more than
+    n / 2 signatures, against the t = k/2 + 1 the old check verified) and of the derived
+    graph (hashing every advertisement and drawing its neighbours; downloading all n
+    advertisements and a quorum of signatures, against its k neighbours' and t)."""
+    rows: list[Row] = []
+    keys = [IdentityKey.generate() for _ in range(n)]
+    identity_of = {i: key.public for i, key in enumerate(keys)}
+    q, t = quorum(n, 0), k // 2 + 1
+    survivors = frozenset(range(n - int(dropout * n)))
+    statement = consistency_statement(1, bytes(32), tuple(sorted(survivors)))
+    signers = sorted(survivors)[:q]
+    signatures = [keys[i].sign(statement) for i in signers]
+    ours = seconds_per_call(lambda: check_quorum(identity_of, statement, survivors, signers,
+                                                 signatures, q), repeats=3)
+    old = seconds_per_call(lambda: check_quorum(identity_of, statement, survivors,
+                                                signers[:t], signatures[:t], t), repeats=3)
+    params = {"n": n, "c": 0, "k": k, "Ed25519 verifications": q}
+    rows.append(Row("secagg", params, "consistency check s/device", ours, "s",
+                    f"old check ({t} signatures)", old, old / ours))
+    config = RoundConfig(1, SERVER, tuple(range(n)), tuple(identity_of[i] for i in range(n)),
+                         k, t, 0, 100_000, b"", bytes(64))
+    adverts = tuple(AdvertiseKeys(1, i, os.urandom(32), os.urandom(32), os.urandom(64))
+                    for i in range(n))
+    ids, seed = list(range(n)), os.urandom(32)
+    derived = seconds_per_call(lambda: neighbours_of(ids, k, graph_seed(config, adverts), 0),
+                               repeats=3)
+    given = seconds_per_call(lambda: neighbours_of(ids, k, seed, 0), repeats=3)
+    rows.append(Row("secagg", {"n": n, "k": k}, "graph seed + neighbours s/device", derived,
+                    "s", "neighbours from a given seed (old)", given, given / derived))
+    everyone = len(Advertisements(1, SERVER, adverts).encode())
+    neighbours_only = len(Advertisements(1, SERVER, adverts[:k]).encode())
+    rows.append(Row("secagg", {"n": n, "k": k}, "advertisements download B/device",
+                    float(everyone), "B", f"its {k} neighbours' only", float(neighbours_only),
+                    neighbours_only / everyone))
+    dropped = tuple(range(len(survivors), n))
+    request = len(UnmaskRequest(1, SERVER, tuple(sorted(survivors)), dropped, tuple(signers),
+                                tuple(signatures)).encode())
+    with_t = len(UnmaskRequest(1, SERVER, tuple(sorted(survivors)), dropped,
+                               tuple(signers[:t]), tuple(signatures[:t])).encode())
+    rows.append(Row("secagg", {"n": n, "dropout": dropout, "quorum": q},
+                    "unmask request download B/device", float(request), "B",
+                    f"with t = {t} signatures", float(with_t), with_t / request))
     return rows
 
 

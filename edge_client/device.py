@@ -39,8 +39,10 @@ from model_export.bundle import (
 from model_export.features import ExampleSet
 from model_export.model import TENSOR_NAMES, pick, trained_groups
 from model_export.runtime import TrainStep
-from model_export.statistics import COOCCURRENCE, STATISTICS, check_head, contribution
-from model_export.update import TRAIN, UpdateFormat
+from model_export.statistics import contribution
+from model_export.update import UpdateFormat
+from protocol.policy import DevicePolicy
+from protocol.terms import RoundTerms, Task, TermsError
 from secagg import channel
 from secagg.channel import checkin_statement
 from secagg.client import ClientRound
@@ -90,16 +92,18 @@ def _remember(server_key: bytes, bundle: Bundle) -> None:
 
 class Device:
     """One shopper's device. ``server_key`` is the aggregator's pinned Ed25519 key: it
-    signs bundles and round configs. ``blob_dir``: a bundle file store shared with other
+    signs bundles and round configs. ``policy``: the rounds it agrees to join, pinned here
+    like the key (protocol.policy). ``blob_dir``: a bundle file store shared with other
     profiles on this host (see DeviceStore); the device's own by default.
 
     Only the current bundle's manifest stays in memory: the files are read back and verified
     when they are used, so a process can hold thousands of idle devices."""
 
     def __init__(self, state_dir: Path | str, server_key: bytes,
-                 blob_dir: Path | None = None) -> None:
+                 blob_dir: Path | None = None, policy: DevicePolicy | None = None) -> None:
         self.store = DeviceStore(Path(state_dir), blob_dir)
         self.server_key = server_key
+        self.policy = policy or DevicePolicy()
         seed = self.store.get("identity_seed")
         if seed is None:
             seed = os.urandom(32).hex()
@@ -215,36 +219,38 @@ class Device:
         used = len(example_set) if examples is None else min(examples, len(example_set))
         return weights.flat().astype(np.float64) - start.flat(), used
 
-    def round_input(self, notice: dict, history: list[list[str]] | None = None,
+    def accept_terms(self, data: bytes) -> RoundTerms:
+        """A round's signed terms, decoded and checked against this device's policy and
+        installed model; raises TermsError for terms it will not follow."""
+        if self.manifest is None:
+            raise TermsError("no model installed")
+        terms = RoundTerms.from_bytes(data)
+        self.policy.check(terms, self.manifest)
+        return terms
+
+    def round_input(self, terms: RoundTerms, history: list[list[str]] | None = None,
                     ) -> tuple[np.ndarray, int]:
-        """The encoded vector this device masks in a round, and its example count: for a
-        training round its clipped, weighted update of the trained groups; for a statistics
-        round its clipped statistic (model_export/statistics.py). Raises ValueError for a
-        notice it cannot follow."""
+        """The encoded vector this device masks in a round on ``terms`` (already accepted),
+        and its example count: for a training round its clipped, weighted update of the
+        trained groups; for a statistics round its clipped statistic
+        (model_export/statistics.py)."""
         bundle = self._installed()
         m = bundle.manifest
-        task, norm = notice.get("task", TRAIN), str(notice["norm"])
-        clip_norm, cohort = float(notice["clip_norm"]), int(notice["cohort"])
-        if task in STATISTICS:
-            head = check_head(notice.get("head"), m.n_items) if task == COOCCURRENCE else None
+        fmt = UpdateFormat.of(terms)
+        if terms.task is not Task.TRAIN:
+            head = np.asarray(terms.head, np.int64) if terms.head else None
             baskets = self._catalog_baskets(bundle, history)
-            part = contribution(task, baskets, m.n_items, clip_norm, norm, head)
-            fmt = UpdateFormat(part.size, clip_norm, cohort, weight_cap=1.0, norm=norm,
-                               packed=bool(notice.get("packed", False)))
-            has_data = int(bool(baskets))
-            return fmt.encode(part.dense(), has_data), has_data
-        if task != TRAIN:
-            raise ValueError(f"unknown round task {task!r}")
-        training = notice["training"]
-        groups = trained_groups(training.get("groups", TENSOR_NAMES))
+            part = contribution(terms.task, baskets, m.n_items, terms.clip_norm, terms.norm,
+                                head)
+            return fmt.encode(part.dense()), int(bool(baskets))
+        plan = terms.training
+        assert plan is not None
+        groups = trained_groups(plan.groups)
         rates = [rate if name in groups else 0.0
-                 for name, rate in zip(TENSOR_NAMES, training["learning_rates"], strict=True)]
-        delta, examples = self.local_update(training["epochs"], rates, training["batch_size"],
-                                            history, examples=training.get("examples"))
-        update = pick(delta, groups, m.n_items, m.dim)
-        fmt = UpdateFormat(update.size, clip_norm, cohort, weight_cap=float(
-            notice["weight_cap"]), norm=norm)
-        return fmt.encode(update, examples), examples
+                 for name, rate in zip(TENSOR_NAMES, plan.learning_rates, strict=True)]
+        delta, examples = self.local_update(plan.epochs, rates, plan.batch_size, history,
+                                            examples=plan.examples)
+        return fmt.encode(pick(delta, groups, m.n_items, m.dim), examples), examples
 
     # -- federated rounds ----------------------------------------------------------------
     async def participate(self, url: str, rounds: int | None = 1, token: str | None = None,
@@ -284,7 +290,8 @@ class _Session:
         self.input_done = asyncio.Event()  # the round's masked input is out, or it is over
         self.input_task: asyncio.Task[None] | None = None
         self.round: ClientRound | None = None
-        self.round_info: dict = {}
+        self.round_id = self.examples = 0
+        self.terms: RoundTerms | None = None  # the current round's, once accepted
         self.bytes_up = self.bytes_down = 0
         self.messages_left: int | None = None
         # the round's cryptography (signatures, key agreements, shares, masks) runs in a
@@ -353,8 +360,7 @@ class _Session:
         elif kind == "round_over":
             # a round_over for an earlier round (this device's late message drew it) must
             # not end the round it is in now
-            if self.round is not None and msg.get("round_id", self.round_info.get(
-                    "round_id")) == self.round_info.get("round_id"):
+            if self.round is not None and msg.get("round_id", self.round_id) == self.round_id:
                 self.finish(msg.get("status", "over"))
             if self.rounds_wanted is None or len(self.reports) < self.rounds_wanted:
                 return False
@@ -362,52 +368,42 @@ class _Session:
                 self.device.model_version >= int(msg.get("model_version", -1))
         return False
 
-    def cannot_take(self, msg: dict) -> str | None:
-        """Why this device cannot take part in the round ``msg`` announces, if it cannot: a
-        training round needs the model it names, a statistics round only the catalog."""
-        manifest = self.device.manifest
-        if manifest is None:
-            return "no model installed"
-        if msg.get("task", TRAIN) == TRAIN:
-            if msg.get("model_version") != manifest.model_version:
-                return (f"the round is for model {msg.get('model_version')}, this device "
-                        f"has {manifest.model_version}")
-        elif msg.get("vocabulary_sha256") != manifest.vocabulary_sha256:
-            return "the round is for another catalog"
-        return None
-
     async def start_round(self, msg: dict) -> None:
-        self.round_info = msg
-        reason = self.cannot_take(msg)
-        if reason is not None:
-            await self.refuse(reason)
-            return
+        """A round notice names the round and this device's id in it; the round's terms
+        come signed, in its config (``check_terms``), and the input is computed once they
+        are accepted."""
+        self.round_id, self.examples, self.terms = int(msg["round_id"]), 0, None
         last = int(self.device.store.get("last_round") or 0)
-        self.round = ClientRound(msg["client_id"], self.device.identity, self.device.server_key,
-                                 last_round_id=last)
-        self.messages_left = None if self.leave is None else self.leave(msg["round_id"])
+        self.round = ClientRound(int(msg["client_id"]), self.device.identity,
+                                 self.device.server_key, last_round_id=last,
+                                 policy=self.device.policy.secagg,
+                                 check_terms=self.check_terms)
+        self.messages_left = None if self.leave is None else self.leave(self.round_id)
+        self.input_done = asyncio.Event()
+        self.input_task = None
         if self.messages_left == 0:
             await self.vanish()
-            return
-        # computed beside the session, which goes on answering the protocol meanwhile
-        self.input_done = asyncio.Event()
-        self.input_task = asyncio.create_task(self.provide_input(self.round, msg))
 
-    async def provide_input(self, current: ClientRound, msg: dict) -> None:
+    def check_terms(self, data: bytes) -> None:
+        """ClientRound's hook, run when the signed config arrives: keep the terms if this
+        device accepts them (TermsError, a ValueError, refuses the round)."""
+        self.terms = self.device.accept_terms(data)
+
+    async def provide_input(self, current: ClientRound, terms: RoundTerms) -> None:
         """Compute the round's input (local training, or a statistic) and give it to the
         round; holds ``input_gate`` from before computing until the masked input is sent."""
         done = self.input_done
         async with self.input_gate or contextlib.nullcontext():
             try:
-                vector, examples = await asyncio.to_thread(self.device.round_input, msg,
+                vector, examples = await asyncio.to_thread(self.device.round_input, terms,
                                                            self.device.store.baskets())
-            except (ValueError, KeyError, TypeError) as exc:
+            except ValueError as exc:
                 if self.round is current:
-                    await self.refuse(f"cannot follow the round notice: {exc}")
+                    await self.refuse(f"cannot compute the round's input: {exc}")
                 return
             if self.round is not current:  # the round ended while this device computed
                 return
-            self.round_info["examples"] = examples
+            self.examples = examples
             try:
                 await self.in_round(current.set_input, vector)
             except LocalProtocolError:  # the round failed meanwhile; its end is reported
@@ -429,11 +425,14 @@ class _Session:
             return
         if current.config is not None:
             self.device.store.put("last_round", str(current.config.round_id))
+            if self.input_task is None and self.terms is not None:
+                # computed beside the session, which goes on answering the protocol
+                self.input_task = asyncio.create_task(self.provide_input(current, self.terms))
         await self.flush()
 
     async def refuse(self, reason: str) -> None:
         """Leave the round, saying why (the server drops this device at once)."""
-        log.warning("left round %s: %s", self.round_info.get("round_id"), reason)
+        log.warning("left round %s: %s", self.round_id, reason)
         self.finish(f"refused: {reason}")
         await self.send(channel.control("leave", reason=reason[:200]))
 
@@ -466,8 +465,7 @@ class _Session:
             log.warning("refused a bundle: %s", exc)
 
     def finish(self, status: str) -> None:
-        self.reports.append(RoundReport(int(self.round_info.get("round_id", 0)), status,
-                                        int(self.round_info.get("examples", 0)),
+        self.reports.append(RoundReport(self.round_id, status, self.examples,
                                         self.bytes_up, self.bytes_down))
         self.input_done.set()
         self.round = None

@@ -20,14 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_export.update import L2, clip
+from model_export.update import clip
+from protocol.terms import Norm, Task
 
 __all__ = ["COOCCURRENCE", "MAX_HEAD", "POPULARITY", "STATISTICS", "Contribution",
            "check_head", "contribution", "cooccurrence", "pair_index", "popularity",
            "popularity_bias", "sum_contributions", "triangle_size"]
 
-POPULARITY = "popularity"
-COOCCURRENCE = "cooccurrence"
+POPULARITY = Task.POPULARITY
+COOCCURRENCE = Task.COOCCURRENCE
 STATISTICS = (POPULARITY, COOCCURRENCE)
 MAX_HEAD = 4096  # M (M + 1) / 2 = 8.4 M values (34 MB masked): the most a device will send
 
@@ -68,13 +69,13 @@ class Contribution:
         return out
 
 
-def _clipped(indices: np.ndarray, size: int, clip_norm: float, norm: str) -> Contribution:
+def _clipped(indices: np.ndarray, size: int, clip_norm: float, norm: Norm) -> Contribution:
     values, _ = clip(np.ones(len(indices)), clip_norm, norm)
     return Contribution(indices, values, size)
 
 
 def popularity(baskets: Sequence[np.ndarray], n_items: int, clip_norm: float,
-               norm: str = L2) -> Contribution:
+               norm: Norm = Norm.L2) -> Contribution:
     """The items this user ever bought (catalog ids), clipped."""
     bought = (np.unique(np.concatenate(baskets)).astype(np.int64) if len(baskets)
               else np.zeros(0, np.int64))
@@ -82,7 +83,7 @@ def popularity(baskets: Sequence[np.ndarray], n_items: int, clip_norm: float,
 
 
 def cooccurrence(baskets: Sequence[np.ndarray], head: np.ndarray, n_items: int,
-                 clip_norm: float, norm: str = L2) -> Contribution:
+                 clip_norm: float, norm: Norm = Norm.L2) -> Contribution:
     """The pairs of ``head`` items this user bought together in some basket, clipped."""
     m = len(head)
     position = np.full(n_items, -1, np.int64)
@@ -98,7 +99,7 @@ def cooccurrence(baskets: Sequence[np.ndarray], head: np.ndarray, n_items: int,
 
 
 def contribution(statistic: str, baskets: Sequence[np.ndarray], n_items: int,
-                 clip_norm: float, norm: str = L2,
+                 clip_norm: float, norm: Norm = Norm.L2,
                  head: np.ndarray | None = None) -> Contribution:
     """One user's contribution to ``statistic`` (a round's task)."""
     if statistic == POPULARITY:
@@ -111,7 +112,7 @@ def contribution(statistic: str, baskets: Sequence[np.ndarray], n_items: int,
 
 
 def sum_contributions(statistic: str, users: Sequence[Sequence[np.ndarray]], n_items: int,
-                      clip_norm: float, norm: str = L2,
+                      clip_norm: float, norm: Norm = Norm.L2,
                       head: np.ndarray | None = None) -> np.ndarray:
     """The exact sum of ``users``' contributions: what secure aggregation reveals before any
     noise (central training and the tests' oracle)."""

@@ -1,39 +1,51 @@
-"""The update a device sends: its clipped, weighted model delta and its weight, encoded in
-Z_2^32 for secure aggregation. Device and aggregator share this one definition.
+"""The update a device sends, and what the aggregator may conclude from the sum of many:
+one definition for both sides.
 
-Vector layout: ``[w * clip(delta), w]`` with ``w = min(n_examples / weight_cap, 1)``. Every
-coordinate then lies in [-max(C, 1), max(C, 1)], so the fixed-point scale chosen for the
-cohort size keeps the cohort's sum from wrapping, and one user's contribution to the first
-part has norm <= C: the sensitivity the DP noise is calibrated to.
+A device clips its vector to norm C (L2, or L1 for the Laplace mechanism), weights a training
+update by ``w = min(n_examples / weight_cap, 1)`` (so ``w`` never exceeds 1), and rounds
+``w * clip(v) * scale`` to integers whose norm is at most :attr:`UpdateFormat.sensitivity`
+(``secagg.fixedpoint.bounded_round``). That integer bound, not C, is what the noise is
+calibrated to and what the accountant charges: rounding cannot raise a device's norm past it.
+
+No weight travels: the mean's denominator is fixed by the server (McMahan et al. 2018), so no
+device sets the scale of the update. What an honest group's sum can be is known from the
+format alone, and a sum is brought back into that range (:meth:`UpdateFormat.clamp` before
+the noise, :meth:`UpdateFormat.limit_norm` after it): that bounds, though it does not
+remove, what a lying device can add (docs/security.md says how much).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.terms import Norm, RoundTerms, Task
 from secagg.fixedpoint import (
     MIN_PACKED_SCALE,
-    decode_packed_sum,
-    decode_sum,
-    encode,
-    encode_packed,
+    bounded_round,
+    pack,
     packed_scale_for,
     scale_for,
+    to_words,
+    unpack,
+    words_to_ints,
 )
 
-__all__ = ["TRAIN", "UpdateFormat", "clip"]
+__all__ = ["SLACK", "TRAIN", "UpdateFormat", "clip"]
 
-L2, L1 = "l2", "l1"
-TRAIN = "train"  # a training round's task; statistics rounds: model_export.statistics
+TRAIN = Task.TRAIN  # a training round's task; statistics rounds: model_export.statistics
+# the integer bound's margin over C * scale: room for stochastic rounding's variance, so that
+# a device's contribution rarely has to shrink to fit (docs/security.md)
+SLACK = 1 / 32
 
 
-def clip(delta: np.ndarray, clip_norm: float, norm: str = L2) -> tuple[np.ndarray, bool]:
-    """Scale ``delta`` down to norm ``clip_norm`` (L2, or L1 for the Laplace mechanism);
-    returns it (float64) and whether it was clipped."""
+def clip(delta: np.ndarray, clip_norm: float, norm: Norm = Norm.L2) -> tuple[np.ndarray, bool]:
+    """Scale ``delta`` down to norm ``clip_norm``; returns it (float64) and whether it was
+    clipped."""
     delta = np.asarray(delta, dtype=np.float64)
-    size = float(np.linalg.norm(delta, ord=2 if norm == L2 else 1))
+    size = float(np.linalg.norm(delta, ord=Norm(norm).order))
     if not np.isfinite(size):
         raise ValueError("the update has NaN or infinite entries")
     if size <= clip_norm:
@@ -43,61 +55,116 @@ def clip(delta: np.ndarray, clip_norm: float, norm: str = L2) -> tuple[np.ndarra
 
 @dataclass(frozen=True)
 class UpdateFormat:
-    """How updates of ``n_params`` parameters are clipped, weighted and encoded for a cohort
-    of at most ``cohort_size`` devices."""
+    """How vectors of ``n_params`` values are clipped, weighted and encoded when at most
+    ``group_size`` of them are summed under one secure aggregation."""
 
     n_params: int
     clip_norm: float
-    cohort_size: int
+    group_size: int
     weight_cap: float = 1.0
-    norm: str = L2
+    norm: Norm = Norm.L2
     # two values per word (secagg.fixedpoint): for inputs whose every value lies in [0, 1],
     # as a statistic's do; a training update's signed deltas never are
     packed: bool = False
 
     def __post_init__(self) -> None:
-        if self.norm not in (L1, L2):
-            raise ValueError(f"norm must be 'l1' or 'l2', got {self.norm!r}")
-        if self.clip_norm <= 0 or self.weight_cap <= 0 or self.cohort_size < 1:
-            raise ValueError("clip norm and weight cap must be positive, cohort size >= 1")
-        if self.packed and not self.can_pack(self.cohort_size):
-            raise ValueError(f"a cohort of {self.cohort_size} is too large to pack")
+        object.__setattr__(self, "norm", Norm(self.norm))
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0 and self.weight_cap > 0
+                and self.group_size >= 1 and self.n_params >= 1):
+            raise ValueError("clip norm and weight cap must be positive, group size and "
+                             "n_params at least 1")
+        if self.packed and not self.can_pack(self.group_size):
+            raise ValueError(f"a group of {self.group_size} is too large to pack")
+        if self.sensitivity < 1:
+            raise ValueError(f"clip norm {self.clip_norm} is below one step of the scale")
+
+    @classmethod
+    def of(cls, terms: RoundTerms) -> UpdateFormat:
+        """The format a round's terms set."""
+        return cls(terms.n_params, terms.clip_norm, terms.group_size, terms.weight_cap,
+                   terms.norm, terms.packed)
 
     @staticmethod
-    def can_pack(cohort_size: int) -> bool:
-        """Whether a cohort this large still gets MIN_PACKED_SCALE steps per unit."""
-        return packed_scale_for(cohort_size) >= MIN_PACKED_SCALE
+    def can_pack(group_size: int) -> bool:
+        """Whether a group this large still gets MIN_PACKED_SCALE steps per unit."""
+        return packed_scale_for(group_size) >= MIN_PACKED_SCALE
 
     @property
     def vector_len(self) -> int:
-        return (self.n_params + 2) // 2 if self.packed else self.n_params + 1
-
-    @property
-    def bound(self) -> float:
-        return max(self.clip_norm, 1.0)
+        return (self.n_params + 1) // 2 if self.packed else self.n_params
 
     @property
     def scale(self) -> float:
-        return scale_for(self.bound, self.cohort_size)
+        """Steps per unit: packed, the most whose lanes cannot carry; else the most whose
+        group sum of integers within :attr:`sensitivity` stays within int32."""
+        if self.packed:
+            return float(packed_scale_for(self.group_size))
+        return scale_for(self.clip_norm * (1 + SLACK), self.group_size)
+
+    @property
+    def sensitivity(self) -> int:
+        """The most one device's integer vector can weigh, in the format's norm: what the
+        noise is calibrated to, in steps."""
+        return math.ceil(self.clip_norm * self.scale * (1 + SLACK))
+
+    @property
+    def entry_range(self) -> tuple[int, int]:
+        """The least and greatest integer one honest device sends in one entry."""
+        if self.packed:
+            return 0, min(int(self.scale), self.sensitivity)
+        return -self.sensitivity, self.sensitivity
 
     def weight(self, n_examples: int) -> float:
         return min(n_examples / self.weight_cap, 1.0)
 
-    def encode(self, delta: np.ndarray, n_examples: int) -> np.ndarray:
-        """The uint32 vector a device masks and sends."""
-        if delta.shape != (self.n_params,):
-            raise ValueError(f"update has shape {delta.shape}, expected ({self.n_params},)")
-        clipped, _ = clip(delta, self.clip_norm, self.norm)
-        w = self.weight(n_examples)
-        if self.packed:
-            return encode_packed(np.append(w * clipped, w), packed_scale_for(self.cohort_size))
-        return encode(np.append(w * clipped, w), self.scale, self.bound)
+    def integers(self, values: np.ndarray, n_examples: int = 1) -> np.ndarray:
+        """A device's integer vector: ``values`` clipped, weighted, scaled, and rounded
+        within the sensitivity."""
+        if values.shape != (self.n_params,):
+            raise ValueError(f"update has shape {values.shape}, expected ({self.n_params},)")
+        clipped, _ = clip(values, self.clip_norm, self.norm)
+        if self.packed and clipped.size and (clipped.min() < 0 or clipped.max() > 1):
+            raise ValueError("packed values must lie in [0, 1]")
+        x = self.weight(n_examples) * clipped * self.scale
+        # clipping's float product can land an ulp above C * scale; the bound has SLACK
+        return bounded_round(x, self.sensitivity, self.norm.order)
 
-    def decode(self, total: np.ndarray) -> tuple[np.ndarray, float]:
-        """(sum of weighted deltas, sum of weights) from the cohort's modular sum."""
+    def encode(self, values: np.ndarray, n_examples: int = 1) -> np.ndarray:
+        """The uint32 vector a device masks and sends."""
+        r = self.integers(values, n_examples)
+        return pack(r) if self.packed else to_words(r)
+
+    def decode(self, total: np.ndarray) -> np.ndarray:
+        """The int64 sums, one per value, from a group's modular sum of encodings."""
         if total.shape != (self.vector_len,):
             raise ValueError(f"sum has shape {total.shape}, expected ({self.vector_len},)")
-        values = (decode_packed_sum(total, packed_scale_for(self.cohort_size),
-                                    self.n_params + 1) if self.packed
-                  else decode_sum(total, self.scale))
-        return values[:-1], float(values[-1])
+        return unpack(total, self.n_params) if self.packed else words_to_ints(total)
+
+    def clamp(self, sums: np.ndarray, n_inputs: int) -> tuple[np.ndarray, int]:
+        """``sums`` (a group's, decoded) with every entry clamped to n times an entry's
+        honest range, and how many entries were outside it. Honest sums are never changed;
+        clamping is a projection, so it never moves two sums further apart: one honest
+        device still moves the result by at most the sensitivity, and the DP guarantee
+        holds whatever a lying device sent. (Refusing such a sum would not: whether a round
+        is refused would then depend on an honest device's input.)"""
+        low, high = self.entry_range
+        clamped = np.clip(sums, n_inputs * low, n_inputs * high)
+        return clamped, int(np.count_nonzero(clamped != sums))
+
+    def limit_norm(self, values: np.ndarray, n_inputs: int,
+                   noise_norm: float = 0.0) -> tuple[np.ndarray, bool]:
+        """``values`` (a noised sum of ``n_inputs`` devices, in the values' units) scaled
+        down into the ball honest inputs can reach, n sensitivities plus ``noise_norm``
+        (a bound, in steps, that the noise's norm exceeds with negligible probability); and
+        whether it had to be. Applied after the noise, so it is post-processing: it costs
+        no privacy and depends on no input without noise."""
+        radius = (n_inputs * self.sensitivity + noise_norm) / self.scale
+        size = float(np.linalg.norm(values, ord=self.norm.order))
+        if size <= radius:
+            return values, False
+        return values * (radius / size), True
+
+    def values(self, sums: np.ndarray) -> np.ndarray:
+        """Integer sums (noised or not) back in the values' units."""
+        return np.asarray(sums, dtype=np.float64) / self.scale
+

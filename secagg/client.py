@@ -8,16 +8,25 @@ Transitions (state, message received -> next state); anything else is a
 ProtocolViolation, after which the client is FAILED and reveals nothing more:
 
     WAIT_CONFIG     RoundConfig     -> WAIT_KEYS       sends AdvertiseKeys
-    WAIT_KEYS       NeighbourKeys   -> WAIT_SHARES     sends EncryptedShares
+    WAIT_KEYS       Advertisements  -> WAIT_SHARES     sends EncryptedShares
     WAIT_SHARES     SharesForYou    -> WAIT_SURVIVORS  sends MaskedInput (once it has input)
     WAIT_SURVIVORS  SurvivorSet     -> WAIT_UNMASK     sends ConsistencySignature
     WAIT_UNMASK     UnmaskRequest   -> DONE            sends UnmaskShares
 
-What the client refuses beyond Flower's SecAgg+: a round config not signed by the pinned
-server key or not newer than the last round it took part in (replay); neighbour keys not
-signed by the neighbour's identity key; an unmask request whose survivor set differs from
-the one it signed, overlaps the dropped set, is signed by fewer than t survivors, or leaves a
-neighbour that shared with it in neither set.
+What the client refuses beyond Flower's SecAgg+:
+
+- a round config not signed by the pinned server key, not newer than the last round it
+  took part in (replay), that gives it another identity key than its own, that its pinned
+  :class:`~secagg.policy.ClientPolicy` refuses (too few participants or neighbours, an
+  unsafe threshold, too few tolerated corrupt clients), or whose terms the application's
+  ``check_terms`` refuses: all before it sends anything;
+- an advertisement list that leaves out or alters its own advertisement, names a
+  non-participant, or gives a neighbour's keys not signed by that neighbour's identity key
+  (the graph seed is derived from the list: ``secagg.graph``);
+- a survivor set smaller than the consistency quorum, and an unmask request whose survivor
+  set differs from the one it signed, overlaps the dropped set, is signed by fewer than
+  the quorum of more than (n + c) / 2 survivors (``secagg.consistency``), or leaves a
+  neighbour that shared with it in neither set.
 """
 
 from __future__ import annotations
@@ -29,17 +38,18 @@ from enum import IntEnum
 import numpy as np
 
 from secagg import shamir
+from secagg.consistency import check_quorum, quorum
 from secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
 from secagg.errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError, RoundFailed
-from secagg.graph import neighbours_of, pairwise_sign
+from secagg.graph import graph_seed, neighbours_of, pairwise_sign
 from secagg.messages import (
     SERVER,
     AdvertiseKeys,
+    Advertisements,
     ConsistencySignature,
     EncryptedShares,
     MaskedInput,
     Message,
-    NeighbourKeys,
     RoundConfig,
     SharesForYou,
     SurvivorSet,
@@ -48,6 +58,7 @@ from secagg.messages import (
     consistency_statement,
     decode,
 )
+from secagg.policy import DEFAULT_POLICY, ClientPolicy
 from secagg.prg import add_mask
 
 __all__ = ["PROTOCOL_MESSAGES", "ClientRound", "ClientState"]
@@ -70,18 +81,34 @@ class ClientState(IntEnum):
 
 
 class ClientRound:
-    """One client's part in one round."""
+    """One client's part in one round.
+
+    ``policy``: the device's rules for the round's parameters, pinned on the device (the
+    default is safe for cohorts of 20 or more; tests of smaller in-memory rounds pass
+    ``secagg.policy.PERMISSIVE``). ``check_terms``: the application's judgement of the
+    round's signed terms (``RoundConfig.terms``), called once the config's signature and
+    the policy are checked and before anything is sent; a ValueError (or
+    ProtocolViolation) it raises refuses the round. Once accepted, ``config`` is the round's
+    config and ``config.terms`` its terms."""
 
     def __init__(self, client_id: int, identity: IdentityKey, server_key: bytes,
                  last_round_id: int = -1,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom, *,
+                 policy: ClientPolicy = DEFAULT_POLICY,
+                 check_terms: Callable[[bytes], None] | None = None) -> None:
         self.id = client_id
         self.identity = identity
         self.server_key = server_key
         self.last_round_id = last_round_id
         self.random_bytes = random_bytes
+        self.policy = policy
+        self.check_terms = check_terms
         self.state = ClientState.WAIT_CONFIG
         self.config: RoundConfig | None = None
+        self.graph_seed: bytes | None = None  # derived from the advertisements
+        self._quorum = 0
+        self._advert: AdvertiseKeys | None = None
+        self._advertisers: frozenset[int] = frozenset()
         self._outbox: list[bytes] = []
         self._input: np.ndarray | None = None
         self._masked_sent = False
@@ -91,7 +118,7 @@ class ClientRound:
         self._survivors: tuple[int, ...] = ()
         self._handlers: dict[tuple[ClientState, type[Message]], Callable[[Message], None]] = {
             (ClientState.WAIT_CONFIG, RoundConfig): self._on_config,
-            (ClientState.WAIT_KEYS, NeighbourKeys): self._on_keys,
+            (ClientState.WAIT_KEYS, Advertisements): self._on_keys,
             (ClientState.WAIT_SHARES, SharesForYou): self._on_shares,
             (ClientState.WAIT_SURVIVORS, SurvivorSet): self._on_survivors,
             (ClientState.WAIT_UNMASK, UnmaskRequest): self._on_unmask,
@@ -150,36 +177,60 @@ class ClientRound:
                                     f"{self.last_round_id} (replayed config)")
         if self.id not in m.participants:
             raise ProtocolViolation("this client is not among the round's participants")
-        peers = neighbours_of(m.participants, m.degree, m.graph_seed, self.id)
-        if not (2 * m.threshold > len(peers) >= m.threshold >= 1):
-            raise ProtocolViolation(f"threshold {m.threshold} unsafe for {len(peers)} "
-                                    "neighbours (need k/2 < t <= k)")
+        if m.identity_keys[m.participants.index(self.id)] != self.identity.public:
+            raise ProtocolViolation("the round config names another identity key for this "
+                                    "client")
+        self.policy.check(m)
+        if self.check_terms is not None:
+            try:
+                self.check_terms(m.terms)
+            except (ValueError, ProtocolViolation) as exc:
+                raise ProtocolViolation(f"the round's terms were refused: {exc}") from exc
         if self._input is not None and self._input.size != m.vector_len:
             raise LocalProtocolError("input length differs from the round's vector length")
-        self.config, self._neighbours = m, peers
+        self.config = m
+        self._quorum = quorum(len(m.participants), m.corrupt)
         self._identity_of = dict(zip(m.participants, m.identity_keys, strict=True))
         self._share_key = EphemeralKey(self.random_bytes(32))
         self._mask_key = EphemeralKey(self.random_bytes(32))
         self._self_seed = self.random_bytes(32)
         signature = self.identity.sign(AdvertiseKeys.signed_part(
             m.round_id, self.id, self._share_key.public, self._mask_key.public))
-        self._send(AdvertiseKeys(m.round_id, self.id, self._share_key.public,
-                                 self._mask_key.public, signature))
+        self._advert = AdvertiseKeys(m.round_id, self.id, self._share_key.public,
+                                     self._mask_key.public, signature)
+        self._send(self._advert)
         self.state = ClientState.WAIT_KEYS
 
     def _on_keys(self, m: Message) -> None:
-        assert isinstance(m, NeighbourKeys) and self.config is not None
+        assert isinstance(m, Advertisements) and self.config is not None
+        senders = [k.sender for k in m.keys]
+        strangers = set(senders) - set(self._identity_of)
+        if strangers:
+            raise ProtocolViolation(f"advertisements from non-participants "
+                                    f"{sorted(strangers)[:5]}")
+        own = next((k for k in m.keys if k.sender == self.id), None)
+        if own is None or own != self._advert:
+            raise ProtocolViolation("this client's advertisement is missing from the list "
+                                    "or altered")
+        need = max(self.config.threshold + 1, self._quorum)
+        if len(senders) < need:
+            raise RoundFailed(f"only {len(senders)} clients advertised keys, the round "
+                              f"needs {need} (threshold {self.config.threshold}, "
+                              f"consistency quorum {self._quorum})")
+        self.graph_seed = graph_seed(self.config, m.keys)
+        self._advertisers = frozenset(senders)
+        self._neighbours = neighbours_of(senders, self.config.degree, self.graph_seed,
+                                         self.id)
+        if len(self._neighbours) < self.config.threshold:
+            raise RoundFailed(f"only {len(self._neighbours)} neighbours advertised keys, "
+                              f"threshold {self.config.threshold}")
         for keys in m.keys:
-            if keys.sender not in self._neighbours:
-                raise ProtocolViolation(f"client {keys.sender} is not a neighbour")
-            verify(self._identity_of[keys.sender],
-                   AdvertiseKeys.signed_part(self.config.round_id, keys.sender,
-                                             keys.share_key, keys.mask_key),
-                   keys.signature, f"client {keys.sender}'s keys")
-        if len(m.keys) < self.config.threshold:
-            raise RoundFailed(f"only {len(m.keys)} neighbours advertised keys, threshold "
-                              f"{self.config.threshold}")
-        self._peer_keys = {k.sender: k for k in m.keys}
+            if keys.sender in self._neighbours:
+                verify(self._identity_of[keys.sender],
+                       AdvertiseKeys.signed_part(self.config.round_id, keys.sender,
+                                                 keys.share_key, keys.mask_key),
+                       keys.signature, f"client {keys.sender}'s keys")
+        self._peer_keys = {k.sender: k for k in m.keys if k.sender in self._neighbours}
         self._boxes = {v: self._share_key.box(k.share_key) for v, k in self._peer_keys.items()}
         recipients = tuple(sorted(self._peer_keys))
         shares = shamir.split([self._self_seed, self._mask_key.secret],
@@ -232,23 +283,29 @@ class ClientRound:
 
     def _on_survivors(self, m: Message) -> None:
         assert isinstance(m, SurvivorSet) and self.config is not None
+        assert self.graph_seed is not None
         if not self._masked_sent:
             raise ProtocolViolation("survivor set before this client sent its input")
         if self.id not in m.survivors:
             raise ProtocolViolation("the survivor set leaves out this client")
-        if not set(m.survivors) <= set(self.config.participants):
-            raise ProtocolViolation("the survivor set names non-participants")
-        if len(m.survivors) < self.config.threshold:
-            raise RoundFailed(f"{len(m.survivors)} survivors, threshold "
-                              f"{self.config.threshold}")
+        if not set(m.survivors) <= self._advertisers:
+            raise ProtocolViolation("the survivor set names clients that did not advertise "
+                                    "keys")
+        need = max(self.config.threshold, self._quorum)
+        if len(m.survivors) < need:
+            raise RoundFailed(f"{len(m.survivors)} survivors, the round needs {need} "
+                              f"(threshold {self.config.threshold}, consistency quorum "
+                              f"{self._quorum})")
         self._survivors = tuple(sorted(m.survivors))
-        statement = consistency_statement(self.config.round_id, self._survivors)
+        statement = consistency_statement(self.config.round_id, self.graph_seed,
+                                          self._survivors)
         self._send(ConsistencySignature(self.config.round_id, self.id,
                                         self.identity.sign(statement)))
         self.state = ClientState.WAIT_UNMASK
 
     def _on_unmask(self, m: Message) -> None:
         assert isinstance(m, UnmaskRequest) and self.config is not None
+        assert self.graph_seed is not None
         survivors, dropped = set(m.survivors), set(m.dropped)
         if tuple(sorted(survivors)) != self._survivors:
             raise ProtocolViolation("the unmask request's survivors differ from the set "
@@ -260,16 +317,12 @@ class ClientRound:
         if undecided:
             raise ProtocolViolation(f"neighbours {sorted(undecided)} shared keys but are "
                                     "neither survivor nor dropped")
-        if len(set(m.signers)) < self.config.threshold or not set(m.signers) <= survivors:
-            raise ProtocolViolation(f"{len(m.signers)} survivors vouch for the survivor set "
-                                    f"(threshold {self.config.threshold}), or a signer is "
-                                    "not a survivor")
-        # t valid signatures of distinct survivors prove the set; checking more buys nothing.
-        statement = consistency_statement(self.config.round_id, self._survivors)
-        for signer, signature in list(zip(m.signers, m.signatures, strict=True))[
-                :self.config.threshold]:
-            verify(self._identity_of[signer], statement, signature,
-                   f"client {signer}'s survivor-set signature")
+        # more than (n + c) / 2 valid signatures over this exact set: no other set can have
+        # them too, so no neighbour of any client is shown another (secagg.consistency)
+        statement = consistency_statement(self.config.round_id, self.graph_seed,
+                                          self._survivors)
+        check_quorum(self._identity_of, statement, frozenset(survivors), m.signers,
+                     m.signatures, self._quorum)
         owners, kinds, rows = [], [], []
         for v in sorted(self._held):
             kind = SELF_MASK if v in survivors else MASK_KEY

@@ -5,7 +5,9 @@
     └── RemoteProtocolError        the peer misbehaved; the core's state is unchanged
         ├── MalformedMessage       bytes that do not decode as a message
         └── ProtocolViolation      a well-formed message the protocol forbids: out of
-                                   phase, replayed, badly signed, inconsistent sets
+                                   phase, replayed, badly signed, inconsistent sets, a
+                                   survivor set short of the consistency quorum; or a
+                                   round config the device's policy or terms refuse
     LateMessage                    (SecAggError) a message the round no longer waits for:
                                    its sender was dropped as absent (a deadline passed, or
                                    its connection went), or the round stopped collecting
@@ -48,7 +50,8 @@ class MalformedMessage(RemoteProtocolError, ValueError):
 
 
 class ProtocolViolation(RemoteProtocolError):
-    """A valid message the protocol forbids here (phase, replay, signature, consistency)."""
+    """A valid message the protocol forbids here (phase, replay, signature, consistency),
+    or a round the device's policy or the application's terms check refuses."""
 
 
 class LateMessage(SecAggError):

@@ -1,91 +1,133 @@
-"""Fixed-point encoding of float vectors into Z_2^32, with a scale that cannot wrap.
+"""Fixed-point encoding of real vectors as integers in Z_2^32, with a norm that rounding
+cannot raise above the bound the privacy accountant charges.
 
-Each coordinate of every input lies in [-bound, bound] (the device clips before encoding);
-with n inputs the sum lies in [-n bound, n bound], so the scale is the largest that keeps
-n * bound * scale below 2^31: the modular sum then decodes as a signed int32, exactly.
-Rounding is to nearest; its error per coordinate is at most 1/(2 scale) per input.
+A device's vector x, already clipped to norm C and multiplied by the scale s, is rounded to
+an integer vector r by *conditional randomized rounding* (Kairouz, Liu, Steinke, ICML 2021):
+each coordinate rounds up with probability equal to its fraction (from the OS CSPRNG), and a
+rounding whose norm exceeds the integer bound ``limit`` is drawn again. Stochastic rounding
+adds variance, so a clipped vector spread over many small coordinates rounds to a larger
+norm; after a few draws the vector is shrunk to fit, and as a last resort rounded towards
+zero, which never raises any coordinate's magnitude. So ``norm(r) <= limit`` always holds:
+the sensitivity the noise is calibrated to is ``limit`` itself, not C s.
 
-Packed: values in [0, 1] (a device's statistics) go two to a word, as 16-bit lanes. Masks
-mod 2^32 cancel as before, and the lanes never carry into each other as long as each lane's
-sum over the cohort stays below 2^16: the scale is the largest power of two with
-n * scale < 2^16 (8 for 4,335 devices). Rounding is stochastic (up with probability equal to
-the fraction, from the OS CSPRNG), so the decoded sum is unbiased. Half the bytes, half the
-masks to expand: what makes a co-occurrence round over 2 million pairs affordable.
+Words: a signed integer goes in one uint32 word (two's complement); the cohort's modular sum
+decodes exactly as long as it stays within int32, which ``scale_for`` guarantees for honest
+inputs. Packed: non-negative integers below 2^16 go two to a word, as 16-bit lanes; masks mod
+2^32 cancel as before and honest lanes never carry into each other as long as each lane's
+sum over the cohort stays below 2^16 (``packed_scale_for``). Half the bytes, half the masks
+to expand: what makes a co-occurrence round over 2 million pairs affordable.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["MIN_PACKED_SCALE", "decode_packed_sum", "decode_sum", "encode", "encode_packed",
-           "packed_scale_for", "scale_for"]
+__all__ = ["LANE", "MIN_PACKED_SCALE", "WORD_LIMIT", "bounded_round", "pack", "packed_scale_for",
+           "scale_for", "stochastic_round", "to_words", "unpack", "words_to_ints"]
 
-_LIMIT = (1 << 31) - 1
-_LANE = 1 << 16
+WORD_LIMIT = (1 << 31) - 1
+LANE = 1 << 16
 MIN_PACKED_SCALE = 4  # below this many steps per unit, a cohort sends unpacked values
+REDRAWS = 4  # conditional rounding: draws at one size before shrinking
+SHRINKS = 6  # shrinkings before rounding towards zero
 
 
 def scale_for(bound: float, n_inputs: int) -> float:
-    """Largest power of two s with n_inputs * (bound * s + 1/2) < 2^31 (powers of two keep
-    the scaling exact in float arithmetic)."""
+    """Largest power of two s with n_inputs * (bound * s + 1) < 2^31: the sum of n_inputs
+    integers of magnitude at most bound * s + 1 cannot leave int32 (powers of two keep the
+    scaling exact in float arithmetic)."""
     if bound <= 0 or n_inputs < 1:
         raise ValueError(f"need bound > 0 and n_inputs >= 1, got {bound}, {n_inputs}")
-    exponent = int(np.floor(np.log2((_LIMIT / n_inputs - 0.5) / bound)))
+    exponent = int(np.floor(np.log2((WORD_LIMIT / n_inputs - 1) / bound)))
     scale = 2.0 ** exponent
-    while n_inputs * (bound * scale + 0.5) >= _LIMIT:
+    while n_inputs * (bound * scale + 1) >= WORD_LIMIT:
         scale /= 2
     return scale
 
 
-def encode(values: np.ndarray, scale: float, bound: float) -> np.ndarray:
-    """Round ``values`` (|v| <= bound, checked) to int32 at ``scale``, as uint32 words."""
-    values = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError("cannot encode NaN or infinite values")
-    if values.size and np.abs(values).max() > bound:
-        raise ValueError(f"a value exceeds the bound {bound}: clip before encoding")
-    return np.rint(values * scale).astype(np.int64).astype(np.uint32)
-
-
-def decode_sum(total: np.ndarray, scale: float) -> np.ndarray:
-    """The float sum from the modular sum of encodings (uint32)."""
-    return total.astype(np.uint32).view(np.int32).astype(np.float64) / scale
-
-
 def packed_scale_for(n_inputs: int) -> int:
-    """Largest power of two s with n_inputs * s < 2^16: no lane can carry (0 if none)."""
+    """Largest power of two s with n_inputs * s < 2^16: n_inputs lanes of at most s cannot
+    carry (0 if none)."""
     if n_inputs < 1:
         raise ValueError(f"need n_inputs >= 1, got {n_inputs}")
     scale = 1 << 16
-    while scale and n_inputs * scale >= _LANE:
+    while scale and n_inputs * scale >= LANE:
         scale >>= 1
     return scale
 
 
-def encode_packed(values: np.ndarray, scale: int) -> np.ndarray:
-    """``values`` (in [0, 1], checked) rounded stochastically to multiples of 1/scale, two
-    per uint32 word (value 2i in the low lane of word i). Only the nonzero values draw
-    randomness (a zero rounds to zero whatever the draw): a statistic is sparse."""
-    values = np.asarray(values, dtype=np.float64)
-    if not 0 < scale < _LANE:
-        raise ValueError(f"a lane's scale must lie in (0, 2^16), got {scale}")
-    nonzero = np.flatnonzero(values)  # NaN is nonzero, so it is checked below
-    present = values[nonzero]
-    if present.size and (not np.isfinite(present).all() or present.min() < 0
-                         or present.max() > 1):
-        raise ValueError("packed values must lie in [0, 1]")
-    steps = np.zeros(values.size + values.size % 2, dtype=np.uint32)
-    noise = np.frombuffer(os.urandom(2 * present.size), dtype="<u2") / float(_LANE)
-    steps[nonzero] = np.floor(present * scale + noise).astype(np.uint32)
-    return steps[0::2] | (steps[1::2] << np.uint32(16))
+def stochastic_round(x: np.ndarray,
+                     random_bytes: Callable[[int], bytes] = os.urandom) -> np.ndarray:
+    """``x`` rounded to int64, each entry up with probability equal to its fraction (16-bit
+    resolution), so the rounding is unbiased to 2^-16. Only nonzero entries draw randomness
+    (a zero rounds to zero whatever the draw): a statistic is sparse."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros(x.shape, dtype=np.int64)
+    nonzero = np.flatnonzero(x)
+    present = x.flat[nonzero]
+    draws = np.frombuffer(random_bytes(2 * present.size), dtype="<u2") / float(LANE)
+    out.flat[nonzero] = np.floor(present + draws).astype(np.int64)
+    return out
 
 
-def decode_packed_sum(total: np.ndarray, scale: int, n_values: int) -> np.ndarray:
-    """The float sums of ``n_values`` packed values from the modular sum of their words."""
-    total = total.astype(np.uint32)
-    lanes = np.empty(2 * total.size, dtype=np.float64)
+def _norm(r: np.ndarray, order: int) -> float:
+    return float(np.linalg.norm(r.astype(np.float64), ord=order))
+
+
+def bounded_round(x: np.ndarray, limit: int, order: int,
+                  random_bytes: Callable[[int], bytes] = os.urandom) -> np.ndarray:
+    """An integer vector near ``x`` whose ``order``-norm (1 or 2) is at most ``limit``,
+    which ``x``'s own norm must not exceed: conditional randomized rounding, shrinking
+    ``x`` when REDRAWS draws in a row exceed ``limit``, and rounding towards zero after
+    SHRINKS shrinkings (which never raises a magnitude)."""
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("cannot round NaN or infinite values")
+    if _norm(x, order) > limit:
+        raise ValueError(f"the vector's norm exceeds the bound {limit}: clip before rounding")
+    for attempt in range(SHRINKS * REDRAWS):
+        r = stochastic_round(x, random_bytes)
+        size = _norm(r, order)
+        if size <= limit:
+            return r
+        if attempt % REDRAWS == REDRAWS - 1:
+            # entries below one step round to 0 or 1, so a rounding's squared L2 norm is
+            # about their sum: it shrinks with the square of the factor, not the factor
+            x = x * (limit / size) ** order
+    return np.trunc(x).astype(np.int64)
+
+
+def to_words(r: np.ndarray) -> np.ndarray:
+    """Signed integers (int32 range, checked) as uint32 words, two's complement."""
+    r = np.asarray(r, dtype=np.int64)
+    if r.size and (r.min() < -WORD_LIMIT or r.max() > WORD_LIMIT):
+        raise ValueError("an integer exceeds int32")
+    return r.astype(np.uint32)
+
+
+def words_to_ints(total: np.ndarray) -> np.ndarray:
+    """The signed int64 sum from the modular sum of words."""
+    return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.int64)
+
+
+def pack(r: np.ndarray) -> np.ndarray:
+    """Integers in [0, 2^16) (checked), two per uint32 word: entry 2i in the low lane of
+    word i."""
+    r = np.asarray(r, dtype=np.int64)
+    if r.size and (r.min() < 0 or r.max() >= LANE):
+        raise ValueError(f"packed integers must lie in [0, {LANE})")
+    lanes = np.zeros(r.size + r.size % 2, dtype=np.uint32)
+    lanes[:r.size] = r
+    return lanes[0::2] | (lanes[1::2] << np.uint32(16))
+
+
+def unpack(total: np.ndarray, n_values: int) -> np.ndarray:
+    """The ``n_values`` lane sums (int64) from the modular sum of packed words."""
+    total = np.asarray(total, dtype=np.uint32)
+    lanes = np.empty(2 * total.size, dtype=np.int64)
     lanes[0::2] = total & np.uint32(0xFFFF)
     lanes[1::2] = total >> np.uint32(16)
-    return lanes[:n_values] / scale
+    return lanes[:n_values]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +14,7 @@ import numpy as np
 from secagg.client import ClientRound
 from secagg.crypto import IdentityKey
 from secagg.errors import RemoteProtocolError, RoundFailed
+from secagg.policy import PERMISSIVE, ClientPolicy
 from secagg.server import ServerRound, ServerState
 
 __all__ = ["PHASES", "LocalRound", "run_local_round"]
@@ -40,15 +41,21 @@ class LocalRound:
 def run_local_round(inputs: Mapping[int, np.ndarray], degree: int, threshold: int, *,
                     drop_at: Mapping[int, ServerState] | None = None, round_id: int = 1,
                     server_identity: IdentityKey | None = None,
-                    identities: Mapping[int, IdentityKey] | None = None) -> LocalRound:
-    """Run one round to DONE or FAILED (then ``server.failure`` says why)."""
+                    identities: Mapping[int, IdentityKey] | None = None,
+                    corrupt: int = 0, terms: bytes = b"",
+                    policy: ClientPolicy = PERMISSIVE,
+                    check_terms: Callable[[bytes], None] | None = None) -> LocalRound:
+    """Run one round to DONE or FAILED (then ``server.failure`` says why). ``policy`` is
+    every client's: PERMISSIVE by default, since tests and simulations run cohorts smaller
+    than a device's default policy accepts."""
     drop_at = drop_at or {}
     server_identity = server_identity or IdentityKey.generate()
     identities = identities or {i: IdentityKey.generate() for i in inputs}
     vector_len = len(next(iter(inputs.values())))
     server = ServerRound(round_id, {i: identities[i].public for i in inputs}, degree,
-                         threshold, vector_len, server_identity)
-    clients = {i: ClientRound(i, identities[i], server_identity.public, round_id - 1)
+                         threshold, vector_len, server_identity, corrupt=corrupt, terms=terms)
+    clients = {i: ClientRound(i, identities[i], server_identity.public, round_id - 1,
+                              policy=policy, check_terms=check_terms)
                for i in inputs}
     run = LocalRound(server, clients, bytes_up=dict.fromkeys(inputs, 0),
                      bytes_down=dict.fromkeys(inputs, 0),

@@ -6,9 +6,15 @@ Envelope (little-endian), then the body of its type:
     body_len u32 | body
 
 ``sender`` is the client id, or SERVER for the server. Every count and length in a body is
-bounded (MAX_CLIENTS, MAX_VECTOR) and checked against the bytes actually present: a decoder
-returns a message or raises :class:`MalformedMessage`, for any input. Masked vectors travel
-as raw little-endian uint32.
+bounded (MAX_CLIENTS, MAX_VECTOR, MAX_TERMS, MAX_CIPHERTEXT) and checked against the bytes
+actually present: a decoder returns a message or raises :class:`MalformedMessage`, for any
+input. Masked vectors travel as raw little-endian uint32.
+
+Version 2 (this one): the round config carries ``corrupt`` (c, the corrupt participants the
+round tolerates: it sets the consistency quorum) and the application's ``terms``, both
+signed, and no graph seed; the server sends every advertiser all the advertisements
+(:class:`Advertisements`, in ascending sender order), from which the graph seed is derived
+(``secagg.graph.graph_seed``); the survivor-set statement names that seed.
 """
 
 from __future__ import annotations
@@ -24,29 +30,32 @@ from secagg.errors import MalformedMessage
 
 __all__ = [
     "MAX_CLIENTS",
+    "MAX_TERMS",
     "MAX_VECTOR",
     "SERVER",
     "AdvertiseKeys",
+    "Advertisements",
     "ConsistencySignature",
     "EncryptedShares",
     "MaskedInput",
     "Message",
-    "NeighbourKeys",
     "RoundConfig",
     "SharesForYou",
     "SurvivorSet",
     "UnmaskRequest",
     "UnmaskShares",
+    "consistency_statement",
     "decode",
     "envelope",
 ]
 
 MAGIC = b"FCSA"
-VERSION = 1
+VERSION = 2
 SERVER = 0xFFFFFFFF
 MAX_CLIENTS = 1 << 16
 MAX_VECTOR = 1 << 26  # 64 Mi parameters: 256 MiB of masked input
 MAX_CIPHERTEXT = 512
+MAX_TERMS = 64 << 10  # the application's round terms (opaque bytes, signed with the config)
 _HEADER = struct.Struct("<4sBBHQII")
 
 
@@ -128,37 +137,44 @@ class Message:
 @dataclass(frozen=True)
 class RoundConfig(Message):
     """Server -> clients: who takes part (ids and identity keys), the neighbour graph's
-    degree and seed, the threshold, the vector length; signed by the server."""
+    degree k, the threshold t, how many corrupt participants c the round tolerates (the
+    consistency quorum is more than (n + c) / 2 signatures), the vector length and the
+    application's terms (opaque bytes, at most MAX_TERMS); all signed by the server. Every
+    parameter that bears on a client's privacy is in the signed part; the graph seed is
+    not: it is derived after the ADVERTISE phase."""
 
     TYPE: ClassVar[int] = 1
     participants: tuple[int, ...]
     identity_keys: tuple[bytes, ...]
     degree: int
     threshold: int
-    graph_seed: bytes
+    corrupt: int
     vector_len: int
+    terms: bytes = b""
     signature: bytes = b""
 
+    def _fields(self) -> bytes:
+        return (_ids(self.participants) + b"".join(self.identity_keys)
+                + struct.pack("<IIII", self.degree, self.threshold, self.corrupt,
+                              self.vector_len) + _blob(self.terms))
+
     def signed_part(self) -> bytes:
-        keys = b"".join(self.identity_keys)
-        return (b"round-config" + struct.pack("<Q", self.round_id) + _ids(self.participants)
-                + keys + struct.pack("<III", self.degree, self.threshold, self.vector_len)
-                + self.graph_seed)
+        return (b"fedcart/secagg/v2/round-config" + struct.pack("<Q", self.round_id)
+                + self._fields())
 
     def body(self) -> bytes:
-        return (_ids(self.participants) + b"".join(self.identity_keys)
-                + struct.pack("<III", self.degree, self.threshold, self.vector_len)
-                + self.graph_seed + self.signature)
+        return self._fields() + self.signature
 
     @classmethod
     def parse(cls, round_id: int, sender: int, r: _Reader) -> RoundConfig:
         participants = r.ids("participants")
         keys = tuple(r.take(KEY_BYTES) for _ in participants)
-        degree, threshold, vector_len = r.unpack("III")
+        degree, threshold, corrupt, vector_len = r.unpack("IIII")
         if vector_len > MAX_VECTOR:
             raise MalformedMessage(f"vector length {vector_len} exceeds {MAX_VECTOR}")
-        return cls(round_id, sender, participants, keys, degree, threshold,
-                   r.take(KEY_BYTES), vector_len, r.take(SIGNATURE_BYTES))
+        terms = r.blob(MAX_TERMS, "terms")
+        return cls(round_id, sender, participants, keys, degree, threshold, corrupt,
+                   vector_len, terms, r.take(SIGNATURE_BYTES))
 
 
 @dataclass(frozen=True)
@@ -184,8 +200,10 @@ class AdvertiseKeys(Message):
 
 
 @dataclass(frozen=True)
-class NeighbourKeys(Message):
-    """Server -> client: the advertised keys of its neighbours that advertised."""
+class Advertisements(Message):
+    """Server -> each advertiser: every advertisement of the round, in ascending sender
+    order (the decoder refuses any other), so that each client can recompute the graph seed
+    and take its neighbours' keys from it. 132 bytes per advertiser."""
 
     TYPE: ClassVar[int] = 3
     keys: tuple[AdvertiseKeys, ...]
@@ -195,15 +213,25 @@ class NeighbourKeys(Message):
             struct.pack("<I", k.sender) + k.body() for k in self.keys)
 
     @classmethod
-    def parse(cls, round_id: int, sender: int, r: _Reader) -> NeighbourKeys:
-        n = r.count(MAX_CLIENTS, "neighbour keys")
+    def parse(cls, round_id: int, sender: int, r: _Reader) -> Advertisements:
+        """Read in one slice (a client parses n entries: per-field reads cost more than the
+        signatures it checks at n = 100)."""
+        n = r.count(MAX_CLIENTS, "advertisements")
+        raw = r.take(_ADVERT_BYTES * n)
+        column = np.frombuffer(raw, dtype="<u4").reshape(n, _ADVERT_BYTES // 4)[:, 0]
+        if (np.diff(column.astype(np.int64)) <= 0).any():
+            raise MalformedMessage("advertisements: senders not in ascending order")
+        owners: list[int] = column.tolist()
         keys = []
-        for _ in range(n):
-            owner = r.u32()
-            keys.append(AdvertiseKeys.parse(round_id, owner, r))
-        if len({k.sender for k in keys}) != n:
-            raise MalformedMessage("neighbour keys: duplicate ids")
+        for i, owner in enumerate(owners):
+            at = i * _ADVERT_BYTES + 4
+            keys.append(AdvertiseKeys(round_id, owner, raw[at:at + KEY_BYTES],
+                                      raw[at + KEY_BYTES:at + 2 * KEY_BYTES],
+                                      raw[at + 2 * KEY_BYTES:at + _ADVERT_BYTES - 4]))
         return cls(round_id, sender, tuple(keys))
+
+
+_ADVERT_BYTES = 4 + 2 * KEY_BYTES + SIGNATURE_BYTES  # sender, share key, mask key, signature
 
 
 @dataclass(frozen=True)
@@ -275,8 +303,12 @@ class SurvivorSet(Message):
         return cls(round_id, sender, r.ids("survivors"))
 
 
-def consistency_statement(round_id: int, survivors: tuple[int, ...]) -> bytes:
-    return b"survivors" + struct.pack("<Q", round_id) + _ids(tuple(sorted(survivors)))
+def consistency_statement(round_id: int, graph_seed: bytes,
+                          survivors: tuple[int, ...]) -> bytes:
+    """What a survivor signs: the round, the graph seed it computed (so the clients that
+    reveal shares agree on the advertisements, hence the graph) and the survivor set."""
+    return (b"fedcart/secagg/v2/survivors" + struct.pack("<Q", round_id) + graph_seed
+            + _ids(tuple(sorted(survivors))))
 
 
 @dataclass(frozen=True)
@@ -296,8 +328,8 @@ class ConsistencySignature(Message):
 
 @dataclass(frozen=True)
 class UnmaskRequest(Message):
-    """Server -> survivor: the survivor set with the survivors' signatures over it, and the
-    dropped clients whose masking keys it asks shares of."""
+    """Server -> survivor: the survivor set with a consistency quorum of the survivors'
+    signatures over it, and the dropped clients whose masking keys it asks shares of."""
 
     TYPE: ClassVar[int] = 9
     survivors: tuple[int, ...]
@@ -341,7 +373,7 @@ class UnmaskShares(Message):
 
 
 _TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
-    RoundConfig, AdvertiseKeys, NeighbourKeys, EncryptedShares, SharesForYou, MaskedInput,
+    RoundConfig, AdvertiseKeys, Advertisements, EncryptedShares, SharesForYou, MaskedInput,
     SurvivorSet, ConsistencySignature, UnmaskRequest, UnmaskShares)}
 
 

@@ -15,12 +15,19 @@ dropped client), which an I/O layer runs off its event loop.
 
 Phases (state: what it collects -> what it sends when the phase ends):
 
-    ADVERTISE    AdvertiseKeys          -> NeighbourKeys to each advertiser       (U1)
-    SHARE        EncryptedShares        -> SharesForYou to each sharer            (U2)
-    MASKED       MaskedInput            -> SurvivorSet to each survivor           (U3)
-    CONSISTENCY  ConsistencySignature   -> UnmaskRequest to each signer           (U4)
+    ADVERTISE    AdvertiseKeys          -> Advertisements (all) to each advertiser (U1)
+    SHARE        EncryptedShares        -> SharesForYou to each sharer             (U2)
+    MASKED       MaskedInput            -> SurvivorSet to each survivor            (U3)
+    CONSISTENCY  ConsistencySignature   -> UnmaskRequest to each signer            (U4)
     UNMASK       UnmaskShares           -> RECONSTRUCT
     RECONSTRUCT  (finish())             -> DONE: ``result`` is the sum over U3
+
+The neighbour graph is drawn over U1 when ADVERTISE ends, from a seed hashed over the signed
+config and every advertisement (``secagg.graph.graph_seed``): the server does not pick it.
+Every phase needs at least t clients, and from ADVERTISE on at least the consistency quorum
+of more than (n + c) / 2 (``secagg.consistency``; n participants, c tolerated corrupt):
+fewer, and the round fails at once (RoundFailed), since no client would reveal a share for a
+survivor set signed by fewer.
 
 Masked inputs are summed as they arrive, so memory is O(d), not O(n d). Unmasking removes
 each survivor's self mask (seed rebuilt from t shares) and, for each client that shared keys
@@ -31,8 +38,7 @@ from t shares and checked against the key it advertised).
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from enum import IntEnum
 
 import nacl.bindings
@@ -40,6 +46,7 @@ import numpy as np
 
 from secagg import shamir
 from secagg.client import MASK_KEY, SELF_MASK
+from secagg.consistency import quorum
 from secagg.crypto import IdentityKey, mask_seed, verify
 from secagg.errors import (
     LateMessage,
@@ -48,15 +55,16 @@ from secagg.errors import (
     RemoteProtocolError,
     RoundFailed,
 )
-from secagg.graph import neighbours, pairwise_sign
+from secagg.graph import effective_degree, graph_seed, neighbours, pairwise_sign
 from secagg.messages import (
+    MAX_TERMS,
     SERVER,
     AdvertiseKeys,
+    Advertisements,
     ConsistencySignature,
     EncryptedShares,
     MaskedInput,
     Message,
-    NeighbourKeys,
     RoundConfig,
     SharesForYou,
     SurvivorSet,
@@ -95,23 +103,36 @@ _EXPECTS: dict[ServerState, type[Message]] = {
 
 
 class ServerRound:
-    """One round of secure aggregation over ``participants`` (id -> identity public key)."""
+    """One round of secure aggregation over ``participants`` (id -> identity public key).
+
+    ``corrupt``: c, how many corrupt participants the round tolerates; it sets the
+    consistency quorum, and devices whose policy asks for more refuse the round. ``terms``:
+    the application's round terms (at most MAX_TERMS bytes), signed in the config."""
 
     def __init__(self, round_id: int, participants: Mapping[int, bytes], degree: int,
-                 threshold: int, vector_len: int, identity: IdentityKey,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 threshold: int, vector_len: int, identity: IdentityKey, *,
+                 corrupt: int = 0, terms: bytes = b"") -> None:
         ids = tuple(sorted(participants))
-        self.graph_seed = random_bytes(32)
-        self.graph = neighbours(ids, degree, self.graph_seed)
-        smallest = min((len(v) for v in self.graph.values()), default=0)
-        if not (2 * threshold > max(len(v) for v in self.graph.values()) and
-                smallest >= threshold >= 1):
+        if len(ids) < 2 or degree < 1:
+            raise LocalProtocolError(f"a round needs two participants and degree >= 1, got "
+                                     f"{len(ids)} and {degree}")
+        k = effective_degree(len(ids), degree)
+        if not (2 * threshold > k >= threshold >= 1):
             raise LocalProtocolError(f"threshold {threshold} must satisfy k/2 < t <= k for "
                                      f"degree {degree} among {len(ids)} clients")
+        if not 0 <= corrupt < len(ids):
+            raise LocalProtocolError(f"corrupt must lie in [0, {len(ids)}), got {corrupt}")
+        if len(terms) > MAX_TERMS:
+            raise LocalProtocolError(f"terms of {len(terms)} bytes exceed {MAX_TERMS}")
         self.round_id = round_id
         self.participants = dict(participants)
         self.degree, self.threshold, self.vector_len = degree, threshold, vector_len
+        self.corrupt, self.terms = corrupt, bytes(terms)
+        self.quorum = quorum(len(ids), corrupt)
         self.identity = identity
+        self.config: RoundConfig | None = None  # signed, once started
+        self.graph_seed: bytes | None = None  # derived when ADVERTISE ends
+        self.graph: dict[int, frozenset[int]] = {}  # over the advertisers, from then on
         self.state = ServerState.CREATED
         self.result: np.ndarray | None = None
         self.failure: str | None = None
@@ -143,9 +164,10 @@ class ServerRound:
         ids = tuple(sorted(self.participants))
         config = RoundConfig(self.round_id, SERVER, ids,
                              tuple(self.participants[i] for i in ids), self.degree,
-                             self.threshold, self.graph_seed, self.vector_len)
-        data = dataclasses.replace(
-            config, signature=self.identity.sign(config.signed_part())).encode()
+                             self.threshold, self.corrupt, self.vector_len, self.terms)
+        self.config = dataclasses.replace(
+            config, signature=self.identity.sign(config.signed_part()))
+        data = self.config.encode()
         self._outbox += [(i, data) for i in ids if i not in self.dropped]
         self._enter(ServerState.ADVERTISE, set(ids))
 
@@ -243,7 +265,7 @@ class ServerRound:
                    AdvertiseKeys.signed_part(self.round_id, client, m.share_key, m.mask_key),
                    m.signature, f"client {client}'s keys")
         elif isinstance(m, EncryptedShares):
-            wanted = tuple(sorted(self.graph[client] & set(self._keys)))
+            wanted = tuple(sorted(self.graph[client]))
             if tuple(sorted(m.recipients)) != wanted:
                 raise ProtocolViolation(f"client {client} shared with {sorted(m.recipients)}"
                                         f", its advertised neighbours are {list(wanted)}")
@@ -253,9 +275,10 @@ class ServerRound:
                                         f"aggregates {self.vector_len}")
             np.add(self._total, m.vector, out=self._total)
         elif isinstance(m, ConsistencySignature):
+            assert self.graph_seed is not None
             verify(self.participants[client],
-                   consistency_statement(self.round_id, self._survivors), m.signature,
-                   f"client {client}'s survivor-set signature")
+                   consistency_statement(self.round_id, self.graph_seed, self._survivors),
+                   m.signature, f"client {client}'s survivor-set signature")
         elif isinstance(m, UnmaskShares):
             expected = {v: SELF_MASK if v in self._survivors else MASK_KEY
                         for v in self._held_by.get(client, ())}
@@ -283,22 +306,31 @@ class ServerRound:
                 self._outbox = []
                 raise
 
-    def _need(self, count: int, what: str) -> None:
-        if count < self.threshold:
-            raise RoundFailed(f"{what}: {count} clients, threshold {self.threshold}")
+    def _need(self, count: int, what: str, need: int) -> None:
+        if count < need:
+            raise RoundFailed(f"{what}: {count} clients, the round needs {need} (threshold "
+                              f"{self.threshold}, consistency quorum {self.quorum})")
 
     def _end_advertise(self) -> None:
         self._keys = {c: m for c, m in self._answers.items() if isinstance(m, AdvertiseKeys)}
-        self._need(len(self._keys), "clients that advertised keys")
-        for u in sorted(self._keys):
-            peers = tuple(self._keys[v] for v in sorted(self.graph[u] & set(self._keys)))
-            self._outbox.append((u, NeighbourKeys(self.round_id, SERVER, peers).encode()))
+        # each advertiser needs t neighbours among the others, and the quorum must be able
+        # to sign
+        self._need(len(self._keys), "clients that advertised keys",
+                   max(self.threshold + 1, self.quorum))
+        assert self.config is not None
+        adverts = tuple(self._keys[c] for c in sorted(self._keys))
+        self.graph_seed = graph_seed(self.config, adverts)
+        self.graph = neighbours(tuple(self._keys), self.degree, self.graph_seed)
+        # the same list for everyone (each client recomputes the seed from it): encoded once
+        data = Advertisements(self.round_id, SERVER, adverts).encode()
+        self._outbox += [(u, data) for u in sorted(self._keys)]
         self._enter(ServerState.SHARE, set(self._keys))
 
     def _end_share(self) -> None:
         self._shares_sent = {c: m for c, m in self._answers.items()
                              if isinstance(m, EncryptedShares)}
-        self._need(len(self._shares_sent), "clients that shared keys")
+        self._need(len(self._shares_sent), "clients that shared keys",
+                   max(self.threshold, self.quorum))
         inbox: dict[int, list[tuple[int, bytes]]] = {v: [] for v in self._shares_sent}
         for u, sent in sorted(self._shares_sent.items()):
             for v, ciphertext in zip(sent.recipients, sent.ciphertexts, strict=True):
@@ -314,7 +346,8 @@ class ServerRound:
 
     def _end_masked(self) -> None:
         self._survivors = tuple(sorted(self._answers))
-        self._need(len(self._survivors), "clients that sent a masked input")
+        self._need(len(self._survivors), "clients that sent a masked input",
+                   max(self.threshold, self.quorum))
         data = SurvivorSet(self.round_id, SERVER, self._survivors).encode()
         self._outbox += [(u, data) for u in self._survivors]
         self._enter(ServerState.CONSISTENCY, set(self._survivors))
@@ -322,10 +355,11 @@ class ServerRound:
     def _end_consistency(self) -> None:
         self._signatures = {c: m.signature for c, m in self._answers.items()
                             if isinstance(m, ConsistencySignature)}
-        self._need(len(self._signatures), "survivors that signed the survivor set")
-        # t signatures prove the set to a client; sending all n would make every unmask
-        # request O(n) signatures, O(n^2) bytes for the round
-        signers = tuple(sorted(self._signatures))[:self.threshold]
+        self._need(len(self._signatures), "survivors that signed the survivor set",
+                   max(self.threshold, self.quorum))
+        # a quorum of signatures proves the set to a client, and no fewer do: each unmask
+        # request carries (n + c) / 2 + 1 of them, the same bytes for every signer
+        signers = tuple(sorted(self._signatures))[:self.quorum]
         dropped = tuple(sorted(set(self._shares_sent) - set(self._survivors)))
         data = UnmaskRequest(self.round_id, SERVER, self._survivors, dropped, signers,
                              tuple(self._signatures[s] for s in signers)).encode()

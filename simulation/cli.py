@@ -348,12 +348,13 @@ def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
 @click.option("--epsilon", type=click.FloatRange(min=0, min_open=True),
               help="Gaussian DP: calibrate the noise so the run spends this epsilon.")
 @click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="DP delta (default 1 / N^1.1 for N devices).")
+              help="DP delta (default 1 / (100 N) for N devices: N delta, the chance that the "
+                   "guarantee fails for some user, is 1%).")
 @click.option("--noise-multiplier", type=click.FloatRange(min=0, min_open=True),
               help="DP with this noise multiplier z (noise std z*C) instead of a target "
                    "epsilon.")
-@click.option("--laplace", is_flag=True, help="Laplace noise (pure epsilon, L1 clip) with "
-                                              "--noise-multiplier, instead of Gaussian.")
+@click.option("--laplace", is_flag=True, help="Laplace noise (pure epsilon per round, L1 "
+                                              "clip) instead of Gaussian.")
 @click.option("--no-dp", is_flag=True, help="Secure aggregation without DP noise (the "
                                             "default when no DP option is given).")
 @with_clean_errors
@@ -383,7 +384,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
 @validation_option
 @federated_options
 @click.option("--epsilons", default="2,8", show_default=True, metavar="E,E,...",
-              help="Target epsilons of the DP runs (Gaussian, delta 1/N^1.1); a run "
+              help="Target epsilons of the DP runs (Gaussian, delta 1/(100 N)); a run "
                    "without DP comes first.")
 @click.option("--dp-rounds", type=click.IntRange(1),
               help="Rounds of each DP run (default: --rounds). Fewer rounds spend the same "

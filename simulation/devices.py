@@ -30,7 +30,9 @@ import websockets
 
 from edge_client.device import Device
 from model_export.bundle import read_bundle
+from protocol.policy import DevicePolicy
 from secagg.client import PROTOCOL_MESSAGES
+from secagg.policy import ClientPolicy
 
 __all__ = ["Shard", "worker_main"]
 
@@ -43,6 +45,11 @@ GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up
 # co-occurrence input is 4 MB at M = 2000 (packed), and 2,000 devices holding theirs took
 # 24 GB.
 INPUTS_AT_ONCE = 32
+
+# A simulated device's policy: a real device's default, except that it joins cohorts from
+# 3 devices (the simulation's min_clients), so that small data sets can be simulated; a
+# deployed device refuses cohorts under 20 (secagg.policy).
+POLICY = DevicePolicy(secagg=ClientPolicy(min_participants=3))
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def _make_devices(shard: Shard) -> list[Device]:
     devices = []
     for index, (_, baskets) in enumerate(shard.users):
         device = Device(shard.root / "devices" / f"w{shard.worker}-{index:06d}",
-                        shard.server_key, blob_dir=blobs)
+                        shard.server_key, blob_dir=blobs, policy=POLICY)
         if not device.store.baskets():
             device.store.add_baskets([list(b) for b in baskets],
                                      at=[float(t) for t in range(len(baskets))])

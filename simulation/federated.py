@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.config import AggregatorConfig, render_config
+from aggregator.privacy import default_delta
 from aggregator.process import AggregatorProcess
 from aggregator.statedir import HISTORY_DECAY, init_state
 from aggregator.store import RoundRow, Store
@@ -66,7 +67,7 @@ class FederatedSettings:
     dropout: float = 0.1
     mechanism: str = "none"  # "none", "gaussian" or "laplace"
     epsilon: float | None = None  # Gaussian: calibrate z to spend this over the whole plan
-    delta: float | None = None  # default 1 / N^1.1
+    delta: float | None = None  # default aggregator.privacy.default_delta(N)
     noise_multiplier: float | None = None
     clip_norm: float | None = None
     secagg_k: int = 0  # 0: k and t chosen per group (secagg.params)
@@ -102,9 +103,6 @@ class FederatedSettings:
             raise ValueError("--epsilon and --noise-multiplier need DP (not --no-dp)")
         if self.mechanism != "none" and not (self.epsilon or self.noise_multiplier):
             raise ValueError("DP needs --epsilon or --noise-multiplier")
-        if self.mechanism == "laplace" and self.epsilon:
-            raise ValueError("Laplace takes --noise-multiplier (epsilon calibration is "
-                             "for the Gaussian mechanism)")
         if (self.clients_per_round is None) == (self.sampling_rate is None):
             raise ValueError("give exactly one of --clients-per-round and --q")
         if not 0 <= self.dropout < 1:
@@ -305,7 +303,7 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
     if len(users) < 3:
         raise ValueError(f"{split.name}: only {len(users)} users have training baskets; a "
                          "federated round needs at least 3 devices")
-    delta = settings.delta or 1.0 / len(users) ** 1.1
+    delta = settings.delta or default_delta(len(users))
     config = aggregator_config(settings, len(users), delta)
     state = init_state(workdir / "aggregator", list(split.catalog),
                        [names.get(i, i) for i in split.catalog], dim=settings.dim,

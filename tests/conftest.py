@@ -13,6 +13,8 @@ import pytest
 
 from model_export.datasets import BasketData, load_instacart, load_uci
 from model_export.evaluation import Split, make_split
+from protocol.policy import DevicePolicy
+from secagg.policy import PERMISSIVE
 from tests.process_owner import SESSION, ProcessOwner, end, left_running
 
 _SESSION_TMP = pytest.StashKey[Path]()
@@ -94,6 +96,10 @@ def synthetic_data(n_users: int = 40, n_items: int = 30, seed: int = 0) -> Baske
 def small_split() -> Split:
     return make_split(synthetic_data())
 
+
+# The policy of the tests' devices, whose cohorts are 3 to 12 devices: a deployed device's
+# default refuses cohorts under 20 (secagg.policy).
+SMALL_COHORTS = DevicePolicy(secagg=PERMISSIVE)
 
 CSV_OPTS = ["--user-col", "customer", "--item-col", "sku", "--time-col", "day",
             "--name-col", "title"]

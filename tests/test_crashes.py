@@ -25,7 +25,7 @@ from model_export.bundle import GRAPH_FILES, pack_members, read_bundle
 from model_export.evaluation import make_split
 from model_export.export import export_bundle
 from model_export.model import init_weights
-from tests.conftest import synthetic_data
+from tests.conftest import SMALL_COHORTS, synthetic_data
 from tests.process_owner import ProcessOwner
 from tests.test_service import cli, ledger_matches_dp_accounting
 
@@ -54,7 +54,7 @@ def _world(root: Path) -> tuple:
     devices = []
     store = Store(state.database)
     for u, baskets in enumerate(data.users.values()):
-        device = Device(root / f"device{u}", server_key)
+        device = Device(root / f"device{u}", server_key, policy=SMALL_COHORTS)
         device.store.add_baskets([list(b) for b in baskets])
         store.enroll(device.identity.public)
         devices.append(device)
@@ -149,7 +149,8 @@ def test_sigkill_of_a_device_mid_swap_keeps_a_verified_bundle(
     reached = []
     for trial in range(10):
         device_dir = tmp_path / f"device{trial}"
-        Device(device_dir, server_key).install(versions[0].read_bytes())
+        Device(device_dir, server_key, policy=SMALL_COHORTS).install(
+            versions[0].read_bytes())
         proc = processes.popen(
             [sys.executable, "-c", SWAPPER, str(device_dir), server_key.hex(),
              *map(str, versions[1:])],
@@ -158,7 +159,7 @@ def test_sigkill_of_a_device_mid_swap_keeps_a_verified_bundle(
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        device = Device(device_dir, server_key)
+        device = Device(device_dir, server_key, policy=SMALL_COHORTS)
         assert device.current_bundle() is not None, f"trial {trial}: no verified bundle"
         assert device.recommend(["sku001"], 3)
         reached.append(device.model_version)

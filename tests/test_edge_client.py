@@ -3,6 +3,7 @@ bounded cart store, and the local update it would send."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from model_export.bundle import (
 )
 from model_export.export import export_bundle
 from model_export.model import N_BLEND, init_weights, pick
+from model_export.statistics import triangle_size
 from model_export.update import UpdateFormat
+from protocol.terms import Norm, RoundTerms, Task, TermsError, TrainingPlan
 
 ITEMS = [f"sku{i:02d}" for i in range(25)]
 
@@ -127,9 +130,9 @@ def test_local_update_trains_on_own_baskets_only(served, tmp_path) -> None:
     assert examples == 2 and np.abs(delta).max() > 0
     _, capped = device.local_update(1, [2.0, 2.0, 0.5, 0.05], 8, seed=0, examples=1)
     assert capped == 1
-    fmt = UpdateFormat(n_params=delta.size, clip_norm=0.5, cohort_size=10)
+    fmt = UpdateFormat(n_params=delta.size, clip_norm=0.5, group_size=10)
     encoded = fmt.encode(delta, examples)
-    assert encoded.dtype == np.uint32 and encoded.size == delta.size + 1
+    assert encoded.dtype == np.uint32 and encoded.size == delta.size  # no weight travels
 
 
 def test_a_training_input_is_the_update_of_the_named_groups_only(served, tmp_path,
@@ -149,16 +152,17 @@ def test_a_training_input_is_the_update_of_the_named_groups_only(served, tmp_pat
         return train(epochs, rates, *args, **kwargs)
 
     monkeypatch.setattr(device, "local_update", spy)
-    notice = {"task": "train", "norm": "l2", "clip_norm": 100.0, "cohort": 10,
-              "weight_cap": 8.0, "training": {"epochs": 1, "batch_size": 8, "examples": 8,
-                                              "learning_rates": [2.0, 2.0, 0.5, 0.05],
-                                              "groups": ["blend"]}}
-    vector, examples = device.round_input(notice)
+    plan = TrainingPlan(epochs=1, batch_size=8, learning_rates=(2.0, 2.0, 0.5, 0.05),
+                        examples=8, groups=("blend",))
+    terms = device.accept_terms(RoundTerms(
+        Task.TRAIN, device.manifest.vocabulary_sha256, n_params=N_BLEND, clip_norm=60.0,
+        norm=Norm.L2, packed=False, group_size=10, weight_cap=8.0, model_version=0,
+        training=plan).to_bytes())
+    vector, examples = device.round_input(terms)
     assert rates_used == [[0.0, 0.0, 0.0, 0.05]] and examples == 2
-    fmt = UpdateFormat(N_BLEND, 100.0, 10, weight_cap=8.0)
-    values, weight = fmt.decode(vector)
+    fmt = UpdateFormat(N_BLEND, 60.0, 10, weight_cap=8.0)
+    values = fmt.values(fmt.decode(vector))
     delta, _ = train(1, [0.0, 0.0, 0.0, 0.05], 8)  # one batch holds both examples
-    assert weight == pytest.approx(2 / 8, abs=1 / fmt.scale)
     np.testing.assert_allclose(values, 2 / 8 * pick(delta, ["blend"], len(ITEMS), 4),
                                atol=2 / fmt.scale)
 
@@ -172,24 +176,26 @@ def test_statistics_inputs_are_the_devices_clipped_summaries(served, tmp_path) -
     device.add_basket(["sku01", "sku02"])
     device.add_basket(["sku02", "sku03", "unknown-item"])
     index = {item: i for i, item in enumerate(ITEMS)}
-    notice = {"task": "popularity", "norm": "l2", "clip_norm": 1.0, "cohort": 10}
-    vector, weight = device.round_input(notice)
-    fmt = UpdateFormat(len(ITEMS), 1.0, 10, weight_cap=1.0)
-    values, devices = fmt.decode(vector)
-    assert weight == 1 and devices == 1.0
+    base = RoundTerms(Task.POPULARITY, device.manifest.vocabulary_sha256,
+                      n_params=len(ITEMS), clip_norm=1.0, norm=Norm.L2, packed=False,
+                      group_size=10)
+    vector, has_data = device.round_input(device.accept_terms(base.to_bytes()))
+    fmt = UpdateFormat(len(ITEMS), 1.0, 10)
+    values = fmt.values(fmt.decode(vector))
+    assert has_data == 1
     want = np.zeros(len(ITEMS))
     want[[index["sku01"], index["sku02"], index["sku03"]]] = 1 / np.sqrt(3)  # clipped to 1
     np.testing.assert_allclose(values, want, atol=1 / fmt.scale)
-    head = [index["sku03"], index["sku01"], index["sku02"]]
-    vector, _ = device.round_input({**notice, "task": "cooccurrence", "head": head,
-                                    "clip_norm": 10.0})
-    values, _ = UpdateFormat(6, 10.0, 10, weight_cap=1.0).decode(vector)
+    head = (index["sku03"], index["sku01"], index["sku02"])
+    cooc = replace(base, task=Task.COOCCURRENCE, head=head, n_params=6, clip_norm=10.0)
+    vector, _ = device.round_input(device.accept_terms(cooc.to_bytes()))
+    fmt = UpdateFormat(6, 10.0, 10)
+    values = fmt.values(fmt.decode(vector))
     # head positions 0: sku03, 1: sku01, 2: sku02; pairs (a <= b) row by row
     pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
     bought = {(0, 0), (1, 1), (2, 2), (1, 2), (0, 2)}  # sku01 and sku03 never together
     np.testing.assert_allclose(values, [float(p in bought) for p in pairs], atol=1e-4)
-    for bad in ([index["sku01"]] * 2, [0, len(ITEMS)], "1,2", [1], [True, False]):
-        with pytest.raises(ValueError, match="head"):
-            device.round_input({**notice, "task": "cooccurrence", "head": bad})
-    with pytest.raises(ValueError, match="unknown round task"):
-        device.round_input({**notice, "task": "exfiltrate"})
+    for bad in ((index["sku01"],) * 2, (0, len(ITEMS)), (1,)):
+        with pytest.raises(TermsError, match="head"):
+            device.accept_terms(replace(cooc, head=bad, n_params=triangle_size(len(bad)))
+                                .to_bytes())

@@ -1,9 +1,14 @@
 """secagg primitives against independent references: PyNaCl for the PRG, Python integers
-for Shamir, numpy for fixed point, PyNaCl for agreement."""
+for Shamir, PyNaCl for agreement, hashlib for the graph seed; the consistency quorum's
+intersection property exhaustively. (Fixed point: tests/test_encoding.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
 import os
+import struct
 
 import nacl.bindings
 import nacl.utils
@@ -13,17 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secagg import shamir
+from secagg.consistency import check_quorum, corrupt_count, quorum
 from secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
 from secagg.errors import ProtocolViolation
-from secagg.fixedpoint import (
-    decode_packed_sum,
-    decode_sum,
-    encode,
-    encode_packed,
-    packed_scale_for,
-    scale_for,
-)
-from secagg.graph import neighbours, neighbours_of, pairwise_sign
+from secagg.graph import effective_degree, graph_seed, neighbours, neighbours_of, pairwise_sign
+from secagg.messages import SERVER, AdvertiseKeys, RoundConfig
 from secagg.prg import add_mask, keystream
 
 seeds = st.binary(min_size=32, max_size=32)
@@ -143,69 +142,6 @@ def test_shamir_rejects_bad_input() -> None:
         shamir.reconstruct([1, 2], tampered[:2], 2)
 
 
-@settings(max_examples=50, deadline=None)
-@given(n=st.integers(1, 5000), bound=st.floats(1e-3, 1e3), data=st.data())
-def test_fixed_point_sum_cannot_wrap(n: int, bound: float, data) -> None:
-    scale = scale_for(bound, n)
-    assert n * (bound * scale + 0.5) < 2**31
-    extreme = data.draw(st.sampled_from([bound, -bound]))
-    total = np.zeros(3, dtype=np.uint32)
-    for _ in range(min(n, 50)):
-        total += encode(np.full(3, extreme), scale, bound)
-    # the exact worst case of n extreme inputs, computed without wrapping
-    worst = np.rint(extreme * scale) * n
-    assert abs(worst) < 2**31
-    np.testing.assert_allclose(decode_sum(total, scale),
-                               np.rint(extreme * scale) * min(n, 50) / scale)
-
-
-def test_fixed_point_matches_numpy_sum() -> None:
-    rng = np.random.default_rng(0)
-    vectors = rng.uniform(-2.0, 2.0, (100, 1000))
-    scale = scale_for(2.0, 100)
-    total = np.zeros(1000, dtype=np.uint32)
-    for v in vectors:
-        total += encode(v, scale, 2.0)
-    np.testing.assert_allclose(decode_sum(total, scale), vectors.sum(axis=0),
-                               atol=100 * 0.5 / scale)
-    with pytest.raises(ValueError, match="bound"):
-        encode(np.array([2.5]), scale, 2.0)
-    with pytest.raises(ValueError, match="NaN"):
-        encode(np.array([np.nan]), scale, 2.0)
-
-
-@settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 20_000))
-def test_packed_lanes_cannot_carry(n: int) -> None:
-    """n inputs of all ones (the largest a lane holds) sum to exactly n in every lane, with
-    masks that cancel mod 2^32 in the way: no lane spills into its neighbour."""
-    scale = packed_scale_for(n)
-    assert n * scale < 2**16 and (scale == 1 << 16 or n * 2 * scale >= 2**16)
-    if scale == 0:
-        return
-    ones = encode_packed(np.ones(5), scale)
-    assert ones.size == 3  # an odd count pads the last word's high lane with 0
-    rng = np.random.default_rng(n)
-    masks = rng.integers(0, 2**32, (2, 3), dtype=np.uint64).astype(np.uint32)
-    total = (ones.astype(np.uint64) * n + masks[0] + masks[1]).astype(np.uint32)
-    total -= masks[0]
-    total -= masks[1]
-    np.testing.assert_array_equal(decode_packed_sum(total, scale, 5), np.full(5, float(n)))
-
-
-def test_packed_rounding_is_unbiased_and_checks_its_range() -> None:
-    scale = packed_scale_for(1000)  # 64
-    values = np.full(20_000, 0.3)  # 19.2 steps: rounded to 19 or 20
-    total = encode_packed(values, scale).astype(np.uint64)
-    decoded = decode_packed_sum(total.astype(np.uint32), scale, values.size)
-    assert set(np.unique(decoded * scale)) == {19.0, 20.0}
-    # a mean of 0.3 within 4 standard errors (each rounding has variance 0.16 / scale^2)
-    assert abs(decoded.mean() - 0.3) < 4 * np.sqrt(0.16 / values.size) / scale
-    for bad in (np.array([1.01]), np.array([-0.01]), np.array([np.nan])):
-        with pytest.raises(ValueError, match="lie in"):
-            encode_packed(bad, scale)
-
-
 def test_mask_seed_agrees_on_both_ends_and_binds_round_and_ids() -> None:
     a, b = EphemeralKey.generate(), EphemeralKey.generate()
     assert mask_seed(a.secret, b.public, 7, 1, 2) == mask_seed(b.secret, a.public, 7, 2, 1)
@@ -263,3 +199,76 @@ def test_neighbour_graph(n: int, k: int) -> None:
     if k < n - 1:
         assert graph != neighbours(ids, k, os.urandom(32))  # the seed matters
     assert pairwise_sign(1, 2) == -pairwise_sign(2, 1) == 1
+
+
+def test_effective_degree_matches_the_graph() -> None:
+    for n, k in [(3, 1), (3, 2), (10, 3), (10, 4), (11, 9), (11, 10), (5, 100)]:
+        graph = neighbours(range(n), k, bytes(32))
+        assert {len(p) for p in graph.values()} == {effective_degree(n, k)}
+
+
+def test_graph_seed_is_sha256_over_the_documented_layout() -> None:
+    """Computed here with hashlib from the layout graph.py documents, not with graph.py."""
+    config = RoundConfig(7, SERVER, (2, 5, 9), (b"a" * 32, b"b" * 32, b"c" * 32), 2, 2, 1,
+                         10, b"terms", b"s" * 64)
+    ads = [AdvertiseKeys(7, i, bytes([i]) * 32, bytes([i + 1]) * 32, bytes([i + 2]) * 64)
+           for i in (9, 2, 5)]
+    signed = (b"fedcart/secagg/v2/round-config" + struct.pack("<Q", 7)
+              + struct.pack("<4I", 3, 2, 5, 9) + b"a" * 32 + b"b" * 32 + b"c" * 32
+              + struct.pack("<4I", 2, 2, 1, 10) + struct.pack("<I", 5) + b"terms")
+    assert config.signed_part() == signed
+    expected = hashlib.sha256(
+        b"fedcart/secagg/v2/graph-seed" + struct.pack("<I", len(signed)) + signed
+        + struct.pack("<I", 3) + b"".join(
+            struct.pack("<I", i) + bytes([i]) * 32 + bytes([i + 1]) * 32 + bytes([i + 2]) * 64
+            for i in (2, 5, 9))).digest()
+    assert graph_seed(config, ads) == graph_seed(config, ads[::-1]) == expected
+    # every field moves the seed: the signed config, each advertisement's every part
+    assert graph_seed(dataclasses.replace(config, terms=b"other"), ads) != expected
+    assert graph_seed(dataclasses.replace(config, signature=b"x" * 64), ads) == expected
+    for field in ("share_key", "mask_key", "signature"):
+        changed = dataclasses.replace(ads[0], **{field: b"\xff" * len(getattr(ads[0], field))})
+        assert graph_seed(config, [changed, *ads[1:]]) != expected
+    assert graph_seed(config, ads[1:]) != expected
+
+
+def test_quorum_is_more_than_half_of_n_plus_c() -> None:
+    assert [quorum(20, c) for c in (0, 1, 2, 19)] == [11, 11, 12, 20]
+    assert quorum(1000, 0) == 501 and quorum(3, 0) == 2
+    with pytest.raises(ValueError):
+        quorum(5, 5)
+    # ceil(fraction * n) without the float artefacts of math.ceil(0.07 * 100) == 8
+    assert [corrupt_count(100, 0.07), corrupt_count(20, 0.05), corrupt_count(20, 0.051),
+            corrupt_count(20, 0.0)] == [7, 1, 2, 0]
+
+
+def test_two_quorums_share_an_honest_signer() -> None:
+    """Exhaustively for small rounds: two sets of signers of quorum size, over n clients of
+    which c are corrupt (any c of them), always share an honest client: it would have had
+    to sign two different survivor sets."""
+    for n in range(3, 9):
+        for c in range(n):
+            q = quorum(n, c)
+            for a, b in itertools.combinations(itertools.combinations(range(n), q), 2):
+                assert len(set(a) & set(b)) > c
+            if q - 1 >= 1:  # one fewer and two disjoint-enough quorums exist
+                assert 2 * (q - 1) - n <= c
+
+
+def test_check_quorum_counts_distinct_valid_survivor_signatures() -> None:
+    keys = {i: IdentityKey.generate() for i in range(5)}
+    identity = {i: k.public for i, k in keys.items()}
+    statement = b"statement"
+    sigs = {i: k.sign(statement) for i, k in keys.items()}
+    survivors = frozenset(range(5))
+    check_quorum(identity, statement, survivors, [0, 1, 2], [sigs[i] for i in (0, 1, 2)], 3)
+    with pytest.raises(ProtocolViolation, match="quorum is 3"):
+        check_quorum(identity, statement, survivors, [0, 1], [sigs[0], sigs[1]], 3)
+    with pytest.raises(ProtocolViolation, match="not a survivor"):
+        check_quorum(identity, statement, frozenset({0, 1}), [0, 1, 2],
+                     [sigs[i] for i in (0, 1, 2)], 3)
+    with pytest.raises(ProtocolViolation, match="bad signature"):
+        check_quorum(identity, statement, survivors, [0, 1, 2], [sigs[0], sigs[1], sigs[0]], 3)
+    with pytest.raises(ProtocolViolation, match="bad signature"):
+        check_quorum(identity, b"another set", survivors, [0, 1, 2],
+                     [sigs[i] for i in (0, 1, 2)], 3)

@@ -1,5 +1,7 @@
-"""Whole SecAgg+ rounds in memory: exact sums under any dropout pattern the threshold
-allows, a clear failure otherwise; a malicious server refused; a hostile client dropped."""
+"""Whole SecAgg+ rounds in memory: exact sums under any dropout pattern the threshold and
+the consistency quorum allow, a clear failure otherwise; a malicious server refused; a
+hostile client dropped. (tests/test_malicious_server.py: the equivocating server, the
+device policy, the derived graph seed, the signed terms.)"""
 
 from __future__ import annotations
 
@@ -12,45 +14,52 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secagg.client import ClientRound, ClientState
+from secagg.consistency import quorum
 from secagg.crypto import IdentityKey
-from secagg.errors import ProtocolViolation, RemoteProtocolError
+from secagg.errors import ProtocolViolation, RemoteProtocolError, RoundFailed
 from secagg.graph import neighbours
 from secagg.local import PHASES, run_local_round
 from secagg.messages import (
+    Advertisements,
     MaskedInput,
-    NeighbourKeys,
     RoundConfig,
     UnmaskRequest,
     decode,
 )
+from secagg.policy import PERMISSIVE
 from secagg.server import ServerRound, ServerState
 
 ADVERTISE, SHARE, MASKED, CONSISTENCY, UNMASK = PHASES
 
 
-def expected_survivors(ids: list[int], graph: dict, t: int, drop_at: dict) -> set[int] | str:
+def expected_survivors(ids: list[int], degree: int, seed: bytes, t: int, q: int,
+                       drop_at: dict) -> set[int] | str:
     """An independent oracle: who survives each phase, with the clients' own aborts, and
-    whether every secret the server needs has t live holders. Returns the survivor set, or
-    a string naming why the round must fail."""
+    whether every secret the server needs has t live holders. The graph is drawn over the
+    advertisers from the round's derived ``seed``; every phase from ADVERTISE on needs
+    max(t, q) clients (q: the consistency quorum), and the advertisers one more than t (so
+    that each has t neighbours). Returns the survivor set, or a string naming why the round
+    must fail."""
     def alive_at(phase) -> set[int]:
         return {i for i in ids if drop_at.get(i) is None or drop_at[i] > phase}
 
+    need = max(t, q)
     u1 = alive_at(ADVERTISE)
-    if len(u1) < t:
+    if len(u1) < max(t + 1, q):
         return "advertised"
-    # a client with fewer than t advertising neighbours cannot share: it aborts
-    u2 = {u for u in alive_at(SHARE) & u1 if len(graph[u] & u1) >= t}
-    if len(u2) < t:
+    graph = neighbours(sorted(u1), degree, seed)
+    u2 = alive_at(SHARE) & u1  # every advertiser has t advertised neighbours: it shares
+    if len(u2) < need:
         return "shared"
     # a client that received fewer than t neighbours' shares aborts before masking
     u3 = {u for u in alive_at(MASKED) & u2 if len(graph[u] & u2) >= t}
-    if len(u3) < t:
+    if len(u3) < need:
         return "masked"
     u4 = alive_at(CONSISTENCY) & u3
-    if len(u4) < t:
+    if len(u4) < need:
         return "signed"
     u5 = alive_at(UNMASK) & u4
-    for owner in u3 | (u2 - u3):
+    for owner in u2:
         if len(graph[owner] & u2 & u5) < t:
             return "threshold"
     return u3
@@ -72,8 +81,14 @@ def test_random_rounds_are_exact_or_fail_clearly(data) -> None:
                if data.draw(st.floats(0, 1)) < rate}
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     inputs = {i: rng.integers(0, 2**32, 16, dtype=np.uint64).astype(np.uint32) for i in ids}
-    run = run_local_round(inputs, k, t, drop_at=drop_at)
-    oracle = expected_survivors(ids, neighbours(ids, k, run.server.graph_seed), t, drop_at)
+    corrupt = data.draw(st.integers(0, n // 4), label="corrupt")
+    run = run_local_round(inputs, k, t, drop_at=drop_at, corrupt=corrupt)
+    if run.server.graph_seed is None:  # too few advertised: no graph was drawn
+        assert run.server.state == ServerState.FAILED
+        assert "advertised keys" in run.server.failure
+        return
+    oracle = expected_survivors(ids, k, run.server.graph_seed, t, quorum(n, corrupt),
+                                drop_at)
     if isinstance(oracle, str):
         assert run.server.state == ServerState.FAILED
         assert "threshold" in run.server.failure
@@ -94,7 +109,8 @@ def test_failures_happen_exactly_when_the_oracle_says(seed: int) -> None:
                for i in rng.choice(12, int(rng.integers(2, 7)), replace=False)}
     inputs = {i: rng.integers(0, 2**32, 4, dtype=np.uint64).astype(np.uint32) for i in ids}
     run = run_local_round(inputs, 6, 4, drop_at=drop_at)
-    oracle = expected_survivors(ids, neighbours(ids, 6, run.server.graph_seed), 4, drop_at)
+    seed = run.server.graph_seed or bytes(32)
+    oracle = expected_survivors(ids, 6, seed, 4, quorum(12, 0), drop_at)
     if isinstance(oracle, set):
         assert run.server.state == ServerState.DONE and set(run.server.survivors) == oracle
     else:
@@ -126,12 +142,15 @@ def test_round_fails_naming_the_missing_secret() -> None:
 
 # -- a malicious server against honest clients -------------------------------------------
 class Setup:
-    def __init__(self, n: int = 5, k: int = 4, t: int = 3) -> None:
+    """A round of n honest clients (PERMISSIVE policy) and an honest server, stepped by
+    hand so that a test can change what the server sends."""
+
+    def __init__(self, n: int = 5, k: int = 4, t: int = 3, corrupt: int = 0) -> None:
         self.server_key = IdentityKey.generate()
         self.keys = {i: IdentityKey.generate() for i in range(n)}
         self.server = ServerRound(1, {i: k.public for i, k in self.keys.items()}, k, t, 4,
-                                  self.server_key)
-        self.clients = {i: ClientRound(i, key, self.server_key.public, 0)
+                                  self.server_key, corrupt=corrupt)
+        self.clients = {i: ClientRound(i, key, self.server_key.public, 0, policy=PERMISSIVE)
                         for i, key in self.keys.items()}
         for c in self.clients.values():
             c.set_input(np.ones(4, np.uint32))
@@ -201,14 +220,16 @@ def test_client_refuses_swapped_public_keys() -> None:
     s = Setup()
     s.deliver(s.step())  # advertise
     assert s.server.state == ServerState.SHARE
-    cid, data = s.server.data_to_send()[0]
-    m = decode(data)
-    assert isinstance(m, NeighbourKeys)
-    first, second = m.keys[0], m.keys[1]
-    swapped = dataclasses.replace(first, mask_key=second.mask_key)  # server-chosen key
-    evil = dataclasses.replace(m, keys=(swapped, *m.keys[1:]))
-    with pytest.raises(ProtocolViolation, match="bad signature"):
-        s.clients[cid].receive(evil.encode())
+    for cid, data in s.server.data_to_send():
+        m = decode(data)
+        assert isinstance(m, Advertisements)
+        neighbour = min(s.server.graph[cid])
+        first = next(k for k in m.keys if k.sender == neighbour)
+        second = next(k for k in m.keys if k.sender not in (neighbour, cid))
+        swapped = dataclasses.replace(first, mask_key=second.mask_key)  # server-chosen key
+        evil = dataclasses.replace(m, keys=tuple(swapped if k is first else k for k in m.keys))
+        with pytest.raises(ProtocolViolation, match="bad signature"):
+            s.clients[cid].receive(evil.encode())
 
 
 def test_client_refuses_replayed_and_unsigned_round_configs() -> None:
@@ -218,19 +239,50 @@ def test_client_refuses_replayed_and_unsigned_round_configs() -> None:
                              2: IdentityKey.generate().public}, 2, 2, 4, server_key)
     server.start()
     config = next(d for c, d in server.data_to_send() if c == 0)
+
+    def client(last: int, server_public: bytes = server_key.public) -> ClientRound:
+        return ClientRound(0, key, server_public, last_round_id=last, policy=PERMISSIVE)
+
     with pytest.raises(ProtocolViolation, match="replayed config"):
-        ClientRound(0, key, server_key.public, last_round_id=4).receive(config)
+        client(4).receive(config)
     m = decode(config)
     assert isinstance(m, RoundConfig)
-    with pytest.raises(ProtocolViolation, match="bad signature on the round config"):
-        ClientRound(0, key, server_key.public, 3).receive(
-            dataclasses.replace(m, degree=1).encode())
+    for change in ({"degree": 1}, {"corrupt": 1}, {"terms": b"other"}):
+        with pytest.raises(ProtocolViolation, match="bad signature on the round config"):
+            client(3).receive(dataclasses.replace(m, **change).encode())
     with pytest.raises(ProtocolViolation, match="bad signature"):
-        ClientRound(0, key, IdentityKey.generate().public, 3).receive(config)
-    client = ClientRound(0, key, server_key.public, 3)
-    client.receive(config)
+        client(3, IdentityKey.generate().public).receive(config)
+    accepted = client(3)
+    accepted.receive(config)
     with pytest.raises(ProtocolViolation, match="out of phase"):
-        client.receive(config)
+        accepted.receive(config)
+
+
+def test_server_fails_a_round_without_a_consistency_quorum() -> None:
+    """Six of nine survivors sign (t = 3 would do), the quorum for n = 9, c = 3 is 7: the
+    server fails the round rather than ask for shares no client would give."""
+    s = Setup(n=9, k=4, t=3, corrupt=3)
+    assert s.server.quorum == 7
+    s.run_to(ServerState.CONSISTENCY)
+    replies = s.step()
+    silent = sorted(replies)[:3]
+    with pytest.raises(RoundFailed, match=r"signed the survivor set: 6 clients, the round "
+                                          r"needs 7 .*consistency quorum 7"):
+        s.deliver({c: r for c, r in replies.items() if c not in silent})
+        s.server.deadline()
+    assert s.server.state == ServerState.FAILED and s.server.data_to_send() == []
+
+
+def test_client_refuses_a_survivor_set_below_the_quorum() -> None:
+    s = Setup(n=9, k=4, t=3, corrupt=3)
+    s.run_to(ServerState.CONSISTENCY)
+    cid, data = s.server.data_to_send()[0]
+    survivors = decode(data)
+    fewer = dataclasses.replace(survivors, survivors=tuple(sorted(
+        {cid, *[c for c in survivors.survivors if c != cid][:5]})))
+    with pytest.raises(RoundFailed, match="6 survivors, the round needs 7"):
+        s.clients[cid].receive(fewer.encode())
+    assert s.clients[cid].state == ClientState.FAILED and s.clients[cid].data_to_send() == []
 
 
 def test_client_rejects_a_message_from_another_round() -> None:

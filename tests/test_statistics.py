@@ -29,7 +29,7 @@ from model_export.statistics import (
     sum_contributions,
     triangle_size,
 )
-from model_export.update import L1, L2
+from protocol.terms import Norm
 
 baskets_strategy = st.lists(
     st.lists(st.integers(0, 19), min_size=1, max_size=8, unique=True).map(
@@ -51,7 +51,7 @@ def test_pair_index_walks_the_upper_triangle_row_by_row() -> None:
 @given(baskets=baskets_strategy, clip=st.floats(0.1, 50.0), l1=st.booleans())
 def test_contributions_are_the_users_pairs_clipped(baskets: list[np.ndarray], clip: float,
                                                    l1: bool) -> None:
-    norm = L1 if l1 else L2
+    norm = Norm.L1 if l1 else Norm.L2
     head = np.array([3, 0, 7, 11, 19, 5], np.int64)  # positions: 3->0, 0->1, 7->2, ...
     where = {int(item): pos for pos, item in enumerate(head)}
     pairs = set()

@@ -1,0 +1,1 @@
+"""The device-aggregator contract: the typed values both sides exchange and check."""
