@@ -604,18 +604,22 @@ class Aggregator:
         await asyncio.gather(*(self._send(cid, channel.control(
             "round", round_id=current.round_id, client_id=cid)) for cid in current.cohort))
 
-    @staticmethod
-    def _sum(groups: list[_Group], fmt: UpdateFormat, detail: dict) -> np.ndarray:
+    def _sum(self, groups: list[_Group], fmt: UpdateFormat, detail: dict) -> np.ndarray:
         """The completed groups' integer sums added up, each first clamped to what its
-        survivors could honestly have sent (UpdateFormat.clamp says why it is clamped, not
-        refused); ``detail`` records how many entries a group had outside that range."""
+        devices could honestly have sent (UpdateFormat.clamp says why it is clamped, not
+        refused). Under DP the range is for the format's group size, a constant, and how
+        many entries were outside it is neither stored nor logged: it depends on honest
+        inputs, without noise. Without DP, the range is the survivors' and ``detail``
+        records the count."""
+        dp = self.config.mechanism != "none"
         total = np.zeros(fmt.n_params, np.int64)
         for g in groups:
             if not g.done:
                 continue
             assert g.server.result is not None
-            sums, outside = fmt.clamp(fmt.decode(g.server.result), len(g.server.survivors))
-            if outside:
+            sums, outside = fmt.clamp(fmt.decode(g.server.result), fmt.group_size if dp
+                                      else len(g.server.survivors))
+            if outside and not dp:
                 detail["clamped_entries"] = detail.get("clamped_entries", 0) + outside
                 log.warning("round %d: group %d's sum had %d entries outside what its "
                             "devices can honestly send: clamped", g.server.round_id,
@@ -644,7 +648,12 @@ class Aggregator:
         the update of the trained groups, weighted; a statistics round's one clipped vector
         per device), and what a training round's devices do."""
         cfg, stats = self.config, self.config.statistics
-        packed = task != TRAIN and UpdateFormat.can_pack(group_size)  # values in [0, 1]
+        dp = cfg.mechanism != "none"
+        # a packed lane's carry moves the lane above it: a lying device could make one
+        # honest input move the sum by twice its sensitivity, so DP rounds are not packed.
+        # Under DP the scale is for the configured group size, a constant (see _sum).
+        packed = not dp and task != TRAIN and UpdateFormat.can_pack(group_size)
+        group_size = cfg.group_size if dp else group_size
         terms = RoundTerms(
             Task.POPULARITY, self.bundle.manifest.vocabulary_sha256,
             n_params=self.weights.n_items, clip_norm=stats.popularity_clip if stats else 1.0,
@@ -802,12 +811,26 @@ class Aggregator:
                 std, noise_norm = scale * math.sqrt(2), noise.laplace_norm_bound(sums.size,
                                                                                   scale)
             noised = sums + draw
-        values, limited = fmt.limit_norm(fmt.values(noised), current.survivors, noise_norm)
+        values, limited = fmt.limit_norm(fmt.values(noised), self._inputs_bound(current),
+                                         noise_norm)
         if limited:
             detail["norm_limited"] = True
             log.warning("round %d: the sum's norm exceeded what honest devices and the noise "
                         "reach: scaled down", current.round_id)
         return values, std / fmt.scale
+
+    def _inputs_bound(self, current: _Round) -> int:
+        """How many inputs the released sum's norm is bounded for. Without DP, the round's
+        survivors. Under DP a number that depends on no one's participation: the cohort
+        size Poisson sampling exceeds with probability below 1e-9 (q N + 6 sqrt(q N) + 1),
+        so that the bound, when a lying device makes it bind, reveals nothing."""
+        if self.config.mechanism == "none":
+            return current.survivors
+        cfg = self.config
+        rate = (cfg.statistics.sampling_rate if current.task in STATISTICS and cfg.statistics
+                else cfg.sampling_rate)
+        expected = rate * (cfg.population or self.store.enrolled())
+        return math.ceil(expected + 6 * math.sqrt(expected) + 1)
 
     async def _apply(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,
                      charge: RoundCharge | None, detail: dict) -> None:

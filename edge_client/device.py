@@ -48,6 +48,7 @@ from secagg.channel import checkin_statement
 from secagg.client import ClientRound
 from secagg.crypto import IdentityKey
 from secagg.errors import LocalProtocolError, RemoteProtocolError, RoundFailed
+from secagg.messages import RoundConfig
 
 __all__ = ["Device", "RoundReport"]
 
@@ -219,13 +220,25 @@ class Device:
         used = len(example_set) if examples is None else min(examples, len(example_set))
         return weights.flat().astype(np.float64) - start.flat(), used
 
-    def accept_terms(self, data: bytes) -> RoundTerms:
+    def accept_terms(self, data: bytes, participants: int = 1,
+                     vector_len: int | None = None) -> RoundTerms:
         """A round's signed terms, decoded and checked against this device's policy and
-        installed model; raises TermsError for terms it will not follow."""
+        installed model, and against the signed config they came in (its ``participants``
+        and ``vector_len``); raises TermsError for terms it will not follow."""
         if self.manifest is None:
             raise TermsError("no model installed")
         terms = RoundTerms.from_bytes(data)
         self.policy.check(terms, self.manifest)
+        try:
+            fmt = UpdateFormat.of(terms)
+        except ValueError as exc:
+            raise TermsError(f"the terms name no valid format: {exc}") from None
+        if terms.group_size < participants:
+            raise TermsError(f"the terms encode for groups of {terms.group_size}, the round "
+                             f"has {participants} participants: sums could overflow")
+        if vector_len is not None and vector_len != fmt.vector_len:
+            raise TermsError(f"the round aggregates {vector_len} words, the terms "
+                             f"{fmt.vector_len}")
         return terms
 
     def round_input(self, terms: RoundTerms, history: list[list[str]] | None = None,
@@ -384,10 +397,11 @@ class _Session:
         if self.messages_left == 0:
             await self.vanish()
 
-    def check_terms(self, data: bytes) -> None:
+    def check_terms(self, config: RoundConfig) -> None:
         """ClientRound's hook, run when the signed config arrives: keep the terms if this
         device accepts them (TermsError, a ValueError, refuses the round)."""
-        self.terms = self.device.accept_terms(data)
+        self.terms = self.device.accept_terms(config.terms, len(config.participants),
+                                              config.vector_len)
 
     async def provide_input(self, current: ClientRound, terms: RoundTerms) -> None:
         """Compute the round's input (local training, or a statistic) and give it to the
@@ -406,7 +420,9 @@ class _Session:
             self.examples = examples
             try:
                 await self.in_round(current.set_input, vector)
-            except LocalProtocolError:  # the round failed meanwhile; its end is reported
+            except LocalProtocolError as exc:
+                if self.round is current:  # not ended meanwhile: the input does not fit
+                    await self.refuse(f"cannot give the round its input: {exc}")
                 return
             await self.flush()
             await done.wait()

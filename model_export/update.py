@@ -23,8 +23,11 @@ import numpy as np
 
 from protocol.terms import Norm, RoundTerms, Task
 from secagg.fixedpoint import (
+    LANE,
     MIN_PACKED_SCALE,
+    WORD,
     bounded_round,
+    fold,
     pack,
     packed_scale_for,
     scale_for,
@@ -66,6 +69,8 @@ class UpdateFormat:
     # two values per word (secagg.fixedpoint): for inputs whose every value lies in [0, 1],
     # as a statistic's do; a training update's signed deltas never are
     packed: bool = False
+    # every value lies in [0, 1] (checked on encoding): a statistic's, packed or not
+    unit: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", Norm(self.norm))
@@ -73,6 +78,8 @@ class UpdateFormat:
                 and self.group_size >= 1 and self.n_params >= 1):
             raise ValueError("clip norm and weight cap must be positive, group size and "
                              "n_params at least 1")
+        if self.packed and not self.unit:
+            raise ValueError("only values in [0, 1] (unit) can be packed")
         if self.packed and not self.can_pack(self.group_size):
             raise ValueError(f"a group of {self.group_size} is too large to pack")
         if self.sensitivity < 1:
@@ -82,7 +89,7 @@ class UpdateFormat:
     def of(cls, terms: RoundTerms) -> UpdateFormat:
         """The format a round's terms set."""
         return cls(terms.n_params, terms.clip_norm, terms.group_size, terms.weight_cap,
-                   terms.norm, terms.packed)
+                   terms.norm, terms.packed, unit=terms.task is not Task.TRAIN)
 
     @staticmethod
     def can_pack(group_size: int) -> bool:
@@ -110,8 +117,8 @@ class UpdateFormat:
     @property
     def entry_range(self) -> tuple[int, int]:
         """The least and greatest integer one honest device sends in one entry."""
-        if self.packed:
-            return 0, min(int(self.scale), self.sensitivity)
+        if self.unit:
+            return 0, min(math.ceil(self.scale), self.sensitivity)
         return -self.sensitivity, self.sensitivity
 
     def weight(self, n_examples: int) -> float:
@@ -123,8 +130,8 @@ class UpdateFormat:
         if values.shape != (self.n_params,):
             raise ValueError(f"update has shape {values.shape}, expected ({self.n_params},)")
         clipped, _ = clip(values, self.clip_norm, self.norm)
-        if self.packed and clipped.size and (clipped.min() < 0 or clipped.max() > 1):
-            raise ValueError("packed values must lie in [0, 1]")
+        if self.unit and clipped.size and (clipped.min() < 0 or clipped.max() > 1):
+            raise ValueError("a statistic's values must lie in [0, 1]")
         x = self.weight(n_examples) * clipped * self.scale
         # clipping's float product can land an ulp above C * scale; the bound has SLACK
         return bounded_round(x, self.sensitivity, self.norm.order)
@@ -141,15 +148,18 @@ class UpdateFormat:
         return unpack(total, self.n_params) if self.packed else words_to_ints(total)
 
     def clamp(self, sums: np.ndarray, n_inputs: int) -> tuple[np.ndarray, int]:
-        """``sums`` (a group's, decoded) with every entry clamped to n times an entry's
-        honest range, and how many entries were outside it. Honest sums are never changed;
-        clamping is a projection, so it never moves two sums further apart: one honest
-        device still moves the result by at most the sensitivity, and the DP guarantee
-        holds whatever a lying device sent. (Refusing such a sum would not: whether a round
-        is refused would then depend on an honest device's input.)"""
+        """``sums`` (a group's, decoded) brought into n times an entry's honest range, read
+        modulo the word or lane (``secagg.fixedpoint.fold``), and how many entries were
+        outside it. Honest sums are never changed, and the fold never moves two sums further
+        apart, so one honest device still moves the result by at most the sensitivity
+        whatever a lying device sent: the DP guarantee holds. (Refusing such a sum would
+        not: whether a round is refused would then depend on an honest device's input.)
+        ``n_inputs`` at most the group size (the scale's headroom is for that many)."""
+        if not 1 <= n_inputs <= self.group_size:
+            raise ValueError(f"a group of this format has 1 to {self.group_size} inputs")
         low, high = self.entry_range
-        clamped = np.clip(sums, n_inputs * low, n_inputs * high)
-        return clamped, int(np.count_nonzero(clamped != sums))
+        folded = fold(sums, n_inputs * low, n_inputs * high, LANE if self.packed else WORD)
+        return folded, int(np.count_nonzero(folded != sums))
 
     def limit_norm(self, values: np.ndarray, n_inputs: int,
                    noise_norm: float = 0.0) -> tuple[np.ndarray, bool]:

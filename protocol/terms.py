@@ -119,7 +119,7 @@ class RoundTerms:
             raise TermsError(f"the terms take {len(data)} bytes, more than {MAX_TERMS}")
         try:
             raw = json.loads(data, parse_constant=_refuse_constant)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise TermsError(f"the terms are not JSON: {exc}") from None
         f = _Fields(raw, "terms")
         training = None
@@ -142,6 +142,14 @@ class RoundTerms:
                     head=tuple(f.integers("head")), training=training)
         f.done()
         return terms
+
+
+def _finite(value: float, what: str) -> float:
+    """``value`` as a float; an integer too large for one is a TermsError."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise TermsError(f"{what} is too large") from None
 
 
 def _refuse_constant(name: str) -> None:
@@ -169,7 +177,7 @@ class _Fields:
         return int(self._get(key, (int,)))
 
     def number(self, key: str) -> float:
-        return float(self._get(key, (int, float)))
+        return _finite(self._get(key, (int, float)), f"{self.what}: {key!r}")
 
     def text(self, key: str) -> str:
         return str(self._get(key, (str,)))
@@ -187,7 +195,7 @@ class _Fields:
         return self._list(key, (int,))
 
     def numbers(self, key: str) -> list[float]:
-        return [float(v) for v in self._list(key, (int, float))]
+        return [_finite(v, f"{self.what}: {key!r}") for v in self._list(key, (int, float))]
 
     def texts(self, key: str) -> list[str]:
         return self._list(key, (str,))

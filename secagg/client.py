@@ -86,16 +86,16 @@ class ClientRound:
     ``policy``: the device's rules for the round's parameters, pinned on the device (the
     default is safe for cohorts of 20 or more; tests of smaller in-memory rounds pass
     ``secagg.policy.PERMISSIVE``). ``check_terms``: the application's judgement of the
-    round's signed terms (``RoundConfig.terms``), called once the config's signature and
-    the policy are checked and before anything is sent; a ValueError (or
-    ProtocolViolation) it raises refuses the round. Once accepted, ``config`` is the round's
-    config and ``config.terms`` its terms."""
+    round config (its signed ``terms`` above all, against the rest of the config), called
+    once the config's signature and the policy are checked and before anything is sent; a
+    ValueError (or ProtocolViolation) it raises refuses the round. Once accepted,
+    ``config`` is the round's config and ``config.terms`` its terms."""
 
     def __init__(self, client_id: int, identity: IdentityKey, server_key: bytes,
                  last_round_id: int = -1,
                  random_bytes: Callable[[int], bytes] = os.urandom, *,
                  policy: ClientPolicy = DEFAULT_POLICY,
-                 check_terms: Callable[[bytes], None] | None = None) -> None:
+                 check_terms: Callable[[RoundConfig], None] | None = None) -> None:
         self.id = client_id
         self.identity = identity
         self.server_key = server_key
@@ -183,7 +183,7 @@ class ClientRound:
         self.policy.check(m)
         if self.check_terms is not None:
             try:
-                self.check_terms(m.terms)
+                self.check_terms(m)
             except (ValueError, ProtocolViolation) as exc:
                 raise ProtocolViolation(f"the round's terms were refused: {exc}") from exc
         if self._input is not None and self._input.size != m.vector_len:

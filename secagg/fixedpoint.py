@@ -10,12 +10,13 @@ norm; after a few draws the vector is shrunk to fit, and as a last resort rounde
 zero, which never raises any coordinate's magnitude. So ``norm(r) <= limit`` always holds:
 the sensitivity the noise is calibrated to is ``limit`` itself, not C s.
 
-Words: a signed integer goes in one uint32 word (two's complement); the cohort's modular sum
-decodes exactly as long as it stays within int32, which ``scale_for`` guarantees for honest
-inputs. Packed: non-negative integers below 2^16 go two to a word, as 16-bit lanes; masks mod
-2^32 cancel as before and honest lanes never carry into each other as long as each lane's
-sum over the cohort stays below 2^16 (``packed_scale_for``). Half the bytes, half the masks
-to expand: what makes a co-occurrence round over 2 million pairs affordable.
+Words: a signed integer goes in one uint32 word (two's complement). Packed: non-negative
+integers below 2^16 go two to a word, as 16-bit lanes; masks mod 2^32 cancel as before.
+Half the bytes, half the masks to expand: what makes a co-occurrence round over 2 million
+pairs affordable. The scales leave half the modulus as headroom: n honest inputs span at most
+2^31 (a word) or 2^15 (a lane), so the honest range of a sum covers at most half the circle,
+and ``fold`` can bring any modular sum back into it without ever moving two sums further
+apart (what a lying device's word cannot then undo).
 """
 
 from __future__ import annotations
@@ -25,36 +26,40 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["LANE", "MIN_PACKED_SCALE", "WORD_LIMIT", "bounded_round", "pack", "packed_scale_for",
-           "scale_for", "stochastic_round", "to_words", "unpack", "words_to_ints"]
+__all__ = ["LANE", "MIN_PACKED_SCALE", "WORD", "WORD_LIMIT", "bounded_round", "fold", "pack",
+           "packed_scale_for", "scale_for", "stochastic_round", "to_words", "unpack",
+           "words_to_ints"]
 
+WORD = 1 << 32
 WORD_LIMIT = (1 << 31) - 1
 LANE = 1 << 16
+_WORD_SPAN = 1 << 30  # n inputs' integers of magnitude <= bound * scale + 1 stay below this
+_LANE_SPAN = 1 << 15  # n lanes of at most scale sum to at most this
 MIN_PACKED_SCALE = 4  # below this many steps per unit, a cohort sends unpacked values
 REDRAWS = 4  # conditional rounding: draws at one size before shrinking
 SHRINKS = 6  # shrinkings before rounding towards zero
 
 
 def scale_for(bound: float, n_inputs: int) -> float:
-    """Largest power of two s with n_inputs * (bound * s + 1) < 2^31: the sum of n_inputs
-    integers of magnitude at most bound * s + 1 cannot leave int32 (powers of two keep the
-    scaling exact in float arithmetic)."""
+    """Largest power of two s with n_inputs * (bound * s + 1) < 2^30: the sums of n_inputs
+    integers of magnitude at most bound * s + 1 span less than half the word (powers of two
+    keep the scaling exact in float arithmetic)."""
     if bound <= 0 or n_inputs < 1:
         raise ValueError(f"need bound > 0 and n_inputs >= 1, got {bound}, {n_inputs}")
-    exponent = int(np.floor(np.log2((WORD_LIMIT / n_inputs - 1) / bound)))
+    exponent = int(np.floor(np.log2((_WORD_SPAN / n_inputs - 1) / bound)))
     scale = 2.0 ** exponent
-    while n_inputs * (bound * scale + 1) >= WORD_LIMIT:
+    while n_inputs * (bound * scale + 1) >= _WORD_SPAN:
         scale /= 2
     return scale
 
 
 def packed_scale_for(n_inputs: int) -> int:
-    """Largest power of two s with n_inputs * s < 2^16: n_inputs lanes of at most s cannot
-    carry (0 if none)."""
+    """Largest power of two s with n_inputs * s <= 2^15: n_inputs lanes of at most s span
+    at most half a lane (0 if none)."""
     if n_inputs < 1:
         raise ValueError(f"need n_inputs >= 1, got {n_inputs}")
-    scale = 1 << 16
-    while scale and n_inputs * scale >= LANE:
+    scale = 1 << 15
+    while scale and n_inputs * scale > _LANE_SPAN:
         scale >>= 1
     return scale
 
@@ -98,6 +103,19 @@ def bounded_round(x: np.ndarray, limit: int, order: int,
             # about their sum: it shrinks with the square of the factor, not the factor
             x = x * (limit / size) ** order
     return np.trunc(x).astype(np.int64)
+
+
+def fold(sums: np.ndarray, low: int, high: int, modulus: int) -> np.ndarray:
+    """Modular ``sums`` (any integers, read mod ``modulus``) brought into [low, high], with
+    2 (high - low) <= modulus: the identity on [low, high], a reflection back down from
+    high over the next high - low, and low beyond. The map is 1-Lipschitz on the circle, so
+    two sums that differ by one honest input (at most its norm, entry by entry, mod the
+    modulus) come out no further apart, wherever a lying input put them."""
+    width = high - low
+    if width < 0 or 2 * width > modulus:
+        raise ValueError(f"the range [{low}, {high}] needs 2 (high - low) <= {modulus}")
+    u = np.mod(np.asarray(sums, dtype=np.int64) - low, modulus)
+    return np.where(u <= width, low + u, np.where(u <= 2 * width, high - (u - width), low))
 
 
 def to_words(r: np.ndarray) -> np.ndarray:

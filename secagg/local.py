@@ -14,6 +14,7 @@ import numpy as np
 from secagg.client import ClientRound
 from secagg.crypto import IdentityKey
 from secagg.errors import RemoteProtocolError, RoundFailed
+from secagg.messages import RoundConfig
 from secagg.policy import PERMISSIVE, ClientPolicy
 from secagg.server import ServerRound, ServerState
 
@@ -44,7 +45,7 @@ def run_local_round(inputs: Mapping[int, np.ndarray], degree: int, threshold: in
                     identities: Mapping[int, IdentityKey] | None = None,
                     corrupt: int = 0, terms: bytes = b"",
                     policy: ClientPolicy = PERMISSIVE,
-                    check_terms: Callable[[bytes], None] | None = None) -> LocalRound:
+                    check_terms: Callable[[RoundConfig], None] | None = None) -> LocalRound:
     """Run one round to DONE or FAILED (then ``server.failure`` says why). ``policy`` is
     every client's: PERMISSIVE by default, since tests and simulations run cohorts smaller
     than a device's default policy accepts."""

@@ -75,3 +75,18 @@ def test_groups_smaller_than_two_rounds_are_refused() -> None:
     with pytest.raises(ConfigError, match="group_size must be at least twice"):
         AggregatorConfig(min_clients=3, group_size=5)
     assert AggregatorConfig(min_clients=3, group_size=6).group_size == 6
+
+
+def test_a_delta_not_well_under_one_over_n_is_refused() -> None:
+    """The issue's finding: delta 1/N^1.1 gave N delta = 0.43 at 4,335 devices."""
+    with pytest.raises(ConfigError, match=r"well under 1 / privacy\.population"):
+        AggregatorConfig(population=4335, delta=4335 ** -1.1)
+    assert AggregatorConfig(population=4335, delta=1 / 433_500).delta == 1 / 433_500
+
+
+def test_laplace_with_sampling_is_accounted_not_fatal() -> None:
+    """Sampled Laplace rounds used to stop the service (the RDP accountant could not
+    account them); they are accounted, and a target epsilon calibrates them."""
+    config = AggregatorConfig(mechanism="laplace", sampling_rate=0.05, target_epsilon=4.0,
+                              delta=1e-6)
+    assert config.mechanism == "laplace"

@@ -40,7 +40,7 @@ def test_encoded_norm_never_exceeds_the_charged_sensitivity(
     if packed:
         vector = np.minimum(vector, 1.0)
     try:
-        fmt = UpdateFormat(vector.size, clip_norm, group_size, weight_cap, norm, packed)
+        fmt = UpdateFormat(vector.size, clip_norm, group_size, weight_cap, norm, packed, packed)
     except ValueError:
         return  # a clip below one step: no device accepts such a format
     r = fmt.integers(vector, examples)
@@ -48,23 +48,25 @@ def test_encoded_norm_never_exceeds_the_charged_sensitivity(
     assert np.linalg.norm(r.astype(float), ord=norm.order) <= fmt.sensitivity
     low, high = fmt.entry_range
     assert r.min() >= low and r.max() <= high
-    # n honest extremes cannot leave a word (or a lane)
-    assert group_size * max(-low, high) < (LANE if packed else WORD_LIMIT)
+    # n honest inputs span at most half a word (or a lane): the fold's headroom
+    assert 2 * group_size * (high - low) <= (LANE if packed else 2**32)
 
 
-def test_a_heavy_shoppers_cooccurrence_is_sent_within_its_clip() -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_heavy_shoppers_cooccurrence_is_sent_within_its_clip(packed: bool) -> None:
     """The attack of the issue: a 200-item basket in a co-occurrence round (head 1,000,
-    C = 5) went out with norm 9.4 at 8 steps per unit. Now: within C (1 + SLACK) + one step,
-    at the scale of a group of 1,000."""
+    C = 5) went out with norm 9.4 at 8 steps per unit. Now within C (1 + SLACK) + one step,
+    at the scale of a group of 1,000 (32 steps packed, as rounds without DP send it)."""
     head = np.arange(1000)
     part = cooccurrence([np.arange(200)], head, 1000, 5.0)
-    fmt = UpdateFormat(triangle_size(1000), 5.0, 1000, packed=True)
-    assert fmt.scale == 64
-    for _ in range(20):
+    fmt = UpdateFormat(triangle_size(1000), 5.0, 1000, packed=packed, unit=True)
+    assert fmt.scale == 32 if packed else fmt.scale > 2**15
+    for _ in range(5):
         sent = fmt.integers(part.dense())
-        assert np.linalg.norm(sent.astype(float)) / fmt.scale <= 5.0 * (1 + SLACK) + 1 / 64
-    # and the charged sensitivity is what the noise is calibrated to: 5 (1 + SLACK), rounded
-    assert fmt.sensitivity == int(np.ceil(5.0 * 64 * (1 + SLACK)))
+        assert np.linalg.norm(sent.astype(float)) <= fmt.sensitivity
+    # the charged sensitivity is what the noise is calibrated to: 5 (1 + SLACK), rounded up
+    assert fmt.sensitivity == int(np.ceil(5.0 * fmt.scale * (1 + SLACK)))
+    assert fmt.sensitivity / fmt.scale <= 5.0 * (1 + SLACK) + 1 / fmt.scale
 
 
 def test_conditional_rounding_keeps_light_contributions_unbiased() -> None:
@@ -112,7 +114,7 @@ def test_update_codec_sums_like_numpy() -> None:
 def test_packed_statistics_sum_like_numpy() -> None:
     """A statistics round's packed format: half the words, the same sums (to rounding)."""
     rng = np.random.default_rng(1)
-    fmt = UpdateFormat(n_params=501, clip_norm=3.0, group_size=200, packed=True)
+    fmt = UpdateFormat(n_params=501, clip_norm=3.0, group_size=200, packed=True, unit=True)
     assert fmt.vector_len == 251 and UpdateFormat(501, 3.0, 200).vector_len == 501
     vectors = [(rng.random(501) < 0.05).astype(float) for _ in range(200)]
     total = np.zeros(fmt.vector_len, dtype=np.uint32)
@@ -123,7 +125,7 @@ def test_packed_statistics_sum_like_numpy() -> None:
     want = sum(clip(v, 3.0)[0] for v in vectors)
     assert np.abs(fmt.values(sums) - want).max() <= 200 / fmt.scale
     with pytest.raises(ValueError, match="too large to pack"):
-        UpdateFormat(n_params=5, clip_norm=1.0, group_size=20_000, packed=True)
+        UpdateFormat(n_params=5, clip_norm=1.0, group_size=20_000, packed=True, unit=True)
     with pytest.raises(ValueError, match="lie in"):
         fmt.encode(-vectors[0])  # a signed update is never packed
 
@@ -131,22 +133,22 @@ def test_packed_statistics_sum_like_numpy() -> None:
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_lying_device_is_held_to_the_honest_range(packed: bool) -> None:
     """A lying device's word can make an entry of its group's sum anything mod 2^32 (the
-    issue's attack added 4,095.9 to one item's popularity). The sum is clamped to what 10
+    issue's attack added 4,095.9 to one item's popularity). The sum is folded into what 10
     honest devices can send, entry by entry, and after the noise its norm is brought within
     10 sensitivities: within that a lie still moves the sum (docs/security.md), beyond it
     not. Honest sums pass unchanged."""
-    fmt = UpdateFormat(n_params=100, clip_norm=5.0, group_size=10, packed=packed)
+    fmt = UpdateFormat(n_params=100, clip_norm=5.0, group_size=10, packed=packed, unit=packed)
     bought = (np.arange(100) < 10).astype(float)  # norm 3.2 < 5: each entry is one unit
     honest = np.sum([fmt.encode(bought) for _ in range(9)], axis=0, dtype=np.uint32)
     sums, outside = fmt.clamp(fmt.decode(honest), 9)
     assert outside == 0 and np.array_equal(sums, 9 * fmt.integers(bought))
     high = fmt.entry_range[1]
     lie = np.zeros(100, np.int64)
-    lie[3] = 10 * high - sums[3] + 1  # one more than the honest maximum
+    lie[3] = 10 * high - sums[3] + 1  # one more than the honest maximum: folded back
     lie[50] = high + 7  # an item nobody bought: more than one device's maximum, in range
     forged = pack(lie) if packed else to_words(lie)
     sums, outside = fmt.clamp(fmt.decode(honest + forged), 10)
-    assert outside == 1 and sums[3] == 10 * high and sums[50] == high + 7
+    assert outside == 1 and sums[3] == 10 * high - 1 and sums[50] == high + 7
     values, limited = fmt.limit_norm(fmt.values(sums), 10)
     assert limited == (np.linalg.norm(sums.astype(float)) > 10 * fmt.sensitivity)
     assert np.linalg.norm(values) <= 10 * fmt.sensitivity / fmt.scale * (1 + 1e-12)
@@ -158,19 +160,29 @@ def test_a_lying_device_is_held_to_the_honest_range(packed: bool) -> None:
         assert np.linalg.norm(values) == pytest.approx(10 * fmt.sensitivity / fmt.scale)
 
 
-def test_clamping_never_moves_two_sums_further_apart() -> None:
-    """What keeps the DP guarantee whatever a liar sends: two sums that differ by one honest
-    device's contribution are no further apart once clamped (a projection)."""
-    fmt = UpdateFormat(n_params=50, clip_norm=2.0, group_size=10, packed=True)
-    rng = np.random.default_rng(3)
-    for _ in range(200):
-        lie = rng.integers(0, 2**16, 50)
-        honest = fmt.integers((rng.random(50) < 0.2).astype(float))
-        a = lie + rng.integers(0, 9 * fmt.entry_range[1], 50)
-        b = a + honest
-        ca, _ = fmt.clamp(a, 10)
-        cb, _ = fmt.clamp(b, 10)
-        assert np.linalg.norm(cb - ca) <= np.linalg.norm(b - a) <= fmt.sensitivity
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_lying_word_cannot_make_one_honest_input_count_twice(packed: bool) -> None:
+    """The wrap attack a review found: a liar sends a word just short of the modulus, so
+    that the modular sum wraps exactly when an honest target's input is in it, and a
+    clamp to the range maps the two sums to its opposite ends (one input moving the
+    release by 2 n Delta). The fold is 1-Lipschitz around the circle: with or without the
+    target, the results differ by at most the target's own norm, whatever the liar sends.
+    (Packed lanes are compared lane by lane here; a carry between lanes is why DP rounds
+    are not packed.)"""
+    fmt = UpdateFormat(n_params=40, clip_norm=2.0, group_size=20, packed=packed, unit=packed)
+    modulus = LANE if packed else 2**32
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        others = [fmt.integers((rng.random(40) < 0.3).astype(float)) for _ in range(18)]
+        target = fmt.integers((rng.random(40) < 0.3).astype(float))
+        base = np.sum(others, axis=0)
+        # the liar aims just below a wrap, or anywhere
+        lie = ((modulus - base - rng.integers(0, fmt.sensitivity + 2, 40)) % modulus
+               if rng.random() < 0.5 else rng.integers(0, modulus, 40))
+        without = fmt.clamp((base + lie) % modulus, 20)[0]
+        with_target = fmt.clamp((base + lie + target) % modulus, 20)[0]
+        moved = np.linalg.norm((with_target - without).astype(float))
+        assert moved <= np.linalg.norm(target.astype(float)) <= fmt.sensitivity
 
 
 def test_words_and_lanes_round_trip() -> None:
@@ -191,7 +203,7 @@ def test_packed_lanes_cannot_carry(n: int) -> None:
     """n inputs at a lane's largest honest value sum to exactly that in every lane, with
     masks that cancel mod 2^32 in the way: no lane spills into its neighbour."""
     scale = packed_scale_for(n)
-    assert n * scale < LANE and (scale == LANE or n * 2 * scale >= LANE)
+    assert n * scale <= LANE // 2 and (scale == LANE // 2 or n * 2 * scale > LANE // 2)
     if scale == 0:
         return
     top = pack(np.full(5, scale))

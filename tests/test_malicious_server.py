@@ -315,8 +315,8 @@ def test_terms_the_application_refuses_stop_the_round_before_advertising() -> No
     data = server.data_to_send()[0][1]
     seen: list[bytes] = []
 
-    def too_loose(got: bytes) -> None:
-        seen.append(got)
+    def too_loose(got: RoundConfig) -> None:
+        seen.append(got.terms)
         raise ValueError("clip norm 1000 exceeds this device's limit 64")
 
     client = ClientRound(0, keys[0], server_key.public, 2, check_terms=too_loose)
@@ -325,7 +325,7 @@ def test_terms_the_application_refuses_stop_the_round_before_advertising() -> No
     assert seen == [terms]  # the signed bytes, exactly
     assert client.state == ClientState.FAILED and client.data_to_send() == []
 
-    def violation(got: bytes) -> None:
+    def violation(got: RoundConfig) -> None:
         raise ProtocolViolation("not for this catalog")
 
     refusing = ClientRound(0, keys[0], server_key.public, 2, check_terms=violation)
@@ -356,7 +356,7 @@ def test_default_policy_round_with_dropouts_at_every_phase_sums_exactly() -> Non
     seen: list[bytes] = []
     # k = 10, t = 6: each client keeps t live neighbours whoever of the five drops
     run = run_local_round(inputs, 10, 6, drop_at=drop_at, policy=ClientPolicy(),
-                          terms=b"terms", check_terms=seen.append)
+                          terms=b"terms", check_terms=lambda c: seen.append(c.terms))
     assert run.server.state == ServerState.DONE, run.server.failure
     assert seen == [b"terms"] * n
     survivors = set(range(n)) - {0, 2, 4}  # dropped before their masked input was in

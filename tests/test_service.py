@@ -397,6 +397,8 @@ def test_statistics_rounds_release_exact_sums_then_publish_the_table(world) -> N
         ("completed", "popularity"), ("completed", "cooccurrence"), ("completed", "train")]
     assert all([r.status for r in rs] == ["completed"] * 3 for rs in reports)
     assert status["model_version"] == 2
+    # the exact count of devices with data is released nowhere (it was an unnoised release)
+    assert not any("devices" in r["detail"] for r in status["rounds"])
 
     v0 = read_bundle(state.bundles / "v00000000", server_key)
     index = {item: i for i, item in enumerate(v0.items)}

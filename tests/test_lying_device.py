@@ -1,0 +1,58 @@
+"""A device that lies about its input, against the real aggregator and honest devices: it
+cannot move the published model by more than the honest range allows, whatever words it
+masks, and the round completes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from aggregator.process import AggregatorProcess
+from model_export.bundle import read_bundle
+from protocol.terms import RoundTerms
+from tests.test_service import CONFIG, cli, make_world
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture
+def world(tmp_path):  # type: ignore[no-untyped-def]
+    return make_world(tmp_path)
+
+
+def test_a_lying_device_moves_the_model_no_further_than_the_clip(world) -> None:
+    """The issue's attacks: one device moved a training sum by L2 35.8 with clip 1, and a
+    tiny weight scaled the no-DP mean by 1.3e8. Here the liar masks int32's largest word in
+    every entry (no weight travels any more): its group's sum is clamped and the sum's norm
+    limited to what the honest range allows, so the model moves by at most the clip."""
+    state, devices = world
+    state.config.write_text(CONFIG.format(statistics="false", timeout=10.0, rounds=1)
+                            .replace('mechanism = "gaussian"', 'mechanism = "none"'))
+    liar = devices[0]
+
+    def lie(terms: RoundTerms, history: object = None) -> tuple[np.ndarray, int]:
+        del history
+        return np.full(terms.n_params, 0x7FFF_FFFF, np.uint32), 8
+
+    liar.round_input = lie  # type: ignore[method-assign]
+    server = AggregatorProcess(state.root)
+
+    async def everyone() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=1, timeout=120)
+                                      for d in devices))
+
+    reports = asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    assert all(r[0].status == "completed" for r in reports)
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    (round_,) = status["rounds"]
+    assert round_["status"] == "completed" and round_["detail"]["norm_limited"]
+    key = bytes(state.signing_key().verify_key)
+    before = read_bundle(state.bundles / "v00000000", key).weights().flat().astype(float)
+    after = read_bundle(state.bundles / "v00000001", key).weights().flat().astype(float)
+    # FedAvg at rate 1: the step is the mean, whose norm is at most one device's bound
+    # (clip 1, times 1 + SLACK, plus a step of rounding and float32's)
+    assert np.linalg.norm(after - before) <= 1.0 * (1 + 1 / 32) * 1.001
