@@ -101,6 +101,11 @@ BUNDLE_SENDS = 8  # bundles being sent at once
 LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
 
 
+class CannotCharge(RuntimeError):
+    """A round whose privacy cost cannot be accounted (its noise is too small for the
+    format's sensitivity): the service stops, saying why, rather than run it."""
+
+
 @dataclass
 class _Connection:
     client_id: int
@@ -485,7 +490,7 @@ class Aggregator:
         while not self.stopping.is_set():
             try:
                 outcome = await self._run_round()
-            except BudgetExceeded as exc:
+            except (BudgetExceeded, CannotCharge) as exc:
                 log.error("%s", exc)
                 self.stop()
                 return
@@ -530,8 +535,12 @@ class Aggregator:
         fmt = UpdateFormat.of(terms)
         charge = None
         if cfg.mechanism != "none":
-            charge = RoundCharge(round_id, sampling_rate, self.noise_multipliers[task],
-                                 Mechanism(cfg.mechanism), fmt.sensitivity)
+            try:
+                charge = RoundCharge(round_id, sampling_rate, self.noise_multipliers[task],
+                                     Mechanism(cfg.mechanism), fmt.sensitivity)
+            except ValueError as exc:
+                raise CannotCharge(f"round {round_id} ({task}) cannot be accounted: {exc}; "
+                                   "no round runs") from exc
             check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
         groups = [self._group(i, round_id, {cid: cohort[cid] for cid in ids}, fmt.vector_len,
                               terms)

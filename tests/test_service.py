@@ -333,6 +333,26 @@ def test_server_stops_before_the_budget_is_exceeded(world) -> None:
     assert status["epsilon"] <= 4.0
 
 
+def test_a_round_that_cannot_be_accounted_stops_the_service_saying_why(world) -> None:
+    """A noise multiplier too small for the format's sensitivity (a discrete Gaussian needs
+    sigma >= 4 steps) used to raise inside the round loop: the service must stop, say why,
+    and run no round."""
+    state, devices = world
+    state.config.write_text(CONFIG.format(statistics="false", timeout=5.0, rounds=0).replace(
+        "noise_multiplier = 1.5", "noise_multiplier = 1e-9"))
+    server = AggregatorProcess(state.root)
+
+    async def run() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=1, timeout=60)
+                                      for d in devices[:5]))
+
+    asyncio.run(run())
+    assert server.wait() == 0, server.log()
+    assert "cannot be accounted" in server.log() and "sigma" in server.log()
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    assert status["rounds"] == [] and status["epsilon"] == 0
+
+
 async def leaving_client(url: str, key: IdentityKey, server_key: bytes) -> None:
     """Checks in, then declines its round with a leave frame and stays connected."""
     async with connect(url, max_size=None) as ws:
