@@ -522,8 +522,7 @@ class Aggregator:
                         len(self.connections), cfg.min_connected, cfg.population_wait)
         self._waiting_since = None
         task = self._next_task()
-        sampling_rate = (cfg.statistics.sampling_rate if task in STATISTICS and cfg.statistics
-                         else cfg.sampling_rate)
+        sampling_rate = self._sampling_rate(task)
         cohort = self._sample(sampling_rate)
         if len(cohort) < cfg.min_clients:
             return "skipped"
@@ -828,6 +827,11 @@ class Aggregator:
                         "reach: scaled down", current.round_id)
         return values, std / fmt.scale
 
+    def _sampling_rate(self, task: str) -> float:
+        """q of a task's rounds: the statistics rounds have their own."""
+        stats = self.config.statistics
+        return stats.sampling_rate if task in STATISTICS and stats else self.config.sampling_rate
+
     def _inputs_bound(self, current: _Round) -> int:
         """How many inputs the released sum's norm is bounded for. Without DP, the round's
         survivors. Under DP a number that depends on no one's participation: the cohort
@@ -836,9 +840,7 @@ class Aggregator:
         if self.config.mechanism == "none":
             return current.survivors
         cfg = self.config
-        rate = (cfg.statistics.sampling_rate if current.task in STATISTICS and cfg.statistics
-                else cfg.sampling_rate)
-        expected = rate * (cfg.population or self.store.enrolled())
+        expected = self._sampling_rate(current.task) * (cfg.population or self.store.enrolled())
         return math.ceil(expected + 6 * math.sqrt(expected) + 1)
 
     async def _apply(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,

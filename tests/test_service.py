@@ -314,19 +314,27 @@ def test_token_enrollment_tls_laplace_and_fedadam(world, tmp_path) -> None:
     store.close()
 
 
-def test_server_stops_before_the_budget_is_exceeded(world) -> None:
-    state, devices = world
-    # z = 1.5 at q = 1: one round spends ~3.3 at delta 1e-5, two ~4.8: budget 4 allows one
-    state.config.write_text(CONFIG.format(statistics='false', timeout=5.0, rounds=0).replace(
-        "budget_epsilon = 1000.0", "budget_epsilon = 4.0"))
+def _serve_five(state, devices: list, rounds: int, setting: str,
+                changed: str) -> AggregatorProcess:
+    """Serve CONFIG with one setting changed until the service stops by itself, five devices
+    taking part in up to ``rounds`` rounds each; the stopped process."""
+    state.config.write_text(CONFIG.format(statistics="false", timeout=5.0, rounds=0).replace(
+        setting, changed))
     server = AggregatorProcess(state.root)
 
     async def run() -> list:
-        return await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=60)
+        return await asyncio.gather(*(d.participate(server.url, rounds=rounds, timeout=60)
                                       for d in devices[:5]))
 
     asyncio.run(run())
     assert server.wait() == 0, server.log()
+    return server
+
+
+def test_server_stops_before_the_budget_is_exceeded(world) -> None:
+    state, devices = world
+    # z = 1.5 at q = 1: one round spends ~3.3 at delta 1e-5, two ~4.8: budget 4 allows one
+    server = _serve_five(state, devices, 2, "budget_epsilon = 1000.0", "budget_epsilon = 4.0")
     assert "over the budget of 4" in server.log()
     status = json.loads(cli("status", "--state", str(state.root), "--json"))
     assert [r["status"] for r in status["rounds"]] == ["completed"]
@@ -338,16 +346,7 @@ def test_a_round_that_cannot_be_accounted_stops_the_service_saying_why(world) ->
     sigma >= 4 steps) used to raise inside the round loop: the service must stop, say why,
     and run no round."""
     state, devices = world
-    state.config.write_text(CONFIG.format(statistics="false", timeout=5.0, rounds=0).replace(
-        "noise_multiplier = 1.5", "noise_multiplier = 1e-9"))
-    server = AggregatorProcess(state.root)
-
-    async def run() -> list:
-        return await asyncio.gather(*(d.participate(server.url, rounds=1, timeout=60)
-                                      for d in devices[:5]))
-
-    asyncio.run(run())
-    assert server.wait() == 0, server.log()
+    server = _serve_five(state, devices, 1, "noise_multiplier = 1.5", "noise_multiplier = 1e-9")
     assert "cannot be accounted" in server.log() and "sigma" in server.log()
     status = json.loads(cli("status", "--state", str(state.root), "--json"))
     assert status["rounds"] == [] and status["epsilon"] == 0
