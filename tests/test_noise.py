@@ -134,8 +134,9 @@ def test_the_attack_check_has_power() -> None:
 
 def test_every_chunk_is_sampled() -> None:
     """Vectors longer than a chunk are filled everywhere (no unset memory left over): at
-    sigma 0.3 about 99% of draws are 0, in every chunk, and none is large."""
-    size = 2 * noise.CHUNK + 3
+    sigma 0.3 about 99% of draws are 0, in every chunk (the last one partial, but long
+    enough that 5% nonzero is a 1-in-10^30 event), and none is large."""
+    size = 2 * noise.CHUNK + 1000
     draws = noise.discrete_gaussian(size, 0.3)
     assert draws.shape == (size,) and np.abs(draws).max() <= 6
     for start in range(0, size, noise.CHUNK):
