@@ -24,10 +24,16 @@ import numpy as np
 
 from model_export.datasets import BasketData
 
-__all__ = ["Metrics", "Query", "Split", "evaluate", "make_split", "ranks_of_hidden"]
+__all__ = ["Metrics", "Query", "Split", "batch_size", "evaluate", "make_split",
+           "ranks_of_hidden"]
 
 TOP_K = 10
 SPLIT_SEED = 0
+# queries scored at once: at most MAX_BATCH, and at most what keeps one [B, V] float64 score
+# matrix within SCORES_BUDGET (a scorer and the ranking hold a few of them): 256 up to
+# V = 32,768, then fewer (167 at V = 50,000)
+MAX_BATCH = 256
+SCORES_BUDGET = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -138,8 +144,15 @@ def ranks_of_hidden(scores: np.ndarray, queries: list[Query] | tuple[Query, ...]
 Scorer = Callable[[list[Query]], np.ndarray]
 
 
-def evaluate(scorer: Scorer, split: Split, batch: int = 256) -> Metrics:
-    """Rank the catalog for every query with ``scorer`` (queries -> scores [B, V])."""
+def batch_size(n_items: int) -> int:
+    """Queries per scorer call for a catalog of ``n_items`` (MAX_BATCH, SCORES_BUDGET)."""
+    return max(1, min(MAX_BATCH, SCORES_BUDGET // (8 * n_items)))
+
+
+def evaluate(scorer: Scorer, split: Split, batch: int | None = None) -> Metrics:
+    """Rank the catalog for every query with ``scorer`` (queries -> scores [B, V]),
+    ``batch`` queries at a time (default :func:`batch_size`)."""
+    batch = batch_size(split.n_items) if batch is None else batch
     queries = list(split.queries)
     if not queries:
         raise ValueError(f"{split.name}: the split has no test queries")

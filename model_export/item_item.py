@@ -40,8 +40,13 @@ from model_export.statistics import (
     triangle_size,
 )
 
-__all__ = ["StatisticsSettings", "cosine_weights", "ease_weights", "exact_statistics",
-           "head_items", "item_table", "neighbour_table", "table_width", "unpack_triangle"]
+__all__ = ["EASE_COPIES", "StatisticsSettings", "cosine_weights", "ease_weights",
+           "exact_statistics", "head_items", "item_table", "neighbour_table", "table_width",
+           "unpack_triangle"]
+
+# dense M x M float64 arrays alive at once in an EASE computation: the Gram matrix and
+# ease_weights' working copy (which becomes B)
+EASE_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -104,19 +109,36 @@ def unpack_triangle(packed: np.ndarray, m: int) -> np.ndarray:
 
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     """EASE's B for Gram matrix ``gram`` (float64, symmetric) and ridge ``lam``, diagonal 0.
-    The inverse goes through a Cholesky factorization, half the work of a general one."""
-    g = np.array(gram, dtype=np.float64, copy=True)
-    g[np.diag_indices_from(g)] += lam
-    chol, info = lapack.dpotrf(g, lower=False, overwrite_a=True)
+    The inverse goes through a Cholesky factorization, half the work of a general one, and
+    every step works in one copy of ``gram``: EASE_COPIES dense M x M arrays at the peak."""
+    # LAPACK works in place on a Fortran-ordered array: the transpose of a C-ordered copy,
+    # which is the same matrix since the Gram matrix is symmetric
+    work = np.array(gram, dtype=np.float64, copy=True)
+    work[np.diag_indices_from(work)] += lam
+    chol, info = lapack.dpotrf(work.T, lower=False, overwrite_a=True)
     if info != 0:
         raise np.linalg.LinAlgError(f"EASE Gram matrix not positive definite (info={info})")
     p, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
     if info != 0:
         raise np.linalg.LinAlgError(f"EASE inverse failed (info={info})")
-    p = np.triu(p) + np.triu(p, 1).T
-    weights: np.ndarray = -p / np.diag(p)
+    _mirror_upper(p)
+    # B = -P / diag(P) column-wise; P is p, symmetric, and p.T the C-ordered result
+    diagonal = np.diag(p).copy()
+    p /= -diagonal[:, None]
+    weights: np.ndarray = p.T
     weights[np.diag_indices_from(weights)] = 0.0
     return weights
+
+
+def _mirror_upper(a: np.ndarray, block: int = 512) -> None:
+    """Copy ``a``'s upper triangle onto its lower one in place, a block of rows at a time
+    (no temporary as large as ``a``)."""
+    for start in range(0, len(a), block):
+        stop = min(start + block, len(a))
+        a[start:stop, :start] = a[:start, start:stop].T
+        part = a[start:stop, start:stop]
+        lower = np.tril_indices(stop - start, -1)
+        part[lower] = part.T[lower]
 
 
 def _ease_with_enough_ridge(gram: np.ndarray, lam: float) -> np.ndarray:

@@ -39,6 +39,8 @@ from simulation.federated import (
     run_federated,
 )
 from simulation.report import privacy_utility_rows, write_report
+from simulation.sizing import check_run
+from simulation.synth import Profile, generate
 
 console = Console(stderr=True)
 out = Console()
@@ -374,6 +376,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
                          noise_multiplier=noise_multiplier, **options)
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
                                       name_col, validation)
+    check_run(split, [settings], console.print, with_baselines)
     base, central = _reference_rows(split, settings.dim, with_baselines, with_central)
     result = _run_with_progress(split, names, settings, "", report_dir / "model")
     _write(report_dir, json_path, split, digest, settings.dim, base, central, [result])
@@ -409,6 +412,7 @@ def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Pat
     plans += [_settings(mechanism="gaussian", epsilon=e, **options) for e in targets]
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
                                       name_col, validation)
+    check_run(split, plans, console.print, with_baselines)
     base, central = _reference_rows(split, plans[0].dim, with_baselines, with_central)
     results: list[RunResult] = []
     for i, settings in enumerate(plans, 1):
@@ -419,6 +423,28 @@ def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Pat
         if result.interrupted:
             break
     _write(report_dir, json_path, split, digest, plans[0].dim, base, central, results)
+
+
+@main.command()
+@click.option("--users", type=click.IntRange(1), required=True, help="Users to generate.")
+@click.option("--items", type=click.IntRange(2), required=True, help="Catalog size V.")
+@click.option("--out", "out_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The .csv.gz to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--like", type=click.Choice([p.name.lower() for p in Profile]), default="uci",
+              show_default=True, help="The bundled set whose basket sizes, baskets per "
+                                      "user, repeat rate and popularity curve to imitate.")
+@with_clean_errors
+def synth(users: int, items: int, out_path: Path, seed: int, like: str) -> None:
+    """Synthetic baskets for scale tests and benchmarks only, never a quality claim: sizes,
+    counts and repeats shaped like a bundled set, items without real structure. Read it
+    back with --data FILE --user-col user_id --item-col item_id --time-col order_number."""
+    started = time.monotonic()
+    with console.status(f"writing {users:,} users over {items:,} items ..."):
+        made = generate(users, items, seed, out_path, Profile[like.upper()])
+    console.print(f"wrote {out_path}: {made.users:,} users, {made.items:,} items bought, "
+                  f"{made.baskets:,} baskets, {made.rows:,} rows "
+                  f"({time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":
