@@ -129,12 +129,17 @@ class UpdateFormat:
         within the sensitivity."""
         if values.shape != (self.n_params,):
             raise ValueError(f"update has shape {values.shape}, expected ({self.n_params},)")
-        clipped, _ = clip(values, self.clip_norm, self.norm)
+        # only the nonzero entries (NaN among them) are clipped and rounded: a zero stays
+        # zero either way, and a statistic has a few hundred nonzeros in 500,000 values
+        support = np.flatnonzero(values)
+        clipped, _ = clip(values[support], self.clip_norm, self.norm)
         if self.unit and clipped.size and (clipped.min() < 0 or clipped.max() > 1):
             raise ValueError("a statistic's values must lie in [0, 1]")
         x = self.weight(n_examples) * clipped * self.scale
+        out = np.zeros(self.n_params, np.int64)
         # clipping's float product can land an ulp above C * scale; the bound has SLACK
-        return bounded_round(x, self.sensitivity, self.norm.order)
+        out[support] = bounded_round(x, self.sensitivity, self.norm.order)
+        return out
 
     def encode(self, values: np.ndarray, n_examples: int = 1) -> np.ndarray:
         """The uint32 vector a device masks and sends."""
