@@ -34,7 +34,7 @@ sampling_rate = 0.5     # q: each connected, enrolled device joins a round with 
 min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
 min_connected = 0       # a round waits (up to population_wait) for this many checked-in devices
 population_wait = 60.0  # seconds a round waits for min_connected before it goes ahead
-group_size = 1000       # a larger cohort splits into groups, each its own SecAgg+ round
+group_size = 250        # a larger cohort splits into groups, each its own SecAgg+ round
 expected_dropout = 0.1  # share of a group's devices expected to drop out of a round
 corrupt_fraction = 0.0  # share of devices that may collude with the server
 failure_bound = 1e-6    # k and t keep P[a group fails] at expected_dropout below this
@@ -93,7 +93,7 @@ class AggregatorConfig:
     min_clients: int = 3
     min_connected: int = 0
     population_wait: float = 60.0
-    group_size: int = 1000
+    group_size: int = 250
     expected_dropout: float = 0.1
     corrupt_fraction: float = 0.0
     failure_bound: float = 1e-6

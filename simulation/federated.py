@@ -71,7 +71,7 @@ class FederatedSettings:
     noise_multiplier: float | None = None
     clip_norm: float | None = None
     secagg_k: int = 0  # 0: k and t chosen per group (secagg.params)
-    group_size: int = 1000
+    group_size: int = 250
     local_epochs: int = 1
     examples_per_round: int = 8
     batch_size: int = 64

@@ -214,7 +214,7 @@ def test_sigterm_during_a_thousand_device_masked_phase_stops_within_seconds(
     assert server.wait() == 0, server.log()[-2000:]
     assert stopped < 10, f"SIGTERM took {stopped:.1f} s"
     assert f"closing {n} connections" in server.log()
-    assert "round 1 (train): 1000 devices sampled in 1 group(s)" in server.log()
+    assert "round 1 (train): 1000 devices sampled in 4 group(s)" in server.log()
 
 
 def test_a_flood_of_late_messages_is_a_violation(tmp_path: Path) -> None:
