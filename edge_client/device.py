@@ -105,10 +105,11 @@ class Device:
         self.store = DeviceStore(Path(state_dir), blob_dir)
         self.server_key = server_key
         self.policy = policy or DevicePolicy()
-        seed = self.store.get("identity_seed")
-        if seed is None:
-            seed = os.urandom(32).hex()
-            self.store.put("identity_seed", seed)
+        with self.store.opened():  # one connection (and one checkpoint) for the identity
+            seed = self.store.get("identity_seed")
+            if seed is None:
+                seed = os.urandom(32).hex()
+                self.store.put("identity_seed", seed)
         self.identity = IdentityKey(bytes.fromhex(seed))
         self._recommender: OfflineRecommender | None = None
         current = self.current_bundle()
@@ -305,6 +306,7 @@ class _Session:
         self.round: ClientRound | None = None
         self.round_id = self.examples = 0
         self.terms: RoundTerms | None = None  # the current round's, once accepted
+        self.saved_round = 0  # the last round id this session wrote to the store
         self.bytes_up = self.bytes_down = 0
         self.messages_left: int | None = None
         # the round's cryptography (signatures, key agreements, shares, masks) runs in a
@@ -440,7 +442,12 @@ class _Session:
         if self.round is not current:  # it ended (refused, say) while the step ran
             return
         if current.config is not None:
-            self.device.store.put("last_round", str(current.config.round_id))
+            if self.saved_round != current.config.round_id:
+                # on disk before this device answers the config, so that a replay of it is
+                # refused after a restart too; once a round, in a thread: a write syncs
+                self.saved_round = current.config.round_id
+                await asyncio.to_thread(self.device.store.put, "last_round",
+                                        str(current.config.round_id))
             if self.input_task is None and self.terms is not None:
                 # computed beside the session, which goes on answering the protocol
                 self.input_task = asyncio.create_task(self.provide_input(current, self.terms))

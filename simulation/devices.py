@@ -1,6 +1,8 @@
 """Simulated devices in worker processes: each worker holds a shard of the population, every
 device with its own state directory (SQLite cart store, identity key) and only its own
 baskets, and runs them as asyncio tasks against the aggregator over loopback websockets.
+An idle device holds no file open (edge_client.store), only its connection: a worker's
+descriptors are one socket a device plus a margin (``_raise_fd_limit`` checks that first).
 
 This is the seam where a cluster backend (Ray, as DESIGN.md section 9 plans) would place the
 shards on other machines: a worker needs only its shard, the server's public key and URL,
@@ -17,6 +19,7 @@ between a parent and its own children):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import resource
@@ -65,27 +68,47 @@ class Shard:
     initial_bundle: Path  # model version 0, which the app ships with
 
 
-def _raise_fd_limit() -> None:
-    """Each device holds a socket and its SQLite files open."""
+# Descriptors a worker uses besides its devices' sockets, about 25: 9 at rest (stdio, its
+# pipe, onnxruntime's own cache database), the event loop's 3, and those of the store uses in
+# progress: 5 at most on the event loop (device.db, -wal, -shm, a blob being written and its
+# directory) and a blob read in each default-executor thread.
+FD_MARGIN = 64
+
+
+def _raise_fd_limit(devices: int) -> None:
+    """Raise the soft limit on open files to the hard one, then check that ``devices``
+    sockets (every device of the shard stays checked in: _live reconnects it whenever its
+    connection ends, and the server samples cohorts among the connected) fit with
+    FD_MARGIN; raise RuntimeError saying so before any device is created if not."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    del soft
+    with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel caps lower
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    need = devices + FD_MARGIN
+    if need > soft:
+        raise RuntimeError(
+            f"a worker of {devices:,} devices needs {need:,} open files (a socket each, "
+            f"plus {FD_MARGIN}), and the limit is {soft:,}: use more workers (at most "
+            f"{max(soft - FD_MARGIN, 0):,} devices each) or raise the hard limit "
+            "(ulimit -Hn)")
 
 
 def _make_devices(shard: Shard) -> list[Device]:
     """Each user's device with their baskets and the shipped model version 0 installed
-    (verified once: the worker's devices share a bundle store)."""
+    (verified once: the worker's devices share a bundle store). A device's setup shares
+    one database connection, closed before the next device's."""
     blobs = shard.root / "blobs" / f"worker{shard.worker}"
     shipped = read_bundle(shard.initial_bundle, shard.server_key).members()
     devices = []
     for index, (_, baskets) in enumerate(shard.users):
         device = Device(shard.root / "devices" / f"w{shard.worker}-{index:06d}",
                         shard.server_key, blob_dir=blobs, policy=POLICY)
-        if not device.store.baskets():
-            device.store.add_baskets([list(b) for b in baskets],
-                                     at=[float(t) for t in range(len(baskets))])
-        if device.manifest is None:
-            device.install_members(shipped, str(shard.initial_bundle))
+        with device.store.opened():
+            if not device.store.baskets():
+                device.store.add_baskets([list(b) for b in baskets],
+                                         at=[float(t) for t in range(len(baskets))])
+            if device.manifest is None:
+                device.install_members(shipped, str(shard.initial_bundle))
         devices.append(device)
     return devices
 
@@ -135,12 +158,10 @@ def worker_main(shard: Shard, pipe: Connection) -> None:
     """Entry point of a worker process."""
     logging.basicConfig(level=logging.ERROR)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    _raise_fd_limit()
+    _raise_fd_limit(len(shard.users))
     devices = _make_devices(shard)
     pipe.send(("keys", [d.identity.public for d in devices]))
     command, url = pipe.recv()
     if command == "go":
         asyncio.run(_run(devices, url, shard, pipe))
-    for device in devices:
-        device.store.close()
     pipe.send(("done", None))

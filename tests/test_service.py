@@ -400,7 +400,7 @@ def test_statistics_rounds_release_exact_sums_then_publish_the_table(world) -> N
     state, devices = world
     state.config.write_text(CONFIG.format(
         statistics="true\nhead_items = 12\nneighbours = 4\npopularity_clip = 2.0\n"
-                   "cooccurrence_clip = 3.0", timeout=10.0, rounds=1).replace(
+                   "cooccurrence_clip = 3.0", timeout=30.0, rounds=1).replace(
         'mechanism = "gaussian"', 'mechanism = "none"'))
     server = AggregatorProcess(state.root)
     server_key = bytes(state.signing_key().verify_key)
