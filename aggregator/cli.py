@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
+import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,12 +18,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aggregator.config import ConfigError, load_config
+from aggregator.config import AggregatorConfig, ConfigError, load_config
 from aggregator.privacy import epsilon_spent
-from aggregator.statedir import StateDir, init_state
+from aggregator.statedir import StateDir, StateDirInUse, init_state
 from aggregator.store import Store
 from model_export.cli_options import data_options, load_split
 from model_export.keys import read_public_key
+from protocol.transport import is_loopback
 
 out = Console()
 state_option = click.option("--state", "state_dir", required=True,
@@ -35,6 +39,17 @@ def _state(state_dir: Path) -> StateDir:
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
     return state
+
+
+def _config(state: StateDir, **overrides: Any) -> AggregatorConfig:
+    """The state's config.toml with the given options (None: not given) applied; a bad
+    file or value is a one-line error."""
+    try:
+        config = load_config(state.config)
+        return dataclasses.replace(config, **{k: v for k, v in overrides.items()
+                                              if v is not None})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,42 +106,92 @@ def token(state_dir: Path, ttl: float) -> None:
     store.close()
 
 
-@main.command()
-@state_option
-@click.option("--host", help="Listen address (default: config.toml's, 127.0.0.1).")
-@click.option("--port", type=click.IntRange(0, 65535), help="Port (0: any free port).")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
-              help="PEM certificate: serve wss://.")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
-@click.option("--max-rounds", type=click.IntRange(0), help="Stop after this many rounds.")
-@click.option("-v", "--verbose", is_flag=True, help="Log every connection.")
-def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | None,
-          tls_key: str | None, max_rounds: int | None, verbose: bool) -> None:
-    """Serve rounds until SIGTERM/SIGINT, --max-rounds, or the privacy budget is spent."""
-    from aggregator.service import Aggregator
+def _check_transport(config: AggregatorConfig, insecure: bool) -> None:
+    """Refuse plaintext on a network address unless the operator said --insecure: device
+    traffic carries their keys and masked updates, and a typo'd host must not expose it."""
+    if config.tls_cert:
+        _check_tls(config.tls_cert, config.tls_key)
+    elif not insecure and not is_loopback(config.host):
+        raise click.ClickException(
+            f"refusing to serve plaintext ws:// on {config.host or 'every interface'} (not "
+            "a loopback address): set tls_cert and tls_key ([server] in config.toml, or "
+            "--tls-cert/--tls-key), or pass --insecure")
 
-    state = _state(state_dir)
+
+def _check_tls(cert: str, key: str) -> None:
+    """Load the certificate and key now, so that a missing or bad file is named in one line
+    before anything starts (the service would otherwise fail deep in its startup)."""
+    for what, path in (("tls_cert", cert), ("tls_key", key)):
+        if not Path(path).is_file():
+            raise click.ClickException(f"{what}: {path} does not exist")
     try:
-        config = load_config(state.config)
-        given = {"host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key,
-                 "max_rounds": max_rounds}
-        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-        config = dataclasses.replace(config, **overrides)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise click.ClickException(f"cannot use TLS certificate {cert} with key {key}: "
+                                   f"{exc}") from exc
+
+
+def _listen_error(config: AggregatorConfig, exc: OSError) -> click.ClickException:
+    """A failure to listen (the port in use, say) as one line."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = ": choose another with --port or [server] port" if exc.errno == errno.EADDRINUSE \
+        else ""
+    return click.ClickException(f"cannot listen on {config.host}:{config.port}: {reason}"
+                                f"{hint}")
+
+
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("ort_format_model").setLevel(logging.WARNING)
+
+
+@main.command()
+@state_option
+@click.option("--host", help="Listen address (default: config.toml's, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (0: any free port).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="PEM certificate (chain): serve wss://.")
+@click.option("--tls-key", type=click.Path(dir_okay=False),
+              help="PEM private key of --tls-cert.")
+@click.option("--insecure", is_flag=True,
+              help="Allow plaintext ws:// on an address other than loopback (a test "
+                   "network only: anyone on the path reads and alters the traffic).")
+@click.option("--max-rounds", type=click.IntRange(0), help="Stop after this many rounds.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every connection.")
+def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | None,
+          tls_key: str | None, insecure: bool, max_rounds: int | None,
+          verbose: bool) -> None:
+    """Serve rounds until SIGTERM/SIGINT, --max-rounds, or the privacy budget is spent.
+    Takes the state directory for the process's life: a second serve on it is refused."""
+    from aggregator.service import Aggregator
+
+    state = _state(state_dir)
+    config = _config(state, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
+                     max_rounds=max_rounds)
+    _check_transport(config, insecure)
+    try:
+        lock = state.lock()
+    except StateDirInUse as exc:
+        raise click.ClickException(str(exc)) from exc
+    _configure_logging(verbose)
 
     async def run() -> None:
         aggregator = Aggregator(state, config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, aggregator.stop)
-        await aggregator.serve()
+        listening = asyncio.Event()
+        try:
+            await aggregator.serve(listening)
+        except OSError as exc:
+            if listening.is_set():  # not a failure to listen: a real fault, in full
+                raise
+            raise _listen_error(config, exc) from exc
 
-    asyncio.run(run())
+    with lock:
+        asyncio.run(run())
 
 
 @main.command()
@@ -135,8 +200,8 @@ def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | N
 def status(state_dir: Path, as_json: bool) -> None:
     """Rounds, model versions and privacy spent so far."""
     state = _state(state_dir)
+    config = _config(state)
     store = Store(state.database)
-    config = load_config(state.config)
     rounds, models = store.rounds(), store.models()
     eps = epsilon_spent(store.ledger(), config.delta)
     body = {"enrolled": store.enrolled(), "model_version": models[-1].version,
@@ -167,8 +232,8 @@ def status(state_dir: Path, as_json: bool) -> None:
 def ledger(state_dir: Path, as_json: bool) -> None:
     """The privacy ledger: every charged round and epsilon after it (RDP, and PLD)."""
     state = _state(state_dir)
+    delta = _config(state).delta
     store = Store(state.database)
-    delta = load_config(state.config).delta
     charges = store.ledger()
     store.close()
     rows = [{**dataclasses.asdict(c), "epsilon_rdp": epsilon_spent(charges[:i + 1], delta),

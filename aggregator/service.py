@@ -388,7 +388,11 @@ class Aggregator:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = await self._check_in(ws)
+        try:
+            conn = await self._check_in(ws)
+        except ConnectionClosed as exc:  # gone before its check-in: routine too, one line
+            log.info("a connection closed before its check-in: %s", exc)
+            return
         if conn is None:
             return
         try:

@@ -1,14 +1,20 @@
 """The aggregator's state directory, and ``init``: signing key, configuration with
 commented defaults, database, and model version 0.
 
-    config.toml   signing.key (mode 0600)   signing.pub   state.db   bundles/
+    config.toml   signing.key (mode 0600)   signing.pub   state.db   bundles/   serve.lock
+
+``serve.lock`` holds the pid of the ``serve`` process that has the directory: two services
+on one database would each run their own rounds and charge one privacy ledger twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import nacl.signing
 import numpy as np
@@ -19,9 +25,13 @@ from model_export.export import export_bundle
 from model_export.keys import load_or_create_signing_key
 from model_export.model import init_weights
 
-__all__ = ["StateDir", "init_state"]
+__all__ = ["StateDir", "StateDirInUse", "init_state"]
 
 HISTORY_DECAY = 0.9
+
+
+class StateDirInUse(RuntimeError):
+    """Another process holds the state directory's lock."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,33 @@ class StateDir:
     @property
     def bundles(self) -> Path:
         return self.root / "bundles"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "serve.lock"
+
+    def lock(self) -> IO[str]:
+        """Take the directory for this process, or raise StateDirInUse naming the holder.
+
+        The lock is an flock on ``serve.lock``, held while the returned file stays open
+        (close it to release, or let the process end): the kernel releases it when its
+        holder dies however it dies, so a SIGKILLed service leaves no stale lock behind."""
+        handle = self.lock_file.open("a+")  # not "w": that would erase the holder's pid
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise StateDirInUse(f"state directory {self.root} is in use by another "
+                                f"fedcart-aggregator (pid {holder})") from None
+        except BaseException:
+            handle.close()
+            raise
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
 
     def signing_key(self) -> nacl.signing.SigningKey:
         if not self.key.exists():

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import ssl
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
+import websockets
 
-from edge_client.device import Device
+from edge_client.device import Device, RoundReport
 from edge_client.recommender import OfflineRecommender, UnknownItemError
 from edge_client.store import DeviceStore
 from model_export.bundle import BundleError, read_bundle
 from model_export.keys import read_public_key
+from protocol.transport import is_loopback
 
 
 def _ids(text: str) -> list[str]:
@@ -31,7 +36,6 @@ state_option = click.option("--state", "state_dir", required=True,
 def _device(state_dir: Path) -> Device:
     store = DeviceStore(state_dir)
     key = store.get("server_key")
-    store.close()
     if key is None:
         raise click.ClickException(f"{state_dir} is not a device: run fedcart-device init")
     try:
@@ -59,7 +63,6 @@ def init(state_dir: Path, server_key: str, bundle_path: Path | None) -> None:
     if store.get("server_key") not in (None, key.hex()):
         raise click.ClickException(f"{state_dir} is pinned to another server key")
     store.put("server_key", key.hex())
-    store.close()
     device = Device(state_dir, key)
     if bundle_path is not None:
         try:
@@ -80,24 +83,107 @@ def add_basket(state_dir: Path, items: str) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+def _trust(ca_file: Path | None) -> ssl.SSLContext:
+    """A client context that trusts the CA certificates in ``ca_file`` (PEM) alone, or the
+    system's when None, and checks that the server's certificate names the URL's host."""
+    if ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except FileNotFoundError:
+        raise click.ClickException(f"--ca-file: {ca_file} does not exist") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise click.ClickException(f"--ca-file: {ca_file} holds no PEM CA certificate "
+                                   f"({exc})") from exc
+
+
+def _transport(url: str, ca_file: Path | None, insecure: bool) -> ssl.SSLContext | None:
+    """The TLS context to connect to ``url`` with (None: plaintext). Plaintext is refused
+    beyond loopback unless ``insecure``: the traffic carries this device's check-in and
+    masked updates."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    try:
+        valid = parts.scheme in ("ws", "wss") and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number in 0-65535
+        valid = False
+    if not valid or not host:
+        raise click.ClickException(f"{url}: the URL must be ws:// or wss://, e.g. "
+                                   "wss://aggregator.example:8765/ws")
+    if parts.scheme == "wss":
+        return _trust(ca_file)
+    if ca_file is not None:
+        raise click.ClickException("--ca-file is for wss:// URLs: this one is plaintext ws://")
+    if not insecure and not is_loopback(host):
+        raise click.ClickException(
+            f"refusing plaintext ws:// to {host} (not a loopback address): use "
+            "wss:// (with --ca-file for a private CA), or pass --insecure")
+    return None
+
+
+class _Warnings(logging.Handler):
+    """Keeps the device's warnings (a refused bundle, a round left, the server refusing
+    this device) to show when the session is over, the last one as the reason if the
+    session ended early."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+async def _participate(device: Device, url: str, rounds: int, token: str | None,
+                       tls: ssl.SSLContext | None) -> tuple[list[RoundReport], list[str]]:
+    """The session's round reports, and the warnings the device logged during it."""
+    warnings = _Warnings()
+    logger = logging.getLogger("fedcart.device")
+    logger.addHandler(warnings)
+    try:
+        reports = await device.participate(url, rounds, token, ssl_context=tls)
+    finally:
+        logger.removeHandler(warnings)
+    return reports, warnings.messages
+
+
 @main.command()
 @state_option
-@click.option("--url", required=True, help="The aggregator, e.g. ws://127.0.0.1:8765/ws")
+@click.option("--url", required=True,
+              help="The aggregator: wss://host:port/ws (ws:// only on loopback, e.g. "
+                   "ws://127.0.0.1:8765/ws, unless --insecure).")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM certificate of the CA to trust for a wss:// URL (a private CA; by "
+                   "default the system's CAs). The server's name is checked against it.")
+@click.option("--insecure", is_flag=True,
+              help="Allow plaintext ws:// to a host other than loopback (a test network "
+                   "only: anyone on the path reads and alters the traffic).")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--token", help="One-time enrollment token, for a first check-in.")
-def participate(state_dir: Path, url: str, rounds: int, token: str | None) -> None:
-    """Connect, take part in rounds of federated training, install the new model."""
+def participate(state_dir: Path, url: str, ca_file: Path | None, insecure: bool, rounds: int,
+                token: str | None) -> None:
+    """Connect, take part in rounds of federated training, install the new model. Exits
+    non-zero if the session ends before --rounds rounds (the aggregator refused this
+    device, say)."""
     import asyncio
 
+    tls = _transport(url, ca_file, insecure)
     device = _device(state_dir)
     try:
-        reports = asyncio.run(device.participate(url, rounds, token))
-    except (OSError, TimeoutError) as exc:
-        raise click.ClickException(f"cannot reach {url}: {exc}") from exc
+        reports, warnings = asyncio.run(_participate(device, url, rounds, token, tls))
+    except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+        raise click.ClickException(f"cannot reach {url}: {str(exc) or 'timed out'}") from exc
+    ended_early = len(reports) < rounds
+    for message in warnings[:-1] if ended_early else warnings:
+        click.echo(f"warning: {message}", err=True)
     for r in reports:
         click.echo(f"round {r.round_id}: {r.status}, {r.examples} examples, "
                    f"{r.bytes_up} bytes up, {r.bytes_down} bytes down")
     click.echo(f"model version {device.model_version}")
+    if ended_early:
+        reason = warnings[-1] if warnings else "the aggregator closed the connection"
+        raise click.ClickException(f"took part in {len(reports)} of {rounds} rounds: "
+                                   f"{reason}")
 
 
 @main.command()

@@ -62,10 +62,6 @@ class DeviceStore:
         # (thread, connection) of the open ``opened()`` block, if any
         self._held: tuple[int, sqlite3.Connection] | None = None
 
-    def close(self) -> None:
-        """Nothing to release: no file stays open between uses. Kept for the callers that
-        closed the store when it held its connection."""
-
     @contextlib.contextmanager
     def opened(self) -> Iterator[None]:
         """Hold one connection for the block: the calls made in it from this thread share

@@ -163,6 +163,5 @@ def test_sigkill_of_a_device_mid_swap_keeps_a_verified_bundle(
         assert device.current_bundle() is not None, f"trial {trial}: no verified bundle"
         assert device.recommend(["sku001"], 3)
         reached.append(device.model_version)
-        device.store.close()
     # the kills landed in the middle of the sequence of swaps, not only before or after it
     assert any(0 < v < len(versions) - 1 for v in reached), reached
