@@ -266,6 +266,15 @@ def _reference_rows(split: Split, dim: int, with_baselines: bool,
     return base, central
 
 
+def _round_line(run: str, record: RoundRecord) -> str:
+    """One round as a line of a log: what ran, how it ended, how long, and its quality."""
+    quality = f", HR@10 {record.hr:.4f}" if record.hr is not None else ""
+    spent = f", epsilon {record.epsilon:.2f}" if record.epsilon else ""
+    return (f"{run}: round {record.round} ({record.task}) {record.status}, "
+            f"{record.survivors}/{record.sampled} devices, {record.seconds:.0f} s"
+            f"{quality}{spent}")
+
+
 def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedSettings,
                        index: str, keep_model: Path) -> RunResult:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(),
@@ -291,6 +300,8 @@ def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedS
             if record.hr is not None:
                 fields["hr"] = f"{record.hr:.4f}"
             progress.update(task, **fields)
+            if not console.is_terminal:  # a log file gets a line a round instead of a bar
+                console.print(_round_line(f"{index}{settings.name()}", record))
 
         result = run_federated(split, names, settings, Path(tmp), on_round=on_round,
                                on_status=lambda m: progress.update(task, status=m),

@@ -25,9 +25,10 @@ from tests.process_owner import ProcessOwner
 FAST = ["--dim", "8", "--clients-per-round", "30", "--secagg-k", "20", "--no-central"]
 
 
-def run_cli(*args: str) -> None:
+def run_cli(*args: str) -> str:
     result = CliRunner().invoke(sim_main, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    return result.output
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,20 @@ def csv_report(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sim")
     csv = write_basket_csv(tmp / "shop.csv")
     report = tmp / "report"
-    run_cli("run", "--data", str(csv), *CSV_OPTS, "--rounds", "3", "--dropout", "0.2",
-            "--epsilon", "4", *FAST, "--report", str(report), "--json", str(tmp / "m.json"))
+    output = run_cli("run", "--data", str(csv), *CSV_OPTS, "--rounds", "3", "--dropout",
+                     "0.2", "--epsilon", "4", *FAST, "--report", str(report), "--json",
+                     str(tmp / "m.json"))
+    (tmp / "output.txt").write_text(output)
     return report
+
+
+def test_output_that_is_not_a_terminal_gets_a_line_a_round(csv_report: Path) -> None:
+    """A log file shows progress too: one line per round, in the order they ran."""
+    output = (csv_report.parent / "output.txt").read_text()
+    (run,) = json.loads((csv_report / "metrics.json").read_text())["runs"]
+    said = [line.split(": round ", 1)[1].split(",")[0] for line in output.splitlines()
+            if ": round " in line]
+    assert said == [f"{r['round']} ({r['task']}) {r['status']}" for r in run["rounds"]]
 
 
 def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
