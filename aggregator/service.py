@@ -466,8 +466,13 @@ class Aggregator:
             await old.ws.close(1000, "replaced by a newer connection")
         conn = _Connection(client_id, public_key, ws, model_version, held_files, follow_model)
         self.connections[client_id] = conn
-        await ws.send(channel.control("welcome", client_id=client_id,
-                                      model_version=self.model_version))
+        try:
+            await ws.send(channel.control("welcome", client_id=client_id,
+                                          model_version=self.model_version))
+        except ConnectionClosed:  # gone meanwhile: it must not count as checked in
+            if self.connections.get(client_id) is conn:
+                del self.connections[client_id]
+            raise
         if follow_model:
             await self._send_model(conn)
         return conn

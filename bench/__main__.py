@@ -18,7 +18,8 @@ from bench.population import bench_population
 from bench.round import bench_round
 
 BENCHES = {"recommend": model.bench_recommend, "train": model.bench_train,
-           "prg": secagg.bench_prg, "secagg": secagg.bench_secagg, "round": bench_round,
+           "prg": secagg.bench_prg, "secagg": secagg.bench_secagg,
+           "groups": secagg.bench_groups, "round": bench_round,
            "population": bench_population}
 
 

@@ -16,8 +16,8 @@ def test_quick_bench_writes_every_row(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert main(["--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg", "round",
-                                            "population"}
+    assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg", "groups",
+                                            "round", "population"}
     for row in rows:
         assert set(row) == FIELDS
         assert math.isfinite(row["value"]) and math.isfinite(row["ratio"])
