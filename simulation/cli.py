@@ -301,7 +301,8 @@ def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedS
                 fields["hr"] = f"{record.hr:.4f}"
             progress.update(task, **fields)
             if not console.is_terminal:  # a log file gets a line a round instead of a bar
-                console.print(_round_line(f"{index}{settings.name()}", record))
+                console.print(_round_line(f"{index}{settings.name()}", record),
+                              soft_wrap=True)
 
         result = run_federated(split, names, settings, Path(tmp), on_round=on_round,
                                on_status=lambda m: progress.update(task, status=m),
