@@ -518,20 +518,41 @@ class Aggregator:
         return {cid: c.public_key for cid, c in sorted(self.connections.items())
                 if secrets.randbits(53) < threshold}
 
+    def _population_ready(self, sampling_rate: float) -> bool:
+        """Whether the next round may start. It waits for ``min_connected`` check-ins, at
+        most ``population_wait``: a device that stays away must not stop the service (it is
+        then simply not sampled). A round over the whole population (q = 1, as the
+        statistics rounds are: their sums name the head items and build the table every
+        device gets) also needs ``population_share`` of the enrolled devices checked in,
+        and does not start without them, saying why once every ``population_wait``."""
+        cfg, connected, now = self.config, len(self.connections), time.monotonic()
+        self._waiting_since = self._waiting_since or now
+        waited = now - self._waiting_since
+        if sampling_rate >= 1.0:
+            enrolled = self.store.enrolled()
+            need = math.ceil(cfg.population_share * enrolled)
+            if connected < need:
+                if waited >= cfg.population_wait:
+                    log.warning("round waits: %d of %d enrolled devices are checked in, a "
+                                "round over the whole population needs %d "
+                                "(round.population_share %g)", connected, enrolled, need,
+                                cfg.population_share)
+                    self._waiting_since = now
+                return False
+        if connected < cfg.min_connected:
+            if waited < cfg.population_wait:
+                return False
+            log.warning("%d of %d devices checked in after %.0f s: the round goes ahead",
+                        connected, cfg.min_connected, cfg.population_wait)
+        self._waiting_since = None
+        return True
+
     async def _run_round(self) -> str:
         cfg = self.config
-        if len(self.connections) < cfg.min_connected:
-            # wait for the population to check in, but at most population_wait: a device
-            # that stays away must not stop the service (it is then simply not sampled)
-            now = time.monotonic()
-            self._waiting_since = self._waiting_since or now
-            if now - self._waiting_since < cfg.population_wait:
-                return "skipped"
-            log.warning("%d of %d devices checked in after %.0f s: the round goes ahead",
-                        len(self.connections), cfg.min_connected, cfg.population_wait)
-        self._waiting_since = None
         task = self._next_task()
         sampling_rate = self._sampling_rate(task)
+        if not self._population_ready(sampling_rate):
+            return "skipped"
         cohort = self._sample(sampling_rate)
         if len(cohort) < cfg.min_clients:
             return "skipped"

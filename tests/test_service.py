@@ -392,6 +392,39 @@ def test_a_device_that_leaves_does_not_hold_the_round_to_its_deadline(world) -> 
     assert max(round_row["detail"]["phase_seconds"].values()) < 60  # not the 300 s deadline
 
 
+def test_a_population_round_waits_for_its_share_and_says_why(world) -> None:
+    """The statistics rounds (q = 1) name the head items and build the table for everyone:
+    with half of the 12 enrolled devices checked in none starts, however long it waits,
+    and the log says why; once the rest check in, the rounds run."""
+    state, devices = world
+    state.config.write_text(CONFIG.format(statistics="true", timeout=30.0, rounds=1).replace(
+        "min_clients = 3", "min_clients = 3\npopulation_wait = 0.5"))
+    server = AggregatorProcess(state.root)
+    waits = "of 12 enrolled devices are checked in, a round over the whole population needs 11"
+
+    async def run() -> list:
+        first = [asyncio.create_task(d.participate(server.url, rounds=3, timeout=180))
+                 for d in devices[:6]]
+        deadline = time.monotonic() + 60
+        while waits not in server.log() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)  # four more population_waits
+        store = Store(state.database)
+        started = store.rounds()
+        store.close()
+        rest = [asyncio.create_task(d.participate(server.url, rounds=3, timeout=180))
+                for d in devices[6:]]
+        return [started, await asyncio.gather(*first, *rest)]
+
+    started, reports = asyncio.run(run())
+    assert server.wait() == 0, server.log()
+    assert waits in server.log() and started == []
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    assert [(r["status"], r["detail"]["task"]) for r in status["rounds"]] == [
+        ("completed", "popularity"), ("completed", "cooccurrence"), ("completed", "train")]
+    assert all([r.status for r in rs] == ["completed"] * 3 for rs in reports)
+
+
 def test_statistics_rounds_release_exact_sums_then_publish_the_table(world) -> None:
     """The first two rounds sum the devices' statistics: without DP noise the released sums
     equal the devices' clipped contributions added up (statistics.sum_contributions, the
