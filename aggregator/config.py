@@ -34,7 +34,7 @@ sampling_rate = 0.5     # q: each connected, enrolled device joins a round with 
 min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
 min_connected = 0       # a round waits (up to population_wait) for this many checked-in devices
 population_wait = 60.0  # seconds a round waits for min_connected before it goes ahead
-population_share = 0.9  # a round over every device (q = 1) starts only with this share checked in
+population_share = 0.9  # a statistics round over every device starts only with this share in
 group_size = 250        # a larger cohort splits into groups, each its own SecAgg+ round
 expected_dropout = 0.1  # share of a group's devices expected to drop out of a round
 corrupt_fraction = 0.0  # share of devices that may collude with the server
@@ -94,8 +94,8 @@ class AggregatorConfig:
     min_clients: int = 3
     min_connected: int = 0
     population_wait: float = 60.0
-    # the share of enrolled devices a round over the whole population (sampling rate 1, as
-    # the statistics rounds are) needs checked in: it does not start without them
+    # the share of enrolled devices a statistics round over the whole population (sampling
+    # rate 1) needs checked in: it does not start without them
     population_share: float = 0.9
     group_size: int = 250
     expected_dropout: float = 0.1

@@ -518,17 +518,18 @@ class Aggregator:
         return {cid: c.public_key for cid, c in sorted(self.connections.items())
                 if secrets.randbits(53) < threshold}
 
-    def _population_ready(self, sampling_rate: float) -> bool:
+    def _population_ready(self, task: str, sampling_rate: float) -> bool:
         """Whether the next round may start. It waits for ``min_connected`` check-ins, at
         most ``population_wait``: a device that stays away must not stop the service (it is
-        then simply not sampled). A round over the whole population (q = 1, as the
-        statistics rounds are: their sums name the head items and build the table every
-        device gets) also needs ``population_share`` of the enrolled devices checked in,
-        and does not start without them, saying why once every ``population_wait``."""
+        then simply not sampled). A statistics round over the whole population (q = 1: its
+        sums name the head items and build the table every device gets) also needs
+        ``population_share`` of the enrolled devices checked in, and does not start
+        without them, saying why once every ``population_wait``. (A training round is one
+        step of many: with q = 1 it still takes whoever is there.)"""
         cfg, connected, now = self.config, len(self.connections), time.monotonic()
         self._waiting_since = self._waiting_since or now
         waited = now - self._waiting_since
-        if sampling_rate >= 1.0:
+        if task in STATISTICS and sampling_rate >= 1.0:
             enrolled = self.store.enrolled()
             need = math.ceil(cfg.population_share * enrolled)
             if connected < need:
@@ -551,7 +552,7 @@ class Aggregator:
         cfg = self.config
         task = self._next_task()
         sampling_rate = self._sampling_rate(task)
-        if not self._population_ready(sampling_rate):
+        if not self._population_ready(task, sampling_rate):
             return "skipped"
         cohort = self._sample(sampling_rate)
         if len(cohort) < cfg.min_clients:
