@@ -102,8 +102,9 @@ def test_a_failed_group_costs_its_devices_and_the_others_sum_stands(tmp_path: Pa
                                  "popularity_clip = 2.0", timeout=10.0, rounds=1).replace(
         'mechanism = "gaussian"', 'mechanism = "none"').replace(
         # after round 1 the failed group's devices are gone: later rounds go ahead without
-        # them after population_wait
-        "min_clients = 3", "min_clients = 3\ngroup_size = 6\npopulation_wait = 5.0"))
+        # them after population_wait, the co-occurrence round with half the population
+        "min_clients = 3", "min_clients = 3\ngroup_size = 6\npopulation_wait = 5.0\n"
+                           "population_share = 0.5"))
     store = Store(state.database)
     marked = store.client_of(devices[0].identity.public)
     store.close()
