@@ -56,8 +56,8 @@ test: venv chromium
 	exit $$status
 
 lint: venv
-	$(VENV)/bin/ruff check model_export secagg edge_client aggregator simulation bench tests
-	$(VENV)/bin/mypy model_export secagg edge_client aggregator simulation
+	$(VENV)/bin/ruff check fedcart bench tests
+	$(VENV)/bin/mypy fedcart
 
 bench: venv
 	$(PY) -m bench --json bench/results/latest.json

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from bench.common import Row, seconds_per_call
-from model_export.features import ExampleSet
-from model_export.graphs import recommend_graph, train_step_graph
-from model_export.item_item import table_width
-from model_export.model import ITEM_ITEM, Neighbours, Weights, init_weights, sgd_step
-from model_export.runtime import Recommender, TrainStep
+from fedcart.model_export.features import ExampleSet
+from fedcart.model_export.graphs import recommend_graph, train_step_graph
+from fedcart.model_export.item_item import table_width
+from fedcart.model_export.model import ITEM_ITEM, Neighbours, Weights, init_weights, sgd_step
+from fedcart.model_export.runtime import Recommender, TrainStep
 
 GRID = [(169, 32), (4000, 32), (4000, 64), (50_000, 32), (50_000, 64)]
 QUICK_GRID = [(169, 32), (4000, 64)]

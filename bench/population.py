@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench.common import Row
-from secagg.groups import split_cohort
-from secagg.local import PHASES, run_local_round
-from secagg.params import SecAggParameters, binomial_cdf, choose
-from secagg.server import ServerState
+from fedcart.secagg.groups import split_cohort
+from fedcart.secagg.local import PHASES, run_local_round
+from fedcart.secagg.params import SecAggParameters, binomial_cdf, choose
+from fedcart.secagg.server import ServerState
 
 DIM = 64
 DROPOUTS = (0.1, 0.2)

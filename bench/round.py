@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.process import AggregatorProcess
-from aggregator.statedir import init_state
-from aggregator.store import Store
+from fedcart.aggregator.process import AggregatorProcess
+from fedcart.aggregator.statedir import init_state
+from fedcart.aggregator.store import Store
 from bench.common import Row
-from edge_client.device import Device
-from model_export.model import n_parameters
-from simulation.devices import POLICY
+from fedcart.edge_client.device import Device
+from fedcart.model_export.model import n_parameters
+from fedcart.simulation.devices import POLICY
 
 CONFIG = """
 [round]

@@ -16,11 +16,11 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from bench.common import Row, seconds_per_call
-from secagg.consistency import check_quorum, quorum
-from secagg.crypto import IdentityKey
-from secagg.graph import graph_seed, neighbours_of
-from secagg.local import PHASES, run_local_round
-from secagg.messages import (
+from fedcart.secagg.consistency import check_quorum, quorum
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.graph import graph_seed, neighbours_of
+from fedcart.secagg.local import PHASES, run_local_round
+from fedcart.secagg.messages import (
     SERVER,
     AdvertiseKeys,
     Advertisements,
@@ -28,8 +28,8 @@ from secagg.messages import (
     UnmaskRequest,
     consistency_statement,
 )
-from secagg.params import choose
-from secagg.prg import add_mask
+from fedcart.secagg.params import choose
+from fedcart.secagg.prg import add_mask
 
 MASKED = PHASES[2]
 

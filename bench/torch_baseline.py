@@ -1,6 +1,6 @@
 """PyTorch eager versions of the FedCart model, as benchmark baselines (the ``bench`` extra
 installs the torch 2.13.0 CPU build). Same parameters, same scores, same SGD step as
-model_export/model.py: EmbeddingBag (sum, scaled by 1/sqrt(n)) for the cart, a Linear layer
+fedcart/model_export/model.py: EmbeddingBag (sum, scaled by 1/sqrt(n)) for the cart, a Linear layer
 for e_out and the bias, the cart's item-item neighbours and the history blend added at their
 items (scatter_add)."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_export.features import Batch
-from model_export.model import ITEM_ITEM, Neighbours, Weights
+from fedcart.model_export.features import Batch
+from fedcart.model_export.model import ITEM_ITEM, Neighbours, Weights
 
 torch.set_num_threads(1)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_export.datasets import BasketData, load_instacart, load_uci
-from model_export.evaluation import Split, make_split
-from protocol.policy import DevicePolicy
-from secagg.policy import PERMISSIVE
+from fedcart.model_export.datasets import BasketData, load_instacart, load_uci
+from fedcart.model_export.evaluation import Split, make_split
+from fedcart.protocol.policy import DevicePolicy
+from fedcart.secagg.policy import PERMISSIVE
 from tests.process_owner import SESSION, ProcessOwner, end, left_running
 
 _SESSION_TMP = pytest.StashKey[Path]()

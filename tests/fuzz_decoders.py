@@ -14,10 +14,10 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from model_export.bundle import BundleError, Manifest, unpack_members, verify_members
-    from secagg import channel
-    from secagg.errors import MalformedMessage
-    from secagg.messages import decode
+    from fedcart.model_export.bundle import BundleError, Manifest, unpack_members, verify_members
+    from fedcart.secagg import channel
+    from fedcart.secagg.errors import MalformedMessage
+    from fedcart.secagg.messages import decode
 
 KEY = bytes(32)  # verification fails on a real signature check, after parsing
 

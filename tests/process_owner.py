@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aggregator.process import running
+from fedcart.aggregator.process import running
 
 END_TIMEOUT = 10.0  # seconds a SIGKILLed group may take to be gone
 
@@ -99,7 +99,7 @@ def _argument(argv: list[str], option: str) -> str | None:
 
 def _serves_under(argv: list[str], root: Path) -> bool:
     """Whether ``argv`` is this project's ``serve`` with a --state under ``root``."""
-    aggregator = any(a == "aggregator.cli" or Path(a).name == "fedcart-aggregator"
+    aggregator = any(a == "fedcart.aggregator.cli" or Path(a).name == "fedcart-aggregator"
                      for a in argv)
     state = _argument(argv, "--state")
     return (aggregator and "serve" in argv and state is not None

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_export.bundle import (
+from fedcart.model_export.bundle import (
     GRAPH_FILES,
     MANIFEST,
     PAYLOAD_FILES,
@@ -27,9 +27,9 @@ from model_export.bundle import (
     verify_members,
     vocabulary_digest,
 )
-from model_export.export import export_bundle
-from model_export.model import Neighbours, init_weights
-from model_export.runtime import Recommender
+from fedcart.model_export.export import export_bundle
+from fedcart.model_export.model import Neighbours, init_weights
+from fedcart.model_export.runtime import Recommender
 
 ITEMS = [f"sku{i:02d}" for i in range(20)]
 NAMES = [f"Product {i}" for i in range(20)]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from edge_client.cli import main as device_main
-from model_export.evaluation import make_split
-from simulation.cli import main as sim_main
+from fedcart.edge_client.cli import main as device_main
+from fedcart.model_export.evaluation import make_split
+from fedcart.simulation.cli import main as sim_main
 from tests.conftest import CSV_OPTS, synthetic_data
 
 

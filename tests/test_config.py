@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.config import AggregatorConfig, ConfigError, load_config, render_config
-from model_export.item_item import StatisticsSettings
-from model_export.model import TENSOR_NAMES
+from fedcart.aggregator.config import AggregatorConfig, ConfigError, load_config, render_config
+from fedcart.model_export.item_item import StatisticsSettings
+from fedcart.model_export.model import TENSOR_NAMES
 
 statistics = st.none() | st.builds(
     StatisticsSettings,

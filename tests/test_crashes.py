@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.process import AggregatorProcess
-from aggregator.statedir import init_state
-from aggregator.store import Store
-from edge_client.device import Device
-from model_export.bundle import GRAPH_FILES, pack_members, read_bundle
-from model_export.evaluation import make_split
-from model_export.export import export_bundle
-from model_export.model import init_weights
+from fedcart.aggregator.process import AggregatorProcess
+from fedcart.aggregator.statedir import init_state
+from fedcart.aggregator.store import Store
+from fedcart.edge_client.device import Device
+from fedcart.model_export.bundle import GRAPH_FILES, pack_members, read_bundle
+from fedcart.model_export.evaluation import make_split
+from fedcart.model_export.export import export_bundle
+from fedcart.model_export.model import init_weights
 from tests.conftest import SMALL_COHORTS, synthetic_data
 from tests.process_owner import ProcessOwner
 from tests.test_service import cli, ledger_matches_dp_accounting
@@ -121,7 +121,7 @@ def test_thirty_random_sigkills_lose_nothing_and_never_undercount(tmp_path: Path
 SWAPPER = """
 import sys
 from pathlib import Path
-from edge_client.device import Device
+from fedcart.edge_client.device import Device
 device = Device(Path(sys.argv[1]), bytes.fromhex(sys.argv[2]))
 print("ready", flush=True)
 for path in sys.argv[3:]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model_export.datasets import (
+from fedcart.model_export.datasets import (
     BUNDLED,
     CsvColumns,
     DataError,
@@ -57,7 +57,7 @@ def test_instacart_matches_data_readme() -> None:
 
 
 def test_bundled_files_match_their_recorded_hashes() -> None:
-    from model_export.datasets import _FILES  # the installed package data
+    from fedcart.model_export.datasets import _FILES  # the installed package data
 
     for filename, digest in BUNDLED.values():
         assert file_sha256(Path(str(_FILES / filename))) == digest

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.statedir import init_state
-from edge_client.device import Device
-from edge_client.store import MAX_BASKETS
-from model_export.bundle import (
+from fedcart.aggregator.statedir import init_state
+from fedcart.edge_client.device import Device
+from fedcart.edge_client.store import MAX_BASKETS
+from fedcart.model_export.bundle import (
     CONSTANT_FILES,
     GRAPH_FILES,
     BundleError,
@@ -20,11 +20,11 @@ from model_export.bundle import (
     read_bundle,
     unpack_members,
 )
-from model_export.export import export_bundle
-from model_export.model import N_BLEND, init_weights, pick
-from model_export.statistics import triangle_size
-from model_export.update import UpdateFormat
-from protocol.terms import Norm, RoundTerms, Task, TermsError, TrainingPlan
+from fedcart.model_export.export import export_bundle
+from fedcart.model_export.model import N_BLEND, init_weights, pick
+from fedcart.model_export.statistics import triangle_size
+from fedcart.model_export.update import UpdateFormat
+from fedcart.protocol.terms import Norm, RoundTerms, Task, TermsError, TrainingPlan
 
 ITEMS = [f"sku{i:02d}" for i in range(25)]
 

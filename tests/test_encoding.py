@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_export.statistics import cooccurrence, triangle_size
-from model_export.update import SLACK, UpdateFormat, clip
-from protocol.terms import Norm
-from secagg.fixedpoint import (
+from fedcart.model_export.statistics import cooccurrence, triangle_size
+from fedcart.model_export.update import SLACK, UpdateFormat, clip
+from fedcart.protocol.terms import Norm
+from fedcart.secagg.fixedpoint import (
     LANE,
     WORD_LIMIT,
     bounded_round,

@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model_export import baselines
-from model_export.evaluation import (
+from fedcart.model_export import baselines
+from fedcart.model_export.evaluation import (
     Query,
     evaluate,
     make_split,

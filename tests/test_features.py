@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_export.features import ExampleSet, history_of
+from fedcart.model_export.features import ExampleSet, history_of
 
 
 def reference(baskets: list[list[int]], cart: list[int], decay: float) -> dict[int, tuple]:

@@ -12,13 +12,13 @@ import nacl.signing
 import numpy as np
 import pytest
 
-from model_export.bundle import pack_members, read_bundle
-from model_export.export import export_bundle
-from model_export.model import init_weights
-from secagg import channel
-from secagg.crypto import IdentityKey
-from secagg.messages import MaskedInput
-from secagg.server import ServerRound
+from fedcart.model_export.bundle import pack_members, read_bundle
+from fedcart.model_export.export import export_bundle
+from fedcart.model_export.model import init_weights
+from fedcart.secagg import channel
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.messages import MaskedInput
+from fedcart.secagg.server import ServerRound
 
 pytestmark = pytest.mark.reliability
 

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from model_export.export import build_graphs
-from model_export.features import ExampleSet
-from model_export.graphs import OPSET, recommend_graph, train_step_graph
-from model_export.model import Neighbours, init_weights, scores, sgd_step
-from model_export.runtime import Recommender, TrainStep, make_session
+from fedcart.model_export.export import build_graphs
+from fedcart.model_export.features import ExampleSet
+from fedcart.model_export.graphs import OPSET, recommend_graph, train_step_graph
+from fedcart.model_export.model import Neighbours, init_weights, scores, sgd_step
+from fedcart.model_export.runtime import Recommender, TrainStep, make_session
 
 V, D = 40, 8
 LR = np.array([3.0, 2.0, 0.5, 0.1], np.float32)

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from aggregator.process import AggregatorProcess
-from aggregator.store import Store
-from edge_client import device as device_module
-from secagg import channel
-from secagg.channel import checkin_statement
-from secagg.crypto import IdentityKey
-from secagg.messages import _HEADER, MaskedInput, decode
+from fedcart.aggregator.process import AggregatorProcess
+from fedcart.aggregator.store import Store
+from fedcart.edge_client import device as device_module
+from fedcart.secagg import channel
+from fedcart.secagg.channel import checkin_statement
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.messages import _HEADER, MaskedInput, decode
 from tests.test_service import cli, config_for_all, make_world
 
 pytestmark = pytest.mark.reliability

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from aggregator.config import ConfigError, load_config
-from model_export.bundle import FORMAT_VERSION, PAYLOAD_FILES, BundleError, Manifest
-from model_export.datasets import BasketData, CsvColumns, DataError, load_csv
-from secagg import channel
-from secagg.errors import MalformedMessage
+from fedcart.aggregator.config import ConfigError, load_config
+from fedcart.model_export.bundle import FORMAT_VERSION, PAYLOAD_FILES, BundleError, Manifest
+from fedcart.model_export.datasets import BasketData, CsvColumns, DataError, load_csv
+from fedcart.secagg import channel
+from fedcart.secagg.errors import MalformedMessage
 
 pytestmark = pytest.mark.reliability
 
@@ -124,9 +124,9 @@ def packed_bundle(tmp_path_factory) -> bytes:
     import nacl.signing
     import numpy as np
 
-    from model_export.bundle import pack_members, read_bundle
-    from model_export.export import export_bundle
-    from model_export.model import init_weights
+    from fedcart.model_export.bundle import pack_members, read_bundle
+    from fedcart.model_export.export import export_bundle
+    from fedcart.model_export.model import init_weights
 
     key = nacl.signing.SigningKey(bytes(32))
     out = tmp_path_factory.mktemp("b") / "v1"
@@ -141,7 +141,7 @@ def test_received_bundle_bytes(packed_bundle: bytes, data) -> None:
     """What a device receives as a bundle frame: cut, flipped or junk bytes are refused."""
     import nacl.signing
 
-    from model_export.bundle import unpack_members, verify_members
+    from fedcart.model_export.bundle import unpack_members, verify_members
 
     raw = bytearray(packed_bundle)
     for _ in range(data.draw(st.integers(1, 4))):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from websockets.asyncio.server import serve
 
-from aggregator.statedir import init_state
-from edge_client.device import Device
-from model_export.bundle import pack_members, read_bundle
-from secagg import channel
-from secagg.crypto import IdentityKey
-from secagg.server import ServerRound
+from fedcart.aggregator.statedir import init_state
+from fedcart.edge_client.device import Device
+from fedcart.model_export.bundle import pack_members, read_bundle
+from fedcart.secagg import channel
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.server import ServerRound
 
 pytestmark = pytest.mark.reliability
 

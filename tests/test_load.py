@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from aggregator.process import AggregatorProcess
-from model_export.evaluation import make_split
-from simulation.federated import FederatedSettings, run_federated
+from fedcart.aggregator.process import AggregatorProcess
+from fedcart.model_export.evaluation import make_split
+from fedcart.simulation.federated import FederatedSettings, run_federated
 from tests.conftest import synthetic_data
 from tests.test_service import CONFIG, make_world
 

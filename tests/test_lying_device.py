@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from aggregator.process import AggregatorProcess
-from model_export.bundle import read_bundle
-from protocol.terms import RoundTerms
+from fedcart.aggregator.process import AggregatorProcess
+from fedcart.model_export.bundle import read_bundle
+from fedcart.protocol.terms import RoundTerms
 from tests.test_service import CONFIG, cli, make_world
 
 pytestmark = pytest.mark.reliability

@@ -18,13 +18,13 @@ import inspect
 import numpy as np
 import pytest
 
-from secagg.client import MASK_KEY, SELF_MASK, ClientRound, ClientState
-from secagg.consistency import quorum
-from secagg.crypto import IdentityKey, verify
-from secagg.errors import ProtocolViolation
-from secagg.graph import graph_seed, neighbours
-from secagg.local import PHASES, run_local_round
-from secagg.messages import (
+from fedcart.secagg.client import MASK_KEY, SELF_MASK, ClientRound, ClientState
+from fedcart.secagg.consistency import quorum
+from fedcart.secagg.crypto import IdentityKey, verify
+from fedcart.secagg.errors import ProtocolViolation
+from fedcart.secagg.graph import graph_seed, neighbours
+from fedcart.secagg.local import PHASES, run_local_round
+from fedcart.secagg.messages import (
     SERVER,
     Advertisements,
     ConsistencySignature,
@@ -35,8 +35,8 @@ from secagg.messages import (
     consistency_statement,
     decode,
 )
-from secagg.policy import PERMISSIVE, ClientPolicy
-from secagg.server import ServerRound, ServerState
+from fedcart.secagg.policy import PERMISSIVE, ClientPolicy
+from fedcart.secagg.server import ServerRound, ServerState
 
 N, DEGREE, T = 20, 4, 3  # the smallest cohort and degree the default policy accepts
 

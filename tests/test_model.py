@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_export.model import (
+from fedcart.model_export.model import (
     Neighbours,
     Weights,
     history_features,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from aggregator import noise
+from fedcart.aggregator import noise
 
 N = 100_000
 ALPHA = 1e-4  # significance of the fits: a correct sampler fails one in 10,000 runs

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.statedir import init_state
-from model_export.bundle import GRAPH_FILES, pack_members, read_bundle
-from model_export.evaluation import make_split
-from model_export.export import export_bundle
-from model_export.model import init_weights
-from simulation.devices import FD_MARGIN, Shard, _make_devices, _raise_fd_limit
-from simulation.federated import population
+from fedcart.aggregator.statedir import init_state
+from fedcart.model_export.bundle import GRAPH_FILES, pack_members, read_bundle
+from fedcart.model_export.evaluation import make_split
+from fedcart.model_export.export import export_bundle
+from fedcart.model_export.model import init_weights
+from fedcart.simulation.devices import FD_MARGIN, Shard, _make_devices, _raise_fd_limit
+from fedcart.simulation.federated import population
 from tests.conftest import synthetic_data
 
 DEVICES = 200

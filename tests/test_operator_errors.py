@@ -15,15 +15,15 @@ import pytest
 from click.testing import CliRunner
 from websockets.asyncio.client import connect
 
-from aggregator.cli import main as aggregator_main
-from aggregator.process import AGGREGATOR, AggregatorProcess
-from aggregator.statedir import StateDir, init_state
-from aggregator.store import Store
-from edge_client.cli import main as device_main
-from model_export.evaluation import make_split
-from secagg import channel
-from secagg.channel import checkin_statement
-from secagg.crypto import IdentityKey
+from fedcart.aggregator.cli import main as aggregator_main
+from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
+from fedcart.aggregator.statedir import StateDir, init_state
+from fedcart.aggregator.store import Store
+from fedcart.edge_client.cli import main as device_main
+from fedcart.model_export.evaluation import make_split
+from fedcart.secagg import channel
+from fedcart.secagg.channel import checkin_statement
+from fedcart.secagg.crypto import IdentityKey
 from tests.conftest import synthetic_data
 from tests.test_tls_cli import DEVICE, PROJECT, assert_one_line_error
 
@@ -169,7 +169,7 @@ SERVER_ONLY = ("onnx", "pandas", "scipy", "click", "dp_accounting")
 
 
 def test_import_edge_client_loads_no_server_dependency() -> None:
-    probe = ("import edge_client, sys; "
+    probe = ("import fedcart.edge_client, sys; "
              f"print(','.join(m for m in {SERVER_ONLY!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=60, cwd=PROJECT)
@@ -181,7 +181,7 @@ def test_the_public_api_keeps_a_device_across_instances(state: StateDir,
                                                         tmp_path: Path) -> None:
     """Everything ``__all__`` names exists; a device holds nothing open, so there is
     nothing to close, and a second instance on the same directory is the same device."""
-    import edge_client
+    from fedcart import edge_client
 
     for name in edge_client.__all__:
         assert getattr(edge_client, name) is not None

@@ -16,9 +16,9 @@ from dp_accounting import pld, rdp
 from scipy import integrate
 from scipy.special import logsumexp
 
-from aggregator import privacy
-from aggregator.optimizer import FedAdam, FedAvg, make_optimizer
-from aggregator.privacy import (
+from fedcart.aggregator import privacy
+from fedcart.aggregator.optimizer import FedAdam, FedAvg, make_optimizer
+from fedcart.aggregator.privacy import (
     SMOOTHING,
     Budget,
     BudgetExceeded,
@@ -35,8 +35,8 @@ from aggregator.privacy import (
     epsilon_spent,
     laplace_rdp,
 )
-from model_export.update import clip
-from protocol.terms import Norm
+from fedcart.model_export.update import clip
+from fedcart.protocol.terms import Norm
 
 GAUSSIAN, LAPLACE = Mechanism.GAUSSIAN, Mechanism.LAPLACE
 

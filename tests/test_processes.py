@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.process import TAIL_LINES, AggregatorProcess, running
-from aggregator.statedir import StateDir, init_state
-from model_export.evaluation import make_split
+from fedcart.aggregator.process import TAIL_LINES, AggregatorProcess, running
+from fedcart.aggregator.statedir import StateDir, init_state
+from fedcart.model_export.evaluation import make_split
 from tests.conftest import synthetic_data
 from tests.process_owner import ProcessOwner, Started, left_running, live_groups
 
@@ -65,7 +65,7 @@ def test_the_session_check_names_a_live_process_and_not_a_dead_one() -> None:
 def test_the_session_check_finds_an_aggregator_serving_under_its_tmp_dir(
         tmp_path: Path) -> None:
     owner = ProcessOwner()  # a stand-in with an aggregator's command line
-    fake = owner.popen([*SLEEP, "aggregator.cli", "serve", "--state", str(tmp_path / "agg")],
+    fake = owner.popen([*SLEEP, "fedcart.aggregator.cli", "serve", "--state", str(tmp_path / "agg")],
                        stdout=subprocess.PIPE, text=True)
     _ready(fake)
     assert [s.pid for s in left_running([], tmp_path)] == [fake.pid]

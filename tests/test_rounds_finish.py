@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from aggregator.process import AggregatorProcess
-from aggregator.store import Store
-from edge_client import device as device_module
-from model_export.bundle import read_bundle
-from model_export.statistics import POPULARITY, sum_contributions
-from secagg import channel
-from secagg.channel import checkin_statement
-from secagg.client import ClientRound, ClientState
-from secagg.crypto import IdentityKey
-from secagg.fixedpoint import packed_scale_for
-from secagg.policy import PERMISSIVE
+from fedcart.aggregator.process import AggregatorProcess
+from fedcart.aggregator.store import Store
+from fedcart.edge_client import device as device_module
+from fedcart.model_export.bundle import read_bundle
+from fedcart.model_export.statistics import POPULARITY, sum_contributions
+from fedcart.secagg import channel
+from fedcart.secagg.channel import checkin_statement
+from fedcart.secagg.client import ClientRound, ClientState
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.fixedpoint import packed_scale_for
+from fedcart.secagg.policy import PERMISSIVE
 from tests.test_service import cli, config_for_all, make_world
 
 pytestmark = pytest.mark.reliability

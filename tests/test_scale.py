@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from model_export import baselines
-from model_export.datasets import CsvColumns, load_csv
-from model_export.evaluation import Split, evaluate, make_split
-from model_export.item_item import EASE_COPIES
-from model_export.memory import AVAILABLE_ENV
-from simulation.central import baseline_rows
-from simulation.cli import main as sim_main
-from simulation.federated import FederatedSettings
-from simulation.sizing import TooLarge, check_run, needs
-from simulation.synth import COLUMNS, Profile, generate
+from fedcart.model_export import baselines
+from fedcart.model_export.datasets import CsvColumns, load_csv
+from fedcart.model_export.evaluation import Split, evaluate, make_split
+from fedcart.model_export.item_item import EASE_COPIES
+from fedcart.model_export.memory import AVAILABLE_ENV
+from fedcart.simulation.central import baseline_rows
+from fedcart.simulation.cli import main as sim_main
+from fedcart.simulation.federated import FederatedSettings
+from fedcart.simulation.sizing import TooLarge, check_run, needs
+from fedcart.simulation.synth import COLUMNS, Profile, generate
 
 SYNTH_COLUMNS = CsvColumns(user=COLUMNS[0], item=COLUMNS[2], time=COLUMNS[1])
 SYNTH_OPTS = ["--user-col", COLUMNS[0], "--item-col", COLUMNS[2], "--time-col", COLUMNS[1]]
@@ -180,7 +180,7 @@ def test_the_synth_command_writes_what_the_loader_reads(tmp_path: Path) -> None:
 
 
 def test_evaluation_batches_stay_within_their_budget(split: Split) -> None:
-    from model_export.evaluation import SCORES_BUDGET, batch_size
+    from fedcart.model_export.evaluation import SCORES_BUDGET, batch_size
 
     assert batch_size(3644) == batch_size(13880) == 256
     assert 8 * 50_000 * batch_size(50_000) <= SCORES_BUDGET

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg.errors import MalformedMessage
-from secagg.messages import (
+from fedcart.secagg.errors import MalformedMessage
+from fedcart.secagg.messages import (
     MAX_CLIENTS,
     MAX_TERMS,
     SERVER,

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from secagg.crypto import IdentityKey
-from secagg.errors import LateMessage, ProtocolViolation
-from secagg.graph import neighbours
-from secagg.groups import split_cohort
-from secagg.local import run_local_round
-from secagg.messages import AdvertiseKeys
-from secagg.params import binomial_cdf, choose, minimum_group
-from secagg.server import ServerRound, ServerState
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.errors import LateMessage, ProtocolViolation
+from fedcart.secagg.graph import neighbours
+from fedcart.secagg.groups import split_cohort
+from fedcart.secagg.local import run_local_round
+from fedcart.secagg.messages import AdvertiseKeys
+from fedcart.secagg.params import binomial_cdf, choose, minimum_group
+from fedcart.secagg.server import ServerRound, ServerState
 from tests.test_secagg_round import Setup
 
 

@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg import shamir
-from secagg.consistency import check_quorum, corrupt_count, quorum
-from secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
-from secagg.errors import ProtocolViolation
-from secagg.graph import effective_degree, graph_seed, neighbours, neighbours_of, pairwise_sign
-from secagg.messages import SERVER, AdvertiseKeys, RoundConfig
-from secagg.prg import add_mask, keystream
+from fedcart.secagg import shamir
+from fedcart.secagg.consistency import check_quorum, corrupt_count, quorum
+from fedcart.secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
+from fedcart.secagg.errors import ProtocolViolation
+from fedcart.secagg.graph import effective_degree, graph_seed, neighbours, neighbours_of, pairwise_sign
+from fedcart.secagg.messages import SERVER, AdvertiseKeys, RoundConfig
+from fedcart.secagg.prg import add_mask, keystream
 
 seeds = st.binary(min_size=32, max_size=32)
 

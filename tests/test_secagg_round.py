@@ -13,21 +13,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secagg.client import ClientRound, ClientState
-from secagg.consistency import quorum
-from secagg.crypto import IdentityKey
-from secagg.errors import ProtocolViolation, RemoteProtocolError, RoundFailed
-from secagg.graph import neighbours
-from secagg.local import PHASES, run_local_round
-from secagg.messages import (
+from fedcart.secagg.client import ClientRound, ClientState
+from fedcart.secagg.consistency import quorum
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.errors import ProtocolViolation, RemoteProtocolError, RoundFailed
+from fedcart.secagg.graph import neighbours
+from fedcart.secagg.local import PHASES, run_local_round
+from fedcart.secagg.messages import (
     Advertisements,
     MaskedInput,
     RoundConfig,
     UnmaskRequest,
     decode,
 )
-from secagg.policy import PERMISSIVE
-from secagg.server import ServerRound, ServerState
+from fedcart.secagg.policy import PERMISSIVE
+from fedcart.secagg.server import ServerRound, ServerState
 
 ADVERTISE, SHARE, MASKED, CONSISTENCY, UNMASK = PHASES
 

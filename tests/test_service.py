@@ -17,20 +17,20 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from aggregator.process import AGGREGATOR, AggregatorProcess
-from aggregator.statedir import init_state
-from aggregator.store import Store
-from edge_client import device as device_module
-from edge_client.device import Device
-from model_export.bundle import read_bundle
-from model_export.evaluation import make_split
-from model_export.item_item import StatisticsSettings, head_items, item_table
-from model_export.statistics import COOCCURRENCE, POPULARITY, sum_contributions
-from secagg import channel
-from secagg.channel import checkin_statement
-from secagg.client import ClientState
-from secagg.crypto import IdentityKey
-from secagg.fixedpoint import packed_scale_for
+from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
+from fedcart.aggregator.statedir import init_state
+from fedcart.aggregator.store import Store
+from fedcart.edge_client import device as device_module
+from fedcart.edge_client.device import Device
+from fedcart.model_export.bundle import read_bundle
+from fedcart.model_export.evaluation import make_split
+from fedcart.model_export.item_item import StatisticsSettings, head_items, item_table
+from fedcart.model_export.statistics import COOCCURRENCE, POPULARITY, sum_contributions
+from fedcart.secagg import channel
+from fedcart.secagg.channel import checkin_statement
+from fedcart.secagg.client import ClientState
+from fedcart.secagg.crypto import IdentityKey
+from fedcart.secagg.fixedpoint import packed_scale_for
 from tests.conftest import SMALL_COHORTS, synthetic_data
 
 CONFIG = """

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from websockets.asyncio.client import connect
 
-from aggregator.privacy import default_delta
-from model_export.model import group_size
-from simulation.cli import main as sim_main
-from simulation.report import PLOTS
+from fedcart.aggregator.privacy import default_delta
+from fedcart.model_export.model import group_size
+from fedcart.simulation.cli import main as sim_main
+from fedcart.simulation.report import PLOTS
 from tests.conftest import CSV_OPTS, write_basket_csv
 from tests.process_owner import ProcessOwner
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_export.item_item import (
+from fedcart.model_export.item_item import (
     StatisticsSettings,
     ease_weights,
     exact_statistics,
@@ -20,7 +20,7 @@ from model_export.item_item import (
     table_width,
     unpack_triangle,
 )
-from model_export.statistics import (
+from fedcart.model_export.statistics import (
     COOCCURRENCE,
     POPULARITY,
     check_head,
@@ -29,7 +29,7 @@ from model_export.statistics import (
     sum_contributions,
     triangle_size,
 )
-from protocol.terms import Norm
+from fedcart.protocol.terms import Norm
 
 baskets_strategy = st.lists(
     st.lists(st.integers(0, 19), min_size=1, max_size=8, unique=True).map(

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.statedir import init_state
-from edge_client.device import Device
-from model_export.bundle import pack_members, read_bundle
-from model_export.model import TENSOR_NAMES, group_size
-from protocol.policy import DevicePolicy
-from protocol.terms import MAX_TERMS, Norm, RoundTerms, Task, TermsError, TrainingPlan
+from fedcart.aggregator.statedir import init_state
+from fedcart.edge_client.device import Device
+from fedcart.model_export.bundle import pack_members, read_bundle
+from fedcart.model_export.model import TENSOR_NAMES, group_size
+from fedcart.protocol.policy import DevicePolicy
+from fedcart.protocol.terms import MAX_TERMS, Norm, RoundTerms, Task, TermsError, TrainingPlan
 
 ITEMS = [f"sku{i:02d}" for i in range(20)]
 PLAN = TrainingPlan(epochs=1, batch_size=8, learning_rates=(2.0, 2.0, 0.5, 0.05), examples=8,

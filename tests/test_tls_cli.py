@@ -19,16 +19,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from aggregator.process import AGGREGATOR, AggregatorProcess
-from aggregator.statedir import init_state
-from aggregator.store import Store
-from edge_client.cli import main as device_main
-from edge_client.device import Device
-from model_export.evaluation import make_split
+from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
+from fedcart.aggregator.statedir import init_state
+from fedcart.aggregator.store import Store
+from fedcart.edge_client.cli import main as device_main
+from fedcart.edge_client.device import Device
+from fedcart.model_export.evaluation import make_split
 from tests.conftest import SMALL_COHORTS, synthetic_data
 from tests.process_owner import ProcessOwner
 
-DEVICE = [sys.executable, "-m", "edge_client.cli"]
+DEVICE = [sys.executable, "-m", "fedcart.edge_client.cli"]
 PROJECT = Path(__file__).parent.parent
 COHORT = 20  # the smallest cohort a device's default policy joins (secagg.policy)
 CONFIG = f"""

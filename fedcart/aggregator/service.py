@@ -1,0 +1,956 @@
+"""The aggregator service: devices check in over websockets, rounds of secure aggregation
+run among a Poisson sample of them, and each round's noised mean update becomes a new signed
+model bundle.
+
+Each round has a task. With statistics enabled, the first two rounds sum the devices' basket
+statistics (fedcart/model_export/statistics.py): a popularity round, whose noised sum names the head
+items, then a co-occurrence round over them, from whose noised sum the item-item table is
+derived (fedcart/model_export/item_item.py) and published in a new model version. Every later round
+trains. All of them are charged to the same privacy ledger.
+
+A round's cohort is split into groups of at most ``round.group_size`` devices
+(``secagg.groups``), each its own SecAgg+ round with the degree and threshold its size and
+the expected dropout call for (``secagg.params``); the groups run side by side and their
+sums add up, so a group that fails costs its devices, not the round.
+
+The websocket code only moves bytes into and out of the sans-I/O ``ServerRound``s; a device
+whose bytes break the protocol is dropped from the round and disconnected, and the round
+goes on. A slow device is not a bad one: a message for a round that has ended, or from a
+device its group stopped waiting for, is counted and ignored, and the device stays
+connected for the next round. The CPU-bound end of a group (unmasking) runs in a worker
+thread, so check-ins and keepalives are served meanwhile. HTTP GET /healthz and /metrics
+(Prometheus) are served on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import secrets
+import shutil
+import ssl
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from fedcart.aggregator import noise
+from fedcart.aggregator.config import AggregatorConfig
+from fedcart.aggregator.optimizer import make_optimizer
+from fedcart.aggregator.privacy import (
+    Budget,
+    BudgetExceeded,
+    Mechanism,
+    RoundCharge,
+    Stage,
+    calibrate_plan,
+    check_budget,
+    epsilon_spent,
+)
+from fedcart.aggregator.statedir import StateDir
+from fedcart.aggregator.store import ModelRow, Statistic, Store
+from fedcart.model_export.bundle import (
+    CONSTANT_FILES,
+    GRAPH_FILES,
+    Bundle,
+    pack_members,
+    read_bundle,
+)
+from fedcart.model_export.export import export_bundle
+from fedcart.model_export.item_item import head_items, item_table
+from fedcart.model_export.model import Neighbours, Weights, place, trained_groups
+from fedcart.model_export.model import group_size as group_size_of
+from fedcart.model_export.statistics import (
+    COOCCURRENCE,
+    POPULARITY,
+    STATISTICS,
+    popularity_bias,
+    triangle_size,
+)
+from fedcart.model_export.update import TRAIN, UpdateFormat
+from fedcart.protocol.terms import Norm, RoundTerms, Task, TrainingPlan
+from fedcart.secagg import channel
+from fedcart.secagg.channel import checkin_statement
+from fedcart.secagg.client import PROTOCOL_MESSAGES
+from fedcart.secagg.consistency import corrupt_count
+from fedcart.secagg.crypto import IdentityKey, verify
+from fedcart.secagg.errors import LateMessage, ProtocolViolation, RemoteProtocolError, RoundFailed
+from fedcart.secagg.groups import split_cohort
+from fedcart.secagg.messages import envelope
+from fedcart.secagg.params import SecAggParameters, choose
+from fedcart.secagg.server import ServerRound, ServerState
+
+__all__ = ["Aggregator"]
+
+log = logging.getLogger("fedcart.aggregator")
+CHECKIN_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0  # seconds a closing connection waits for the device's close frame
+BUNDLE_SENDS = 8  # bundles being sent at once
+LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
+
+
+class CannotCharge(RuntimeError):
+    """A round whose privacy cost cannot be accounted (its noise is too small for the
+    format's sensitivity): the service stops, saying why, rather than run it."""
+
+
+@dataclass
+class _Connection:
+    client_id: int
+    public_key: bytes
+    ws: ServerConnection
+    model_version: int
+    held_files: frozenset[str]  # sha256 of bundle files the device says it holds
+    follow_model: bool  # send it every new version, not only when it is sampled
+    late: dict[int, int] = field(default_factory=dict)  # late messages of its latest round
+
+
+@dataclass
+class _Group:
+    """One group of a round: its own SecAgg+ round over some of the cohort."""
+
+    index: int
+    server: ServerRound
+    params: SecAggParameters
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.server.state == ServerState.DONE and self.server.result is not None
+
+    def summary(self) -> dict:
+        return {"devices": self.params.n, "k": self.params.degree,
+                "t": self.params.threshold, "failure_bound": self.params.failure,
+                "survivors": len(self.server.survivors) if self.done else 0,
+                "status": "completed" if self.done else "failed",
+                "reason": self.server.failure}
+
+
+@dataclass
+class _Round:
+    round_id: int
+    task: str
+    cohort: dict[int, bytes]
+    groups: list[_Group]
+    head: np.ndarray | None = None  # a co-occurrence round's head items
+    bytes_up: int = 0
+    late: int = 0  # messages that came after their group stopped waiting for them
+    loop_stall: float = 0.0  # the event loop's longest stall during the round, seconds
+    told_over: set[int] = field(default_factory=set)  # late devices told the round is over
+
+    def __post_init__(self) -> None:
+        self.group_of = {cid: g for g in self.groups for cid in g.server.participants}
+
+    @property
+    def survivors(self) -> int:
+        return sum(len(g.server.survivors) for g in self.groups if g.done)
+
+    def dropped(self) -> dict[int, str]:
+        """Why each device of the round is not in its sum: dropped within a group that
+        completed (a survivor that missed a later deadline is in the sum), or a member of
+        a group that failed."""
+        out: dict[int, str] = {}
+        for g in self.groups:
+            if g.done:
+                survivors = set(g.server.survivors)
+                out.update((c, why) for c, why in g.server.dropped.items()
+                           if c not in survivors)
+            else:
+                out.update(dict.fromkeys(g.server.participants,
+                                         f"group {g.index} failed"))
+        return out
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Each phase's longest time over the groups."""
+        out: dict[str, float] = {}
+        for g in self.groups:
+            for phase, seconds in g.phase_seconds.items():
+                out[phase] = max(out.get(phase, 0.0), seconds)
+        return out
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, it is not
+    inherited from the parent across fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class _Model:
+    """A published model version as the service serves it: the verified bundle and two
+    frames shared by every send (not a copy per device): the whole bundle, and for a device
+    that holds the files that never change, the rest."""
+
+    bundle: Bundle
+    constant_files: frozenset[str]
+    bundle_frame: bytes
+    update_frame: bytes
+
+
+def _read_model(bundle_dir: Path, public_key: bytes) -> _Model:
+    """Read, verify and frame a bundle: a second of hashing and copying for a large model,
+    which the service runs off its event loop after each round."""
+    bundle = read_bundle(bundle_dir, public_key)
+    return _Model(bundle, frozenset(bundle.manifest.files[n] for n in CONSTANT_FILES),
+                  bytes([channel.BUNDLE]) + pack_members(bundle.members()),
+                  bytes([channel.BUNDLE]) + pack_members(bundle.members(
+                      without=CONSTANT_FILES)))
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rounds = Counter("fedcart_rounds", "Rounds by outcome", ["status"],
+                              registry=self.registry)
+        self.survivors = Gauge("fedcart_last_round_survivors", "Survivors of the last round",
+                               registry=self.registry)
+        self.dropouts = Counter("fedcart_dropouts", "Devices dropped from rounds",
+                                registry=self.registry)
+        self.epsilon = Gauge("fedcart_epsilon_spent", "Epsilon spent at the configured delta",
+                             registry=self.registry)
+        self.bytes_up = Counter("fedcart_bytes_received", "Protocol bytes from devices",
+                                registry=self.registry)
+        self.bytes_down = Counter("fedcart_bytes_sent", "Bytes sent to devices",
+                                  registry=self.registry)
+        self.late = Counter("fedcart_late_messages", "Messages that came after their round "
+                            "or group stopped waiting for them (ignored)",
+                            registry=self.registry)
+        self.groups = Counter("fedcart_groups", "SecAgg+ groups by outcome", ["status"],
+                              registry=self.registry)
+        self.loop_stall = Gauge("fedcart_event_loop_stall_seconds", "The event loop's "
+                                "longest stall in the last round (check-ins and keepalives "
+                                "wait that long)", registry=self.registry)
+        self.connected = Gauge("fedcart_connected_devices", "Checked-in devices",
+                               registry=self.registry)
+        self.model_version = Gauge("fedcart_model_version", "Published model version",
+                                   registry=self.registry)
+
+
+class Aggregator:
+    """The service over one state directory (see ``fedcart-aggregator init``)."""
+
+    def __init__(self, state: StateDir, config: AggregatorConfig) -> None:
+        self.state = state
+        self.config = config
+        self.store = Store(state.database)
+        self.signing_key: nacl.signing.SigningKey = state.signing_key()
+        self.identity = IdentityKey(bytes(self.signing_key))
+        self.connections: dict[int, _Connection] = {}
+        self.round: _Round | None = None
+        self.metrics = _Metrics()
+        self.stopping = asyncio.Event()
+        self._bundle_sends = asyncio.Semaphore(BUNDLE_SENDS)
+        self._waiting_since: float | None = None
+        self.rounds_done = 0
+        self.groups = trained_groups(config.train_groups)
+        self.noise_multipliers = self._noise_multipliers()
+        self._recover()
+
+    def _noise_multipliers(self) -> dict[str, float]:
+        """Each task's noise multiplier: a fixed ratio of one scale, the configured
+        noise_multiplier or, with a target epsilon, the scale at which the whole plan
+        (statistics rounds and planned_rounds training rounds) spends it."""
+        cfg, stats = self.config, self.config.statistics
+        ratios = {TRAIN: cfg.training_noise_ratio}
+        stages = [Stage(cfg.sampling_rate, cfg.training_noise_ratio, cfg.planned_rounds)]
+        if stats is not None:
+            ratios |= {POPULARITY: stats.popularity_noise_ratio, COOCCURRENCE: 1.0}
+            stages += [Stage(stats.sampling_rate, stats.popularity_noise_ratio),
+                       Stage(stats.sampling_rate, 1.0)]
+        scale = cfg.noise_multiplier
+        if cfg.target_epsilon > 0 and cfg.mechanism != "none":
+            scale = calibrate_plan(cfg.target_epsilon, cfg.delta, stages, cfg.mechanism)
+        multipliers: dict[str, float] = {task: ratio * scale for task, ratio in ratios.items()}
+        if cfg.mechanism != "none":
+            log.info("noise multipliers %s%s", ", ".join(
+                f"{t} z = {z:.4f}" for t, z in multipliers.items()),
+                f" (epsilon {cfg.target_epsilon:g} over the plan)" if cfg.target_epsilon else "")
+        return multipliers
+
+    # -- start-up ------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Resume after a crash: interrupted rounds stay charged, unpublished bundles go."""
+        for round_id in self.store.abandon_running_rounds():
+            log.warning("round %d was interrupted by a restart; its ledger entry (if any) "
+                        "stands", round_id)
+        published = {Path(m.bundle_dir).name for m in self.store.models()}
+        for entry in self.state.bundles.iterdir():
+            if entry.name in published:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+        latest = self.store.latest_model()
+        if latest is None:
+            raise RuntimeError(f"{self.state.root} has no model: run fedcart-aggregator init")
+        self._load_model(latest)
+        self.metrics.epsilon.set(epsilon_spent(self.store.ledger(), self.config.delta))
+
+    def _load_model(self, row: ModelRow) -> None:
+        self._use(_read_model(self.state.root / row.bundle_dir, self.identity.public),
+                  row.version)
+
+    def _use(self, model: _Model, version: int) -> None:
+        self.bundle, self.constant_files = model.bundle, model.constant_files
+        self.bundle_frame, self.update_frame = model.bundle_frame, model.update_frame
+        self.weights, self.neighbours = model.bundle.weights(), model.bundle.neighbours()
+        self.model_version = version
+        self.metrics.model_version.set(version)
+
+    # -- serving -------------------------------------------------------------------------
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Run until ``stop()`` (SIGTERM), max_rounds, or the privacy budget is spent."""
+        cfg = self.config
+        tls = None
+        if cfg.tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        stats = cfg.statistics
+        largest = max(self.weights.flat().size, self.weights.n_items,
+                      triangle_size(stats.head_items) if stats is not None else 0)
+        vector_bytes = 4 * (largest + 1)
+        # no permessage-deflate: masked vectors are uniformly random and never compress;
+        # deflating them cost CPU on both ends and held decompression buffers per connection
+        # leaving the block closes every connection at once (1001), each waiting at most
+        # CLOSE_TIMEOUT for the device's answer: a stop takes seconds, not one close
+        # timeout per device in turn
+        async with serve(self._handle, cfg.host, cfg.port, max_size=vector_bytes + (1 << 20),
+                         process_request=self._http, ssl=tls, ping_interval=20,
+                         ping_timeout=60, close_timeout=CLOSE_TIMEOUT,
+                         compression=None) as server:
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            log.info("serving on %s://%s:%d (model version %d)", "wss" if tls else "ws",
+                     cfg.host, self.port, self.model_version)
+            if ready is not None:
+                ready.set()
+            rounds = asyncio.create_task(self._round_loop())
+            probe = asyncio.create_task(self._probe_loop())
+            stopped = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([rounds, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if self.round is not None:  # an unmasking thread gives up at its next secret
+                for group in self.round.groups:
+                    group.server.abort()
+            rounds.cancel()
+            stopped.cancel()
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rounds
+            log.info("closing %d connections", len(self.connections))
+        self.store.close()
+        log.info("stopped; peak resident memory %.1f MB", peak_resident_mb())
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _probe_loop(self) -> None:
+        """Measure how late the event loop wakes a sleeper: the time a check-in, a ping or
+        a message waits behind work on the loop. A round records its longest stall."""
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(LAG_PROBE)
+            stall = time.monotonic() - started - LAG_PROBE
+            if self.round is not None:
+                self.round.loop_stall = max(self.round.loop_stall, stall)
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, f"ok model_version={self.model_version}\n")
+        if request.path == "/metrics":
+            self.metrics.connected.set(len(self.connections))
+            response = connection.respond(HTTPStatus.OK, generate_latest(
+                self.metrics.registry).decode())
+            response.headers["Content-Type"] = "text/plain; version=0.0.4"
+            return response
+        if request.path != "/ws":
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            conn = await self._check_in(ws)
+        except ConnectionClosed as exc:  # gone before its check-in: routine too, one line
+            log.info("a connection closed before its check-in: %s", exc)
+            return
+        if conn is None:
+            return
+        try:
+            async for frame in ws:
+                await self._on_frame(conn, frame)
+                # the loop variable would pin this device's last message (a masked input
+                # is d-sized) until its next one: O(n d) across connections
+                del frame
+        except RemoteProtocolError as exc:
+            log.info("device %d misbehaved and was disconnected: %s", conn.client_id, exc)
+            with contextlib.suppress(Exception):
+                await ws.send(channel.control("error", reason=str(exc)))
+            await ws.close(1008, "protocol violation")
+        except ConnectionClosed as exc:  # a phone going away is routine: one line
+            log.info("device %d disconnected: %s", conn.client_id, exc)
+        except Exception:
+            log.exception("connection of device %d failed", conn.client_id)
+        finally:
+            if self.connections.get(conn.client_id) is conn:
+                del self.connections[conn.client_id]
+            self._drop_from_round(conn.client_id, "disconnected")
+
+    async def _on_frame(self, conn: _Connection, frame: bytes | str) -> None:
+        if isinstance(frame, str):
+            raise ProtocolViolation("text frames are not part of the protocol")
+        self.metrics.bytes_up.inc(len(frame))
+        kind, payload = channel.parse(frame)
+        if kind == channel.CONTROL and payload.get("type") == "leave":
+            # a device that refuses the round (say, a server message it could not verify)
+            # says so, instead of leaving the phase to wait for its deadline
+            log.info("device %d left round: %s", conn.client_id,
+                     str(payload.get("reason", ""))[:200])
+            self._drop_from_round(conn.client_id, "left")
+            return
+        if kind != channel.SECAGG:
+            raise ProtocolViolation("devices send only check-in, leave and secagg frames")
+        await self._secagg_from(conn, payload)
+
+    async def _check_in(self, ws: ServerConnection) -> _Connection | None:
+        nonce = os.urandom(32)
+        await ws.send(channel.control("challenge", nonce=nonce.hex(),
+                                      server_key=self.identity.public.hex()))
+        try:
+            frame = await asyncio.wait_for(ws.recv(), CHECKIN_TIMEOUT)
+            kind, hello = channel.parse(frame)
+            if kind != channel.CONTROL or hello["type"] != "hello":
+                raise ProtocolViolation("expected a hello")
+            public_key = bytes.fromhex(hello["public_key"])
+            verify(public_key, checkin_statement(nonce, self.identity.public),
+                   bytes.fromhex(hello["signature"]), "the check-in")
+            client_id = self.store.client_of(public_key)
+            if client_id is None and isinstance(hello.get("token"), str):
+                client_id = self.store.redeem_token(hello["token"], public_key)
+            if client_id is None:
+                raise ProtocolViolation("this device is not enrolled")
+            model_version = int(hello.get("model_version", -1))
+            held = hello.get("held_files", [])
+            if not isinstance(held, list) or len(held) > 16:
+                raise ProtocolViolation("held_files must be a list of at most 16 digests")
+            held_files = frozenset(str(d) for d in held)
+            follow_model = bool(hello.get("follow_model", True))
+        except (TimeoutError, RemoteProtocolError, KeyError, ValueError, TypeError) as exc:
+            reason = str(exc) or type(exc).__name__
+            log.info("check-in refused: %s", reason)
+            with contextlib.suppress(Exception):
+                await ws.send(channel.control("error", reason=f"check-in refused: {reason}"))
+                await ws.close(1008, "check-in refused")
+            return None
+        old = self.connections.get(client_id)
+        if old is not None:
+            await old.ws.close(1000, "replaced by a newer connection")
+        conn = _Connection(client_id, public_key, ws, model_version, held_files, follow_model)
+        self.connections[client_id] = conn
+        try:
+            await ws.send(channel.control("welcome", client_id=client_id,
+                                          model_version=self.model_version))
+        except ConnectionClosed:  # gone meanwhile: it must not count as checked in
+            if self.connections.get(client_id) is conn:
+                del self.connections[client_id]
+            raise
+        if follow_model:
+            await self._send_model(conn)
+        return conn
+
+    async def _send_model(self, conn: _Connection) -> None:
+        """Send the current bundle if the device is behind: without the files it already
+        holds. A send returns once the connection's buffer has drained, so the semaphore
+        bounds how many bundles sit in buffers at once: without it, every device checking
+        in at the same moment held a whole bundle (O(n * model) memory)."""
+        if conn.model_version >= self.model_version:
+            return
+        # taken together before any await: a version published meanwhile is not this one
+        version, files = self.model_version, self.constant_files
+        frame = self.update_frame if files <= conn.held_files else self.bundle_frame
+        with contextlib.suppress(Exception):
+            async with self._bundle_sends:
+                await conn.ws.send(frame)
+            conn.model_version, conn.held_files = version, files
+            self.metrics.bytes_down.inc(len(frame))
+
+    # -- rounds --------------------------------------------------------------------------
+    async def _round_loop(self) -> None:
+        cfg = self.config
+        while not self.stopping.is_set():
+            try:
+                outcome = await self._run_round()
+            except (BudgetExceeded, CannotCharge) as exc:
+                log.error("%s", exc)
+                self.stop()
+                return
+            if outcome == "completed":  # a training round (statistics rounds do not count)
+                self.rounds_done += 1
+                if cfg.max_rounds and self.rounds_done >= cfg.max_rounds:
+                    log.info("completed %d rounds: stopping", self.rounds_done)
+                    self.stop()
+                    return
+            await asyncio.sleep(cfg.round_interval if outcome != "skipped" else 0.2)
+
+    def _sample(self, sampling_rate: float) -> dict[int, bytes]:
+        """Poisson sampling with the OS CSPRNG: each connected device independently with
+        probability q (what the accountant assumes)."""
+        threshold = round(sampling_rate * 2**53)
+        return {cid: c.public_key for cid, c in sorted(self.connections.items())
+                if secrets.randbits(53) < threshold}
+
+    def _population_ready(self, task: str, sampling_rate: float) -> bool:
+        """Whether the next round may start. It waits for ``min_connected`` check-ins, at
+        most ``population_wait``: a device that stays away must not stop the service (it is
+        then simply not sampled). A statistics round over the whole population (q = 1: its
+        sums name the head items and build the table every device gets) also needs
+        ``population_share`` of the enrolled devices checked in, and does not start
+        without them, saying why once every ``population_wait``. (A training round is one
+        step of many: with q = 1 it still takes whoever is there.)"""
+        cfg, connected, now = self.config, len(self.connections), time.monotonic()
+        self._waiting_since = self._waiting_since or now
+        waited = now - self._waiting_since
+        if task in STATISTICS and sampling_rate >= 1.0:
+            enrolled = self.store.enrolled()
+            need = math.ceil(cfg.population_share * enrolled)
+            if connected < need:
+                if waited >= cfg.population_wait:
+                    log.warning("round waits: %d of %d enrolled devices are checked in, a "
+                                "round over the whole population needs %d "
+                                "(round.population_share %g)", connected, enrolled, need,
+                                cfg.population_share)
+                    self._waiting_since = now
+                return False
+        if connected < cfg.min_connected:
+            if waited < cfg.population_wait:
+                return False
+            log.warning("%d of %d devices checked in after %.0f s: the round goes ahead",
+                        connected, cfg.min_connected, cfg.population_wait)
+        self._waiting_since = None
+        return True
+
+    async def _run_round(self) -> str:
+        cfg = self.config
+        task = self._next_task()
+        sampling_rate = self._sampling_rate(task)
+        if not self._population_ready(task, sampling_rate):
+            return "skipped"
+        cohort = self._sample(sampling_rate)
+        if len(cohort) < cfg.min_clients:
+            return "skipped"
+        round_id = self.store.next_round_id()
+        head = self._head() if task == COOCCURRENCE else None
+        members = split_cohort(list(cohort), cfg.group_size)
+        # every group encodes for the largest group's size: one format for the round
+        terms = self._terms(task, max(len(m) for m in members), head)
+        fmt = UpdateFormat.of(terms)
+        charge = None
+        if cfg.mechanism != "none":
+            try:
+                charge = RoundCharge(round_id, sampling_rate, self.noise_multipliers[task],
+                                     Mechanism(cfg.mechanism), fmt.sensitivity)
+            except ValueError as exc:
+                raise CannotCharge(f"round {round_id} ({task}) cannot be accounted: {exc}; "
+                                   "no round runs") from exc
+            check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
+        groups = [self._group(i, round_id, {cid: cohort[cid] for cid in ids}, fmt.vector_len,
+                              terms)
+                  for i, ids in enumerate(members)]
+        current = _Round(round_id, task, cohort, groups, head)
+        self.round = current
+        self.store.start_round(round_id, self.model_version, len(cohort))
+        log.info("round %d (%s): %d devices sampled in %d group(s): %s", round_id, task,
+                 len(cohort), len(groups), "; ".join(
+                     f"{g.params.n} devices {g.params.describe()}" for g in groups))
+        try:
+            await self._notify(current)
+            await asyncio.gather(*(self._drive(current, g) for g in groups))
+        finally:
+            self.round = None
+        dropped = current.dropped()
+        detail = {"task": task, "values": fmt.vector_len,
+                  "dropped": {str(k): v for k, v in dropped.items()},
+                  "phase_seconds": current.phase_seconds(), "bytes_up": current.bytes_up,
+                  "late_messages": current.late,
+                  "loop_stall_seconds": round(current.loop_stall, 4),
+                  "groups": [g.summary() for g in groups]}
+        self.metrics.dropouts.inc(len(dropped))
+        self.metrics.loop_stall.set(current.loop_stall)
+        for g in groups:
+            self.metrics.groups.labels("completed" if g.done else "failed").inc()
+        done = [g for g in groups if g.done]
+        if not done:
+            reasons = "; ".join(f"group {g.index}: {g.server.failure}" for g in groups)
+            self.store.finish_round(round_id, "failed", None, {**detail, "reason": reasons})
+            self.metrics.rounds.labels("failed").inc()
+            log.warning("round %d failed: %s", round_id, reasons)
+            await self._announce(current, "failed")
+            return "failed"
+        for g in groups:
+            if not g.done:
+                log.warning("round %d: group %d (%d devices) failed and drops out: %s",
+                            round_id, g.index, g.params.n, g.server.failure)
+        sums = self._sum(groups, fmt, detail)
+        if task == TRAIN:
+            await self._apply(current, fmt, sums, charge, detail)
+        else:
+            await self._apply_statistic(current, fmt, sums, charge, detail)
+        await self._announce(current, "completed")
+        return "completed" if task == TRAIN else "statistic"
+
+    def _group(self, index: int, round_id: int, members: dict[int, bytes],
+               vector_len: int, terms: RoundTerms) -> _Group:
+        """A group's SecAgg+ round, with k and t chosen for its size (or the configured k,
+        with t = k/2 + 1)."""
+        cfg, n = self.config, len(members)
+        if cfg.secagg_degree:
+            degree = min(cfg.secagg_degree, n - 1)
+            even = min(n - 1, degree + degree % 2)
+            params = SecAggParameters(n, degree, even // 2 + 1, float("nan"), float("nan"))
+        else:
+            params = choose(n, cfg.expected_dropout, cfg.corrupt_fraction, cfg.failure_bound)
+        server = ServerRound(round_id, members, params.degree, params.threshold, vector_len,
+                             self.identity, terms=terms.to_bytes(),
+                             corrupt=corrupt_count(n, cfg.corrupt_fraction))
+        return _Group(index, server, params)
+
+    async def _notify(self, current: _Round) -> None:
+        """Send a training round's cohort the model if they are behind, then every member
+        its round notice: the round's id and the device's id in it (the terms come signed,
+        in the round config)."""
+        if current.task == TRAIN:
+            await asyncio.gather(*(self._send_model(self.connections[cid])
+                                   for cid in current.cohort if cid in self.connections))
+        await asyncio.gather(*(self._send(cid, channel.control(
+            "round", round_id=current.round_id, client_id=cid)) for cid in current.cohort))
+
+    def _sum(self, groups: list[_Group], fmt: UpdateFormat, detail: dict) -> np.ndarray:
+        """The completed groups' integer sums added up, each first clamped to what its
+        devices could honestly have sent (UpdateFormat.clamp says why it is clamped, not
+        refused). Under DP the range is for the format's group size, a constant, and how
+        many entries were outside it is neither stored nor logged: it depends on honest
+        inputs, without noise. Without DP, the range is the survivors' and ``detail``
+        records the count."""
+        dp = self.config.mechanism != "none"
+        total = np.zeros(fmt.n_params, np.int64)
+        for g in groups:
+            if not g.done:
+                continue
+            assert g.server.result is not None
+            sums, outside = fmt.clamp(fmt.decode(g.server.result), fmt.group_size if dp
+                                      else len(g.server.survivors))
+            if outside and not dp:
+                detail["clamped_entries"] = detail.get("clamped_entries", 0) + outside
+                log.warning("round %d: group %d's sum had %d entries outside what its "
+                            "devices can honestly send: clamped", g.server.round_id,
+                            g.index, outside)
+            total += sums
+        return total
+
+    def _next_task(self) -> str:
+        """The statistics rounds first (each until it completes), then training."""
+        if self.config.statistics is not None:
+            released = self.store.released()
+            for kind in STATISTICS:
+                if kind not in released:
+                    return kind
+        return TRAIN
+
+    def _head(self) -> np.ndarray:
+        """The co-occurrence round's items: the most popular by the released popularity."""
+        popularity = self.store.statistic(POPULARITY)
+        assert popularity is not None and self.config.statistics is not None
+        return head_items(popularity.total, min(self.config.statistics.head_items,
+                                                self.weights.n_items))
+
+    def _terms(self, task: str, group_size: int, head: np.ndarray | None) -> RoundTerms:
+        """A round's terms: how its inputs are clipped and encoded (a training round's is
+        the update of the trained groups, weighted; a statistics round's one clipped vector
+        per device), and what a training round's devices do."""
+        cfg, stats = self.config, self.config.statistics
+        dp = cfg.mechanism != "none"
+        # a packed lane's carry moves the lane above it: a lying device could make one
+        # honest input move the sum by twice its sensitivity, so DP rounds are not packed.
+        # Under DP the scale is for the configured group size, a constant (see _sum).
+        packed = not dp and task != TRAIN and UpdateFormat.can_pack(group_size)
+        group_size = cfg.group_size if dp else group_size
+        terms = RoundTerms(
+            Task.POPULARITY, self.bundle.manifest.vocabulary_sha256,
+            n_params=self.weights.n_items, clip_norm=stats.popularity_clip if stats else 1.0,
+            norm=Norm.L1 if cfg.mechanism == Mechanism.LAPLACE else Norm.L2, packed=packed,
+            group_size=group_size)
+        if task == POPULARITY:
+            return terms
+        if task == COOCCURRENCE:
+            assert head is not None and stats is not None
+            return dataclasses.replace(terms, task=Task.COOCCURRENCE,
+                                       n_params=triangle_size(len(head)),
+                                       clip_norm=stats.cooccurrence_clip,
+                                       head=tuple(int(i) for i in head))
+        plan = TrainingPlan(cfg.local_epochs, cfg.batch_size, tuple(cfg.learning_rates),
+                            cfg.examples_per_round, tuple(self.groups))
+        return dataclasses.replace(
+            terms, task=Task.TRAIN, n_params=group_size_of(self.groups, self.weights.n_items,
+                                                           self.weights.dim),
+            clip_norm=cfg.clip_norm, weight_cap=cfg.weight_cap,
+            model_version=self.model_version, training=plan)
+
+    async def _drive(self, current: _Round, group: _Group) -> None:
+        """Run one group to its end: wait for each phase to end (every expected answer in,
+        or dropped) or time out, send what the group queued (a disconnect can end a phase
+        as well as a message), and unmask in a worker thread."""
+        server = group.server
+        server.start()
+        await self._flush(group)
+        while server.state not in (ServerState.DONE, ServerState.FAILED):
+            phase, started = server.state, time.monotonic()
+            if phase == ServerState.RECONSTRUCT:
+                with contextlib.suppress(RoundFailed):
+                    await asyncio.to_thread(server.finish)
+            else:
+                deadline = started + self.config.phase_timeout
+                while server.state == phase and (remaining := deadline - time.monotonic()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(group.changed.wait(), remaining)
+                    group.changed.clear()
+                    await self._flush(group)
+                if server.state == phase:
+                    with contextlib.suppress(RoundFailed):
+                        server.deadline()
+                    await self._flush(group)
+            group.phase_seconds[phase.name] = round(time.monotonic() - started, 4)
+
+    async def _secagg_from(self, conn: _Connection, data: bytes | memoryview) -> None:
+        """Route a device's secagg message to its group. One for a round that has ended,
+        or that its group no longer waits for, is late: counted, ignored, and the device is
+        told that its round is over; it keeps its connection."""
+        round_id, _ = envelope(data)
+        current = self.round
+        group = None if current is None else current.group_of.get(conn.client_id)
+        if current is None or group is None or round_id != current.round_id:
+            ended = current.round_id if current is not None else self.store.next_round_id()
+            if round_id < ended:  # a round that is over
+                self._late(conn, round_id)
+                return
+            raise ProtocolViolation(f"secagg message for round {round_id}, which this "
+                                    "device is not in")
+        current.bytes_up += len(data)
+        try:
+            group.server.receive(conn.client_id, data)
+        except LateMessage:
+            self._late(conn, round_id)
+            # a survivor that missed a later deadline is in the sum: the round's end tells it
+            if conn.client_id not in current.told_over and \
+                    conn.client_id not in group.server.survivors:
+                current.told_over.add(conn.client_id)
+                outcome = "failed" if group.server.state == ServerState.FAILED else "dropped"
+                await self._send(conn.client_id, self._round_over(round_id, outcome))
+            return
+        except RoundFailed:
+            pass  # the round loop sees FAILED and records the reason
+        finally:
+            group.changed.set()
+        await self._flush(group)
+
+    def _late(self, conn: _Connection, round_id: int) -> None:
+        """Count and ignore a late message; log the first of a device's round. More late
+        messages than a round has (a device sends PROTOCOL_MESSAGES) is abuse, not
+        slowness: a violation."""
+        self.metrics.late.inc()
+        if self.round is not None and self.round.round_id == round_id:
+            self.round.late += 1
+        count = conn.late.get(round_id, 0) + 1
+        conn.late = {round_id: count}  # only the latest round's count is kept
+        if count > PROTOCOL_MESSAGES:
+            raise ProtocolViolation(f"{count} late messages for round {round_id}: a round "
+                                    f"has {PROTOCOL_MESSAGES}")
+        if count == 1:
+            log.info("late message from device %d for round %d, ignored", conn.client_id,
+                     round_id)
+
+    def _drop_from_round(self, client_id: int, reason: str) -> None:
+        current = self.round
+        group = None if current is None else current.group_of.get(client_id)
+        if group is not None and group.server.state not in (
+                ServerState.RECONSTRUCT, ServerState.DONE, ServerState.FAILED):
+            with contextlib.suppress(RoundFailed):
+                group.server.drop(client_id, reason)
+            group.changed.set()
+
+    async def _flush(self, group: _Group) -> None:
+        """Send what the group queued, to every device at once: one device whose buffer is
+        full must not hold up the others' messages."""
+        await asyncio.gather(*(self._send(cid, bytes([channel.SECAGG]) + data)
+                               for cid, data in group.server.data_to_send()))
+
+    async def _send(self, client_id: int, frame: bytes) -> None:
+        conn = self.connections.get(client_id)
+        if conn is None:
+            self._drop_from_round(client_id, "not connected")
+            return
+        try:
+            await conn.ws.send(frame)
+            self.metrics.bytes_down.inc(len(frame))
+        except Exception:
+            self._drop_from_round(client_id, "send failed")
+
+    def _round_over(self, round_id: int, status: str) -> bytes:
+        return channel.control("round_over", round_id=round_id, status=status,
+                               model_version=self.model_version)
+
+    async def _announce(self, current: _Round, status: str) -> None:
+        """Tell every member how the round ended for it: ``status`` if its input is in the
+        sum, else dropped (its group went on without it) or failed (its group failed)."""
+
+        def outcome(group: _Group, cid: int) -> str:
+            if group.done and cid in group.server.survivors:
+                return status
+            return "dropped" if group.done else "failed"
+
+        await asyncio.gather(*(
+            self._send(cid, self._round_over(current.round_id, outcome(g, cid)))
+            for g in current.groups for cid in g.server.participants))
+
+    async def _noised(self, current: _Round, sums: np.ndarray, fmt: UpdateFormat,
+                      charge: RoundCharge | None, detail: dict) -> tuple[np.ndarray, float]:
+        """The integer ``sums`` plus the round's DP noise (none without DP), sampled
+        exactly in the integers (in a worker thread: seconds for a large vector), in the
+        values' units and brought within the norm honest inputs and the noise can reach;
+        and the noise's standard deviation in those units. The charge is committed first,
+        before the noised sum exists."""
+        if charge is None:
+            noised, std, noise_norm = sums, 0.0, 0.0
+        else:
+            self.store.charge(charge)
+            scale = charge.noise_scale
+            if charge.mechanism is Mechanism.GAUSSIAN:
+                draw = await asyncio.to_thread(noise.discrete_gaussian, sums.size, scale)
+                std, noise_norm = scale, noise.gaussian_norm_bound(sums.size, scale)
+            else:
+                draw = await asyncio.to_thread(noise.discrete_laplace, sums.size, scale)
+                std, noise_norm = scale * math.sqrt(2), noise.laplace_norm_bound(sums.size,
+                                                                                  scale)
+            noised = sums + draw
+        values, limited = fmt.limit_norm(fmt.values(noised), self._inputs_bound(current),
+                                         noise_norm)
+        if limited:
+            detail["norm_limited"] = True
+            log.warning("round %d: the sum's norm exceeded what honest devices and the noise "
+                        "reach: scaled down", current.round_id)
+        return values, std / fmt.scale
+
+    def _sampling_rate(self, task: str) -> float:
+        """q of a task's rounds: the statistics rounds have their own."""
+        stats = self.config.statistics
+        return stats.sampling_rate if task in STATISTICS and stats else self.config.sampling_rate
+
+    def _inputs_bound(self, current: _Round) -> int:
+        """How many inputs the released sum's norm is bounded for. Without DP, the round's
+        survivors. Under DP a number that depends on no one's participation: the cohort
+        size Poisson sampling exceeds with probability below 1e-9 (q N + 6 sqrt(q N) + 1),
+        so that the bound, when a lying device makes it bind, reveals nothing."""
+        if self.config.mechanism == "none":
+            return current.survivors
+        cfg = self.config
+        expected = self._sampling_rate(current.task) * (cfg.population or self.store.enrolled())
+        return math.ceil(expected + 6 * math.sqrt(expected) + 1)
+
+    async def _apply(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,
+                     charge: RoundCharge | None, detail: dict) -> None:
+        """A training round: charge the ledger, noise the sum, step the optimizer on the
+        trained groups with the mean over a denominator the server fixes (no device's
+        input sets it), sign and publish."""
+        cfg = self.config
+        noised, _ = await self._noised(current, sums, fmt, charge, detail)
+        denominator = (cfg.sampling_rate * (cfg.population or self.store.enrolled())
+                       if charge is not None else current.survivors)
+        mean = noised / max(denominator, 1.0)
+        m = self.weights
+        optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_lr)
+        optimizer.load(self.store.optimizer_state(self.model_version))
+        flat = optimizer.step(m.flat().astype(np.float64),
+                              place(mean, self.groups, m.n_items, m.dim))
+        new = Weights.from_flat(flat.astype(np.float32), m.n_items, m.dim)
+        await self._publish(current, new, self.neighbours, optimizer.state(), detail)
+
+    async def _apply_statistic(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,
+                               charge: RoundCharge | None, detail: dict) -> None:
+        """A statistics round: charge, noise, store. The popularity sum names the next
+        round's head items; the co-occurrence sum becomes the item-item table and, with the
+        popularity, the bias of a new model version."""
+        stats = self.config.statistics
+        assert stats is not None
+        total, noise_std = await self._noised(current, sums, fmt, charge, detail)
+        head = current.head if current.head is not None else np.arange(self.weights.n_items)
+        released = Statistic(current.task, current.round_id, head, total, noise_std)
+        survivors = current.survivors
+        if current.task == POPULARITY:
+            detail["epsilon"] = epsilon_spent(self.store.ledger(), self.config.delta)
+            self.store.record_statistic(released, survivors, detail)
+            self.metrics.rounds.labels("completed").inc()
+            log.info("round %d: popularity of %d items from %d survivors", current.round_id,
+                     total.size, survivors)
+            return
+        popularity = self.store.statistic(POPULARITY)
+        assert popularity is not None
+        # seconds of numpy for a large catalog (the names' table, EASE's inverse): off the
+        # event loop, so check-ins and pings are served meanwhile
+        table = await asyncio.to_thread(item_table, total, head, self.bundle.names, stats,
+                                        noise_std)
+        m = self.weights
+        bias = stats.popularity_weight * popularity_bias(popularity.total)
+        new = Weights(m.e_in, m.e_out, bias, m.blend)
+        log.info("round %d: item-item table over %d head items from %d survivors (noise "
+                 "std %.3g)", current.round_id, len(head), survivors, noise_std)
+        await self._publish(current, new, table, {}, detail, released)
+
+    async def _publish(self, current: _Round, weights: Weights, neighbours: Neighbours,
+                       optimizer_state: dict[str, np.ndarray], detail: dict,
+                       statistic: Statistic | None = None) -> None:
+        """Sign and publish a new model version (with the statistic it was derived from, in
+        the same transaction), then send it to the devices that follow every version."""
+        cfg = self.config
+        survivors = current.survivors
+        version = self.model_version + 1
+        name = f"v{version:08d}"
+        # writing, signing, then reading back and verifying a bundle: off the event loop
+        manifest = await asyncio.to_thread(
+            export_bundle, self.state.bundles / name, weights, self.bundle.items,
+            self.bundle.names, self.signing_key, neighbours=neighbours, model_version=version,
+            round_id=current.round_id, history_decay=self.bundle.manifest.history_decay,
+            graphs={n: self.bundle.files[n] for n in GRAPH_FILES})
+        digest = hashlib.sha256(manifest.to_json()).hexdigest()
+        detail["epsilon"] = epsilon_spent(self.store.ledger(), cfg.delta)
+        row = ModelRow(version, current.round_id, f"bundles/{name}", digest)
+        model = await asyncio.to_thread(_read_model, self.state.root / row.bundle_dir,
+                                        self.identity.public)
+        self.store.publish(row, optimizer_state, current.round_id, survivors, detail,
+                           statistic)
+        self._use(model, version)
+        self.metrics.rounds.labels("completed").inc()
+        self.metrics.survivors.set(survivors)
+        self.metrics.epsilon.set(detail["epsilon"])
+        log.info("round %d: %d survivors, model version %d, epsilon %.4g", current.round_id,
+                 survivors, version, detail["epsilon"])
+        for conn in list(self.connections.values()):
+            if conn.follow_model:
+                await self._send_model(conn)

@@ -1,0 +1,169 @@
+"""The evaluation protocol of DESIGN.md section 6, exactly, so figures compare across
+implementations.
+
+Per user (ascending id), baskets in time order: the last basket of every user with at least
+two baskets is that user's test basket, every other basket is training data (it stays on the
+device in a federated run). The catalog is the set of items seen in training baskets, indexed
+in the order of the item keys sorted as strings. For each test basket, items outside the
+catalog are dropped, a basket with fewer than two items left is skipped, and one item is
+hidden, drawn with a single ``numpy.random.default_rng(0)`` by ``.choice`` over the basket's
+catalog indices in ascending order; the rest is the cart. A scorer ranks the whole catalog,
+cart items excluded, and ties count in the hidden item's favour. A scorer gives -inf to an
+item it has no evidence for (co-occurrence: no shared basket with the cart); such an item is
+never recommended, so a hidden item scored -inf is a miss, not a tie with the other unscored
+items. (Both rules reproduce the reference figures of DESIGN.md section 6 exactly.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcart.model_export.datasets import BasketData
+
+__all__ = ["Metrics", "Query", "Split", "batch_size", "evaluate", "make_split",
+           "ranks_of_hidden"]
+
+TOP_K = 10
+SPLIT_SEED = 0
+# queries scored at once: at most MAX_BATCH, and at most what keeps one [B, V] float64 score
+# matrix within SCORES_BUDGET (a scorer and the ranking hold a few of them): 256 up to
+# V = 32,768, then fewer (167 at V = 50,000)
+MAX_BATCH = 256
+SCORES_BUDGET = 64 << 20
+
+
+@dataclass(frozen=True)
+class Query:
+    """One test case: a user's cart and the item hidden from it (catalog indices)."""
+
+    user: int
+    cart: np.ndarray
+    hidden: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training baskets per user and the test queries, all as catalog indices.
+
+    ``train[u]`` lists user ``u``'s training baskets in time order (int64 arrays), where
+    ``u`` indexes ``users``. Every user appears, also those with no training basket left.
+    """
+
+    name: str
+    catalog: tuple[str, ...]
+    names: tuple[str, ...]  # display names in catalog order (the key where the data has none)
+    users: tuple[str, ...]
+    train: tuple[tuple[np.ndarray, ...], ...]
+    queries: tuple[Query, ...]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.catalog)
+
+    def training_baskets(self) -> Iterator[np.ndarray]:
+        for baskets in self.train:
+            yield from baskets
+
+    def basket_item_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR pieces (indptr, indices) of the binary training basket x item matrix."""
+        lengths = [len(b) for b in self.training_baskets()]
+        indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        indices = (np.concatenate(list(self.training_baskets())) if lengths
+                   else np.zeros(0, np.int64))
+        return indptr, indices
+
+
+def validation_data(data: BasketData) -> BasketData:
+    """``data`` without each user's last basket, so that :func:`make_split` holds out the
+    second-to-last: settings tuned on it never see a test basket. Users with one basket
+    keep it (they have no query either way)."""
+    return dataclasses.replace(data, name=f"{data.name} (validation)", users={
+        user: baskets[:-1] if len(baskets) >= 2 else baskets
+        for user, baskets in data.users.items()})
+
+
+def make_split(data: BasketData) -> Split:
+    """Apply the protocol to ``data`` (whose users and baskets are already in order)."""
+    train_items: set[str] = set()
+    for baskets in data.users.values():
+        for basket in baskets[:-1] if len(baskets) >= 2 else baskets:
+            train_items.update(basket)
+    catalog = tuple(sorted(train_items))
+    index = {item: i for i, item in enumerate(catalog)}
+
+    rng = np.random.default_rng(SPLIT_SEED)
+    train: list[tuple[np.ndarray, ...]] = []
+    queries: list[Query] = []
+    for u, baskets in enumerate(data.users.values()):
+        held_out = len(baskets) >= 2
+        training = baskets[:-1] if held_out else baskets
+        train.append(tuple(np.array(sorted(index[i] for i in b), dtype=np.int64)
+                           for b in training))
+        if not held_out:
+            continue
+        in_catalog = np.array(sorted(index[i] for i in baskets[-1] if i in index),
+                              dtype=np.int64)
+        if len(in_catalog) < 2:
+            continue
+        hidden = int(rng.choice(in_catalog))
+        queries.append(Query(user=u, cart=in_catalog[in_catalog != hidden], hidden=hidden))
+    return Split(name=data.name, catalog=catalog,
+                 names=tuple(data.name_of(item) for item in catalog), users=tuple(data.users),
+                 train=tuple(train), queries=tuple(queries))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    hr: float
+    ndcg: float
+    mrr: float
+    queries: int
+
+    def as_row(self, name: str) -> dict[str, float | str]:
+        return {"name": name, "hr@10": self.hr, "ndcg@10": self.ndcg, "mrr": self.mrr}
+
+
+def ranks_of_hidden(scores: np.ndarray, queries: list[Query] | tuple[Query, ...]) -> np.ndarray:
+    """1-based rank of each hidden item among the non-cart items, ties in its favour;
+    ``inf`` where the scorer gave the hidden item no score (-inf)."""
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    ranks = np.empty(len(queries), dtype=np.float64)
+    for row, query in enumerate(queries):
+        scores[row, query.cart] = -np.inf
+        target = scores[row, query.hidden]
+        ranks[row] = (np.inf if target == -np.inf
+                      else 1 + int(np.count_nonzero(scores[row] > target)))
+    return ranks
+
+
+Scorer = Callable[[list[Query]], np.ndarray]
+
+
+def batch_size(n_items: int) -> int:
+    """Queries per scorer call for a catalog of ``n_items`` (MAX_BATCH, SCORES_BUDGET)."""
+    return max(1, min(MAX_BATCH, SCORES_BUDGET // (8 * n_items)))
+
+
+def evaluate(scorer: Scorer, split: Split, batch: int | None = None) -> Metrics:
+    """Rank the catalog for every query with ``scorer`` (queries -> scores [B, V]),
+    ``batch`` queries at a time (default :func:`batch_size`)."""
+    batch = batch_size(split.n_items) if batch is None else batch
+    queries = list(split.queries)
+    if not queries:
+        raise ValueError(f"{split.name}: the split has no test queries")
+    ranks = np.concatenate([
+        ranks_of_hidden(scorer(queries[i:i + batch]), queries[i:i + batch])
+        for i in range(0, len(queries), batch)
+    ])
+    hit = ranks <= TOP_K
+    return Metrics(
+        hr=float(hit.mean()),
+        ndcg=float((hit / np.log2(np.where(hit, ranks, 1.0) + 1.0)).mean()),
+        mrr=float((1.0 / ranks).mean()),
+        queries=len(queries),
+    )

@@ -1,0 +1,167 @@
+"""Simulated devices in worker processes: each worker holds a shard of the population, every
+device with its own state directory (SQLite cart store, identity key) and only its own
+baskets, and runs them as asyncio tasks against the aggregator over loopback websockets.
+An idle device holds no file open (edge_client.store), only its connection: a worker's
+descriptors are one socket a device plus a margin (``_raise_fd_limit`` checks that first).
+
+This is the seam where a cluster backend (Ray, as DESIGN.md section 9 plans) would place the
+shards on other machines: a worker needs only its shard, the server's public key and URL,
+and sends back the device keys and per-round reports.
+
+Worker protocol over a multiprocessing pipe (no pickle crosses the network: the pipe is
+between a parent and its own children):
+    worker -> parent   ("keys", [public key bytes, ...])  once its devices exist
+    parent -> worker   ("go", url)   or   ("stop", None)
+    worker -> parent   ("report", (round_id, status, bytes_up, bytes_down))  per device round
+    worker -> parent   ("done", None)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import websockets
+
+from fedcart.edge_client.device import Device
+from fedcart.model_export.bundle import read_bundle
+from fedcart.protocol.policy import DevicePolicy
+from fedcart.secagg.client import PROTOCOL_MESSAGES
+from fedcart.secagg.policy import ClientPolicy
+
+__all__ = ["Shard", "worker_main"]
+
+RECONNECT_DELAY = 0.1  # doubled after each session without a round, up to MAX_DELAY
+MAX_DELAY = 5.0
+GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up
+
+
+# Devices of one worker that hold a round's input at once (see Device.participate): a
+# co-occurrence input is 4 MB at M = 2000 (packed), and 2,000 devices holding theirs took
+# 24 GB.
+INPUTS_AT_ONCE = 32
+
+# A simulated device's policy: a real device's default, except that it joins cohorts from
+# 3 devices (the simulation's min_clients), so that small data sets can be simulated; a
+# deployed device refuses cohorts under 20 (secagg.policy).
+POLICY = DevicePolicy(secagg=ClientPolicy(min_participants=3))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One worker's part of the population."""
+
+    worker: int
+    root: Path  # the run's directory: devices/ and blobs/ go under it
+    server_key: bytes
+    users: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]  # (user id, baskets)
+    dropout: float
+    seed: int
+    initial_bundle: Path  # model version 0, which the app ships with
+
+
+# Descriptors a worker uses besides its devices' sockets, about 25: 9 at rest (stdio, its
+# pipe, onnxruntime's own cache database), the event loop's 3, and those of the store uses in
+# progress: 5 at most on the event loop (device.db, -wal, -shm, a blob being written and its
+# directory) and a blob read in each default-executor thread.
+FD_MARGIN = 64
+
+
+def _raise_fd_limit(devices: int) -> None:
+    """Raise the soft limit on open files to the hard one, then check that ``devices``
+    sockets (every device of the shard stays checked in: _live reconnects it whenever its
+    connection ends, and the server samples cohorts among the connected) fit with
+    FD_MARGIN; raise RuntimeError saying so before any device is created if not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel caps lower
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    need = devices + FD_MARGIN
+    if need > soft:
+        raise RuntimeError(
+            f"a worker of {devices:,} devices needs {need:,} open files (a socket each, "
+            f"plus {FD_MARGIN}), and the limit is {soft:,}: use more workers (at most "
+            f"{max(soft - FD_MARGIN, 0):,} devices each) or raise the hard limit "
+            "(ulimit -Hn)")
+
+
+def _make_devices(shard: Shard) -> list[Device]:
+    """Each user's device with their baskets and the shipped model version 0 installed
+    (verified once: the worker's devices share a bundle store). A device's setup shares
+    one database connection, closed before the next device's."""
+    blobs = shard.root / "blobs" / f"worker{shard.worker}"
+    shipped = read_bundle(shard.initial_bundle, shard.server_key).members()
+    devices = []
+    for index, (_, baskets) in enumerate(shard.users):
+        device = Device(shard.root / "devices" / f"w{shard.worker}-{index:06d}",
+                        shard.server_key, blob_dir=blobs, policy=POLICY)
+        with device.store.opened():
+            if not device.store.baskets():
+                device.store.add_baskets([list(b) for b in baskets],
+                                         at=[float(t) for t in range(len(baskets))])
+            if device.manifest is None:
+                device.install_members(shipped, str(shard.initial_bundle))
+        devices.append(device)
+    return devices
+
+
+async def _live(device: Device, url: str, rng: random.Random, dropout: float,
+                pipe: Connection, gate: asyncio.Semaphore) -> None:
+    """Keep the device checked in until the server goes away: it reconnects whenever its
+    connection ends (it dropped out of a round, as a phone going offline does, or a busy
+    server timed its check-in out or its handshake, after which it backs off), and stops
+    when nothing listens on the server's port any more or it has had no round for
+    GIVE_UP_SECONDS."""
+
+    def leave(round_id: int) -> int | None:
+        del round_id
+        return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
+
+    delay, last_round = RECONNECT_DELAY, time.monotonic()
+    while time.monotonic() - last_round < GIVE_UP_SECONDS:
+        try:
+            reports = await device.participate(url, rounds=None, timeout=None,
+                                               follow_model=False, leave=leave,
+                                               input_gate=gate)
+        except ConnectionRefusedError:
+            return  # nothing listens on the port: the server has stopped, the run is over
+        except (OSError, TimeoutError, websockets.WebSocketException):
+            # a busy server: a handshake that timed out, a reset. Ending here lost 59 of
+            # 4,335 devices for good in a demo run, and every later round then waited
+            # population_wait for them.
+            reports = []
+        for r in reports:
+            pipe.send(("report", (r.round_id, r.status, r.bytes_up, r.bytes_down)))
+        if reports:
+            delay, last_round = RECONNECT_DELAY, time.monotonic()
+        else:  # turned away (a busy server timed the check-in out): back off
+            delay = min(2 * delay, MAX_DELAY)
+        await asyncio.sleep(delay)
+
+
+async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) -> None:
+    master = random.Random(shard.seed * 1_000_003 + shard.worker)
+    gate = asyncio.Semaphore(INPUTS_AT_ONCE)
+    await asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
+                                 shard.dropout, pipe, gate) for d in devices))
+
+
+def worker_main(shard: Shard, pipe: Connection) -> None:
+    """Entry point of a worker process."""
+    logging.basicConfig(level=logging.ERROR)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    _raise_fd_limit(len(shard.users))
+    devices = _make_devices(shard)
+    pipe.send(("keys", [d.identity.public for d in devices]))
+    command, url = pipe.recv()
+    if command == "go":
+        asyncio.run(_run(devices, url, shard, pipe))
+    pipe.send(("done", None))
