@@ -1,17 +1,28 @@
-"""The aggregator configuration written back as TOML (what the simulation runs the service
-with) reads back to the same values, for any valid configuration."""
+"""The aggregator configuration written back as TOML (what init and the simulation write)
+reads back to the same values, for any valid configuration; reading is strict; the presets
+init writes are the ones the simulation runs with."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import tomlkit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcart.aggregator.config import AggregatorConfig, ConfigError, load_config, render_config
+from fedcart.aggregator.config import (
+    NO_NOISE,
+    AggregatorConfig,
+    ConfigError,
+    Preset,
+    load_config,
+    render_config,
+)
 from fedcart.model_export.item_item import StatisticsSettings
 from fedcart.model_export.model import TENSOR_NAMES
+from fedcart.simulation.federated import FederatedSettings
 
 statistics = st.none() | st.builds(
     StatisticsSettings,
@@ -65,10 +76,102 @@ def test_rendered_config_reads_back_equal(tmp_path_factory, config: AggregatorCo
     assert load_config(path) == config
 
 
-def test_rendering_keeps_the_comments() -> None:
+@settings(max_examples=40, deadline=None)
+@given(config=configs)
+def test_rendering_what_was_read_gives_the_same_text(tmp_path_factory,
+                                                     config: AggregatorConfig) -> None:
+    path: Path = tmp_path_factory.mktemp("cfg") / "config.toml"
+    text = render_config(config)
+    path.write_text(text)
+    assert render_config(load_config(path)) == text
+
+
+def test_every_key_is_written_under_its_comment() -> None:
+    """Each setting's comment comes from its field: the line above each key is a comment,
+    and the renamed and nested keys land in their sections."""
     text = render_config(AggregatorConfig(min_connected=4335))
-    assert "min_connected = 4335       # a round waits (up to population_wait)" in text
-    assert "# q: each connected, enrolled device joins a round" in text
+    lines = text.splitlines()
+    at = lines.index("min_connected = 4335")
+    assert lines[at - 1] == ("# a round waits (up to population_wait) for this many "
+                             "checked-in devices")
+    keys = [i for i, line in enumerate(lines) if " = " in line and not line.startswith("#")]
+    # the statistics field is written as "enabled" and StatisticsSettings' fields
+    assert len(keys) == len(fields(AggregatorConfig)) + len(fields(StatisticsSettings))
+    assert all(lines[i - 1].startswith("# ") for i in keys)
+    optimizer = text.index("[optimizer]")
+    assert text.index('name = "fedavg"') > optimizer and text.index("lr = 1.0") > optimizer
+    assert "[statistics] # before training" in text and "enabled = true" in text
+
+
+def test_arrays_with_spaces_and_multiple_lines_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[training]\ntrain_groups = [ "bias" ,\n  "blend" ]\n')
+    assert load_config(path).train_groups == ("bias", "blend")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[round]\nsampling_rat = 0.5\n", "unknown key round.sampling_rat"),
+    ("[round]\nsampling_rate = \"half\"\n", "round.sampling_rate must be float"),
+    ("[round]\nmin_clients = 3.0\n", "round.min_clients must be int"),
+    ("[statistics]\nenabled = 1\n", "statistics.enabled must be bool"),
+    ("[statistics]\nheads = 10\n", "unknown key statistics.heads"),
+    ("[optimizer]\noptimizer_lr = 0.1\n", "unknown key optimizer.optimizer_lr"),
+    ("[training]\ntrain_groups = [\"bias\", 3]\n", "training.train_groups must be tuple"),
+    ("[server]\nhost = \"a\"\n[network]\nport = 1\n", r"unknown section \[network\]"),
+])
+def test_a_bad_key_or_value_is_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_each_statistics_key_has_a_comment() -> None:
+    text = render_config(AggregatorConfig())
+    for f in fields(StatisticsSettings):
+        line = text.splitlines().index(f"{f.name} = {tomlkit.item(f.default).as_string()}")
+        assert text.splitlines()[line - 1].startswith("# ")
+
+
+@pytest.mark.parametrize("preset", list(Preset))
+def test_a_preset_config_carries_its_tuned_values(preset: Preset, tmp_path: Path) -> None:
+    """What init writes reads back with the preset's values, in its regime."""
+    path = tmp_path / "config.toml"
+    path.write_text(render_config(preset.config()))
+    config = load_config(path)
+    tuned = preset.value
+    assert config.statistics is not None
+    assert (config.train_groups, config.clip_norm, config.training_noise_ratio,
+            config.lr_blend, config.optimizer, config.optimizer_lr,
+            config.statistics.head_items, config.statistics.cooccurrence_clip) == (
+        tuned.train_groups, tuned.clip_norm, tuned.training_noise_ratio, tuned.lr_blend,
+        tuned.optimizer, tuned.optimizer_lr, tuned.head_items, tuned.cooccurrence_clip)
+    assert (config.mechanism == NO_NOISE) == (preset is Preset.NO_DP)
+    assert Preset.of(config.mechanism) is preset
+
+
+def test_presets_differ_from_the_generic_defaults_where_tuned() -> None:
+    generic = AggregatorConfig()
+    assert Preset.DP.config().train_groups == ("blend",) != generic.train_groups
+    assert Preset.NO_DP.config().train_groups == ("bias", "blend")
+    assert Preset.DP.config().optimizer == "fedadam" != generic.optimizer
+    # a config without statistics rounds keeps none
+    assert Preset.DP.value.apply(AggregatorConfig(statistics=None)).statistics is None
+
+
+def test_the_simulation_resolves_to_the_presets() -> None:
+    """One definition: a federated run's unset settings are its regime's preset values."""
+    for mechanism, preset in (("none", Preset.NO_DP), ("gaussian", Preset.DP)):
+        resolved = FederatedSettings(mechanism=mechanism,
+                                     epsilon=8.0 if mechanism != "none" else None).resolved()
+        tuned = preset.value
+        assert (resolved.train_groups, resolved.head_items, resolved.cooccurrence_clip,
+                resolved.clip_norm, resolved.lr_blend, resolved.training_noise_ratio,
+                resolved.optimizer, resolved.optimizer_lr, resolved.dim) == (
+            tuned.train_groups, tuned.head_items, tuned.cooccurrence_clip, tuned.clip_norm,
+            tuned.lr_blend, tuned.training_noise_ratio, tuned.optimizer, tuned.optimizer_lr,
+            tuned.dim)
+    assert FederatedSettings(clip_norm=2.0).resolved().clip_norm == 2.0
 
 
 def test_groups_smaller_than_two_rounds_are_refused() -> None:

@@ -1,131 +1,172 @@
-"""The aggregator's configuration: a TOML file with commented defaults, read with the
-standard library's tomllib and checked into a typed, frozen value."""
+"""The aggregator's configuration: a TOML file read with the standard library's tomllib and
+checked into a typed, frozen value.
+
+:class:`AggregatorConfig` is the one place each setting is defined: its default, its section
+and key in config.toml, and the comment the file carries (the field's metadata, a
+:class:`Key`). :func:`render_config` writes the file from it with tomlkit; :func:`load_config`
+reads it back strictly. :class:`Preset` holds the values tuned on the validation splits, by
+privacy regime: ``fedcart-aggregator init`` writes one, and the simulation runs with them.
+"""
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+import tomlkit
+from tomlkit.items import Table
 
 from fedcart.aggregator.privacy import check_accountable
 from fedcart.model_export.item_item import StatisticsSettings
-from fedcart.model_export.model import TENSOR_NAMES, trained_groups
+from fedcart.model_export.model import TENSOR_NAMES, learning_rates, trained_groups
+from fedcart.secagg.policy import ClientPolicy
 
-__all__ = ["DEFAULT_TOML", "AggregatorConfig", "ConfigError", "load_config", "render_config"]
+__all__ = ["NO_NOISE", "AggregatorConfig", "ConfigError", "Key", "Preset", "Section", "Tuning",
+           "load_config", "render_config"]
+
+NO_NOISE: Final = "none"  # privacy.mechanism of a deployment without differential privacy
+_KEY: Final = "key"  # the metadata entry of an AggregatorConfig field that holds its Key
+_WIDTH: Final = 90  # comment lines of config.toml wrap at this width
 
 
 class ConfigError(ValueError):
     """The configuration file is missing, not TOML, or holds a bad value."""
 
 
-DEFAULT_TOML = '''\
-# FedCart aggregator configuration. Every key is optional; these are the defaults.
+class Section(StrEnum):
+    """The tables of config.toml, in the order the file lists them."""
 
-[server]
-host = "127.0.0.1"      # listen address; a public address needs tls_cert and tls_key
-port = 8765
-tls_cert = ""           # PEM certificate: serve wss:// instead of ws://
-tls_key = ""
+    SERVER = "server"
+    ROUND = "round"
+    TRAINING = "training"
+    STATISTICS = "statistics"  # its keys are StatisticsSettings' fields, and "enabled"
+    PRIVACY = "privacy"
+    OPTIMIZER = "optimizer"
 
-[round]
-sampling_rate = 0.5     # q: each connected, enrolled device joins a round with probability q
-min_clients = 3         # a round with fewer sampled devices is skipped (and costs no privacy)
-min_connected = 0       # a round waits (up to population_wait) for this many checked-in devices
-population_wait = 60.0  # seconds a round waits for min_connected before it goes ahead
-population_share = 0.9  # a statistics round over every device starts only with this share in
-group_size = 250        # a larger cohort splits into groups, each its own SecAgg+ round
-expected_dropout = 0.1  # share of a group's devices expected to drop out of a round
-corrupt_fraction = 0.0  # share of devices that may collude with the server
-failure_bound = 1e-6    # k and t keep P[a group fails] at expected_dropout below this
-secagg_degree = 0       # k: 0 chooses k and t per group (above); > 0 fixes k, t = k/2+1
-phase_timeout = 30.0    # seconds a protocol phase waits before going on without stragglers
-round_interval = 0.0    # seconds between rounds
-max_rounds = 0          # stop after this many completed rounds (0: until told to stop)
 
-[training]              # what devices do locally each round
-local_epochs = 1
-examples_per_round = 8  # leave-one-out examples of its newest basket a device trains on
-lr_embeddings = 5.0
-lr_bias = 1.0
-lr_blend = 0.05
-batch_size = 64
-train_groups = ["e_in","e_out","bias","blend"]  # what rounds train and devices upload
+_SECTION_COMMENTS: Final = {
+    Section.TRAINING: "what devices do locally each round",
+    Section.STATISTICS: "before training: secure sums of the devices' basket statistics",
+}
 
-[statistics]            # before training: secure sums of the devices' basket statistics
-enabled = true          # a popularity round, then a co-occurrence round over the head items
-sampling_rate = 1.0     # q of these two rounds
-head_items = 2000       # M: co-occurrence over the M most popular items (M(M+1)/2 values)
-popularity_clip = 5.0   # C of a device's popularity vector
-cooccurrence_clip = 32.0  # C of a device's co-occurrence vector
-neighbours = 100        # K: neighbours per item in the bundle's item-item table
-ease_lambda = 0.5       # EASE ridge (exact sums), times the mean diagonal
-threshold = 2.5         # noised co-occurrences below threshold * noise std are dropped
-popularity_weight = 0.01  # bias = this * log(1 + popularity)
-popularity_noise_ratio = 4.0  # noise multiplier of the popularity round / co-occurrence's
-name_weight = 0.3       # of the neighbours by item name (0: none); names are public
+# The comments of [statistics]: its defaults are StatisticsSettings' (item_item.py)
+_STATISTICS_COMMENTS: Final = {
+    "sampling_rate": "q of the two statistics rounds",
+    "head_items": "M: co-occurrence over the M most popular items (M(M+1)/2 values per "
+                  "device)",
+    "popularity_clip": "C of a device's popularity vector",
+    "cooccurrence_clip": "C of a device's co-occurrence vector",
+    "neighbours": "K: neighbours per item in the bundle's item-item table",
+    "ease_lambda": "EASE ridge (exact sums), times the mean diagonal",
+    "threshold": "noised co-occurrences below threshold * noise std are dropped",
+    "popularity_weight": "bias = this * log(1 + popularity)",
+    "popularity_noise_ratio": "noise multiplier of the popularity round / co-occurrence's",
+    "name_weight": "weight of the neighbours by item name (0: none); names are public",
+}
+_ENABLED: Final = "enabled"  # the [statistics] key that turns the statistics rounds off
 
-[privacy]
-mechanism = "gaussian"  # "gaussian", "laplace" (pure epsilon, L1 clip) or "none"
-clip_norm = 1.0         # C: each device clips its update to this norm
-noise_multiplier = 1.0  # z: noise std (or Laplace scale) = z * C; see target_epsilon
-target_epsilon = 0.0    # > 0: calibrate z so that planned_rounds rounds spend this epsilon
-planned_rounds = 100
-delta = 1e-5
-budget_epsilon = 10.0   # rounds that would spend more are refused
-weight_cap = 8.0        # a device's weight is min(examples / weight_cap, 1)
-population = 0          # N for the fixed denominator q*N (0: the number enrolled)
-training_noise_ratio = 1.0  # noise multiplier of training rounds / co-occurrence's
 
-[optimizer]
-name = "fedavg"         # "fedavg" or "fedadam"
-lr = 1.0
-'''
+@dataclass(frozen=True)
+class Key:
+    """Where a field lives in config.toml, and the comment written above it."""
+
+    section: Section
+    comment: str
+    name: str = ""  # its key, where that is not the field's name
+
+
+def _setting(default: Any, section: Section, comment: str, name: str = "") -> Any:
+    """A field with its default and its place and comment in config.toml."""
+    return field(default=default, metadata={_KEY: Key(section, comment, name)})
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    tls_cert: str = ""
-    tls_key: str = ""
-    sampling_rate: float = 0.5
-    min_clients: int = 3
-    min_connected: int = 0
-    population_wait: float = 60.0
-    # the share of enrolled devices a statistics round over the whole population (sampling
-    # rate 1) needs checked in: it does not start without them
-    population_share: float = 0.9
-    group_size: int = 250
-    expected_dropout: float = 0.1
-    corrupt_fraction: float = 0.0
-    failure_bound: float = 1e-6
-    secagg_degree: int = 0
-    phase_timeout: float = 30.0
-    round_interval: float = 0.0
-    max_rounds: int = 0
-    local_epochs: int = 1
-    examples_per_round: int = 8
-    lr_embeddings: float = 5.0
-    lr_bias: float = 1.0
-    lr_blend: float = 0.05
-    batch_size: int = 64
-    train_groups: tuple[str, ...] = TENSOR_NAMES
-    # None: no statistics rounds
-    statistics: StatisticsSettings | None = field(default_factory=StatisticsSettings)
-    mechanism: str = "gaussian"
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    target_epsilon: float = 0.0
-    planned_rounds: int = 100
-    delta: float = 1e-5
-    budget_epsilon: float = 10.0
-    weight_cap: float = 8.0
-    population: int = 0
-    training_noise_ratio: float = 1.0
-    optimizer: str = "fedavg"
-    optimizer_lr: float = 1.0
+    """Every setting of the aggregator service, with its default."""
+
+    host: str = _setting("127.0.0.1", Section.SERVER,
+                         "listen address; a public address needs tls_cert and tls_key")
+    port: int = _setting(8765, Section.SERVER, "listen port (0: any free port)")
+    tls_cert: str = _setting("", Section.SERVER,
+                             "PEM certificate: serve wss:// instead of ws://")
+    tls_key: str = _setting("", Section.SERVER, "PEM private key of tls_cert")
+    sampling_rate: float = _setting(
+        0.5, Section.ROUND, "q: each connected, enrolled device joins a round with "
+                            "probability q")
+    min_clients: int = _setting(
+        ClientPolicy.min_participants, Section.ROUND,
+        "a round with fewer sampled devices is skipped (and costs no privacy); a device's "
+        f"default policy refuses rounds of fewer than {ClientPolicy.min_participants}")
+    min_connected: int = _setting(
+        0, Section.ROUND, "a round waits (up to population_wait) for this many checked-in "
+                          "devices")
+    population_wait: float = _setting(
+        60.0, Section.ROUND, "seconds a round waits for min_connected before it goes ahead")
+    population_share: float = _setting(
+        0.9, Section.ROUND, "a statistics round over every device (sampling rate 1) starts "
+                            "only with this share of the enrolled devices checked in")
+    group_size: int = _setting(
+        250, Section.ROUND, "a larger cohort splits into groups, each its own SecAgg+ round")
+    expected_dropout: float = _setting(
+        0.1, Section.ROUND, "share of a group's devices expected to drop out of a round")
+    corrupt_fraction: float = _setting(
+        0.0, Section.ROUND, "share of devices that may collude with the server")
+    failure_bound: float = _setting(
+        1e-6, Section.ROUND, "k and t keep P[a group fails] at expected_dropout below this")
+    secagg_degree: int = _setting(
+        0, Section.ROUND, "k: 0 chooses k and t per group (above); > 0 fixes k, t = k/2+1")
+    phase_timeout: float = _setting(
+        30.0, Section.ROUND, "seconds a protocol phase waits before going on without "
+                             "stragglers")
+    round_interval: float = _setting(0.0, Section.ROUND, "seconds between rounds")
+    max_rounds: int = _setting(
+        0, Section.ROUND, "stop after this many completed rounds (0: until told to stop)")
+    local_epochs: int = _setting(1, Section.TRAINING,
+                                 "passes a device makes over its examples")
+    examples_per_round: int = _setting(
+        8, Section.TRAINING, "leave-one-out examples of its newest basket a device trains on")
+    lr_embeddings: float = _setting(5.0, Section.TRAINING,
+                                    "device SGD learning rate of e_in and e_out")
+    lr_bias: float = _setting(1.0, Section.TRAINING, "device SGD learning rate of the bias")
+    lr_blend: float = _setting(0.05, Section.TRAINING,
+                               "device SGD learning rate of the blend weights")
+    batch_size: int = _setting(64, Section.TRAINING, "examples per local SGD step")
+    train_groups: tuple[str, ...] = _setting(
+        ("bias", "blend"), Section.TRAINING, f"what rounds train and devices upload, of "
+                                             f"{', '.join(TENSOR_NAMES)}")
+    statistics: StatisticsSettings | None = field(
+        default_factory=StatisticsSettings,
+        metadata={_KEY: Key(Section.STATISTICS, "a popularity round, then a co-occurrence "
+                                                "round over the head items (false: none)",
+                            _ENABLED)})
+    mechanism: str = _setting(
+        "gaussian", Section.PRIVACY, f'"gaussian", "laplace" (pure epsilon, L1 clip) or '
+                                     f'"{NO_NOISE}"')
+    clip_norm: float = _setting(1.0, Section.PRIVACY,
+                                "C: each device clips its update to this norm")
+    noise_multiplier: float = _setting(
+        1.0, Section.PRIVACY, "z: noise std (or Laplace scale) = z * C; see target_epsilon")
+    target_epsilon: float = _setting(
+        0.0, Section.PRIVACY, "> 0: calibrate z so that planned_rounds rounds spend this "
+                              "epsilon")
+    planned_rounds: int = _setting(100, Section.PRIVACY,
+                                   "training rounds target_epsilon is calibrated for")
+    delta: float = _setting(1e-5, Section.PRIVACY, "the delta of (epsilon, delta)-DP")
+    budget_epsilon: float = _setting(10.0, Section.PRIVACY,
+                                     "rounds that would spend more are refused")
+    weight_cap: float = _setting(8.0, Section.PRIVACY,
+                                 "a device's weight is min(examples / weight_cap, 1)")
+    population: int = _setting(0, Section.PRIVACY,
+                               "N for the fixed denominator q*N (0: the number enrolled)")
+    training_noise_ratio: float = _setting(
+        1.0, Section.PRIVACY, "noise multiplier of training rounds / co-occurrence's")
+    optimizer: str = _setting("fedavg", Section.OPTIMIZER, '"fedavg" or "fedadam"', "name")
+    optimizer_lr: float = _setting(1.0, Section.OPTIMIZER, "server learning rate", "lr")
 
     def __post_init__(self) -> None:
         checks = [
@@ -145,7 +186,7 @@ class AggregatorConfig:
             (self.phase_timeout > 0, "round.phase_timeout must be positive"),
             (self.population_wait >= 0, "round.population_wait must not be negative"),
             (0 <= self.population_share <= 1, "round.population_share must lie in [0, 1]"),
-            (self.mechanism in ("gaussian", "laplace", "none"),
+            (self.mechanism in ("gaussian", "laplace", NO_NOISE),
              "privacy.mechanism must be gaussian, laplace or none"),
             (self.clip_norm > 0, "privacy.clip_norm must be positive"),
             (self.noise_multiplier > 0, "privacy.noise_multiplier must be positive"),
@@ -165,7 +206,7 @@ class AggregatorConfig:
             trained_groups(self.train_groups)
         except ValueError as exc:
             raise ConfigError(f"training.train_groups: {exc}") from exc
-        if self.mechanism != "none":
+        if self.mechanism != NO_NOISE:
             rates = {self.sampling_rate} | ({self.statistics.sampling_rate}
                                             if self.statistics is not None else set())
             for rate in sorted(rates):
@@ -176,12 +217,75 @@ class AggregatorConfig:
 
     @property
     def learning_rates(self) -> tuple[float, float, float, float]:
-        return (self.lr_embeddings, self.lr_embeddings, self.lr_bias, self.lr_blend)
+        """The devices' SGD learning rates, one per tensor (model.learning_rates)."""
+        return learning_rates(self.lr_embeddings, self.lr_bias, self.lr_blend)
 
 
-_SECTIONS = {"server", "round", "training", "statistics", "privacy", "optimizer"}
-_RENAMED = {("optimizer", "name"): "optimizer", ("optimizer", "lr"): "optimizer_lr"}
-STATISTICS = "statistics"  # its keys are StatisticsSettings' fields, and "enabled"
+@dataclass(frozen=True)
+class Tuning:
+    """The values a :class:`Preset` sets: those tuned on the validation splits, where they
+    differ from AggregatorConfig's generic defaults. Both regimes share the server optimizer
+    (FedAdam at 0.05) and ``dim``, the embedding size of model version 0: 0, since the
+    embeddings train in neither (d = 0: no V x d product on the device, no embeddings in
+    the bundle)."""
+
+    train_groups: tuple[str, ...]
+    head_items: int
+    cooccurrence_clip: float
+    clip_norm: float
+    training_noise_ratio: float
+    lr_blend: float = AggregatorConfig.lr_blend
+    optimizer: str = "fedadam"
+    optimizer_lr: float = 0.05
+    dim: int = 0
+
+    def apply(self, config: AggregatorConfig) -> AggregatorConfig:
+        """``config`` with these values (the statistics ones only where it has statistics
+        rounds)."""
+        statistics = (None if config.statistics is None else dataclasses.replace(
+            config.statistics, head_items=self.head_items,
+            cooccurrence_clip=self.cooccurrence_clip))
+        return dataclasses.replace(
+            config, train_groups=self.train_groups, clip_norm=self.clip_norm,
+            training_noise_ratio=self.training_noise_ratio, lr_blend=self.lr_blend,
+            optimizer=self.optimizer, optimizer_lr=self.optimizer_lr, statistics=statistics)
+
+
+class Preset(Enum):
+    """Tuned settings by privacy regime (the validation splits).
+
+    With the item-item table in the model, training the embeddings adds nothing measurable
+    on the validation splits (central training, UCI and Instacart), so rounds train the bias
+    and blend (V + 4 numbers to upload, not 2 V d). Without DP the table is EASE over a
+    large head. Under DP only the blend trains (four numbers, so the noise per coordinate
+    barely matters) and the table is the thresholded cosine over a smaller head, whose
+    users' vectors are clipped harder."""
+
+    NO_DP = Tuning(train_groups=("bias", "blend"), head_items=2000, cooccurrence_clip=32.0,
+                   clip_norm=5.0, training_noise_ratio=1.0)
+    DP = Tuning(train_groups=("blend",), head_items=1000, cooccurrence_clip=5.0,
+                clip_norm=0.5, training_noise_ratio=4.0)
+
+    @classmethod
+    def of(cls, mechanism: str) -> Preset:
+        """The preset of a deployment with noise ``mechanism``."""
+        return cls.NO_DP if mechanism == NO_NOISE else cls.DP
+
+    def config(self) -> AggregatorConfig:
+        """AggregatorConfig's defaults in this regime (no noise for NO_DP, the default
+        mechanism for DP) with the preset's values."""
+        base = AggregatorConfig(mechanism=NO_NOISE) if self is Preset.NO_DP \
+            else AggregatorConfig()
+        return self.value.apply(base)
+
+
+def _key(f: dataclasses.Field[Any]) -> Key:
+    key: Key = f.metadata[_KEY]
+    return key
+
+
+def _file_key(f: dataclasses.Field[Any]) -> str:
+    return _key(f).name or f.name
 
 
 def _checked(path: Path, where: str, value: Any, default: Any) -> Any:
@@ -199,76 +303,79 @@ def _checked(path: Path, where: str, value: Any, default: Any) -> Any:
 
 
 def _statistics(path: Path, body: dict[str, Any]) -> StatisticsSettings | None:
-    defaults = StatisticsSettings()
+    defaults = {f.name: f.default for f in fields(StatisticsSettings)} | {_ENABLED: True}
     values = {}
     for key, value in body.items():
-        if key != "enabled" and key not in {f.name for f in fields(StatisticsSettings)}:
-            raise ConfigError(f"{path}: unknown key statistics.{key}")
-        values[key] = _checked(path, f"statistics.{key}", value,
-                               True if key == "enabled" else getattr(defaults, key))
-    if not values.pop("enabled", True):
+        if key not in defaults:
+            raise ConfigError(f"{path}: unknown key {Section.STATISTICS}.{key}")
+        values[key] = _checked(path, f"{Section.STATISTICS}.{key}", value, defaults[key])
+    if not values.pop(_ENABLED, True):
         return None
     try:
         return StatisticsSettings(**values)
     except ValueError as exc:
-        raise ConfigError(f"{path}: [statistics]: {exc}") from exc
+        raise ConfigError(f"{path}: [{Section.STATISTICS}]: {exc}") from exc
+
+
+_FIELDS: Final = {(_key(f).section, _file_key(f)): f for f in fields(AggregatorConfig)
+                  if _key(f).section is not Section.STATISTICS}
 
 
 def load_config(path: Path) -> AggregatorConfig:
+    """Read config.toml; a missing key takes its default. Raises ConfigError naming the file
+    and the key for an unknown section or key, a value of the wrong type, or a value
+    AggregatorConfig refuses."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such configuration file") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    known = {f.name for f in fields(AggregatorConfig)} - {STATISTICS}
     values: dict[str, Any] = {}
-    for section, body in raw.items():
-        if section not in _SECTIONS or not isinstance(body, dict):
-            raise ConfigError(f"{path}: unknown section [{section}]")
-        if section == STATISTICS:
-            values[STATISTICS] = _statistics(path, body)
+    for name, body in raw.items():
+        try:
+            section = Section(name)
+        except ValueError:
+            raise ConfigError(f"{path}: unknown section [{name}]") from None
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table, got {body!r}")
+        if section is Section.STATISTICS:
+            values["statistics"] = _statistics(path, body)
             continue
         for key, value in body.items():
-            name = _RENAMED.get((section, key), key)
-            if name not in known:
+            f = _FIELDS.get((section, key))
+            if f is None:
                 raise ConfigError(f"{path}: unknown key {section}.{key}")
-            values[name] = _checked(path, f"{section}.{key}", value,
-                                    getattr(AggregatorConfig, name))
+            values[f.name] = _checked(path, f"{section}.{key}", value, f.default)
     return AggregatorConfig(**values)
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):  # no spaces: render_config reads a value as one word
-        return "[" + ",".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, str):  # a TOML basic string: escape quote, backslash, controls
-        return '"' + "".join(
-            f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c
-            for c in value) + '"'
-    return repr(value)
-
-
-def _value_of(config: AggregatorConfig, section: str, key: str) -> object:
-    if section == STATISTICS:
-        if key == "enabled":
-            return config.statistics is not None
-        return getattr(config.statistics or StatisticsSettings(), key)
-    return getattr(config, _RENAMED.get((section, key), key))
+def _add(table: Table, key: str, value: Any, comment: str) -> None:
+    """``key = value`` with ``comment`` on the lines above it."""
+    for line in textwrap.wrap(comment, _WIDTH - 2):
+        table.add(tomlkit.comment(line))
+    table.add(key, list(value) if isinstance(value, tuple) else value)
 
 
 def render_config(config: AggregatorConfig) -> str:
-    """``config`` as a TOML file: DEFAULT_TOML with each value replaced, comments kept."""
-    lines, section = [], ""
-    for line in DEFAULT_TOML.splitlines():
-        header = re.match(r"\[(\w+)\]", line)
-        entry = re.match(r"(\w+)(\s*=\s*)(\S+)(\s*#.*)?$", line)
-        if header:
-            section = header.group(1)
-        elif entry:
-            key = entry.group(1)
-            value = _toml_value(_value_of(config, section, key))
-            line = f"{key}{entry.group(2)}{value}{entry.group(4) or ''}"
-        lines.append(line)
-    return "\n".join(lines) + "\n"
+    """``config`` as config.toml: every key, each with its comment, in Section order.
+    ``load_config`` reads the text back to ``config``."""
+    document = tomlkit.document()
+    document.add(tomlkit.comment("FedCart aggregator configuration. Every key is optional: "
+                                 "a key left out takes its default."))
+    tables = {section: tomlkit.table() for section in Section}
+    for section, comment in _SECTION_COMMENTS.items():
+        tables[section].comment(comment)
+    for f in fields(AggregatorConfig):
+        key = _key(f)
+        if key.section is not Section.STATISTICS:
+            _add(tables[key.section], _file_key(f), getattr(config, f.name), key.comment)
+            continue
+        _add(tables[key.section], _ENABLED, config.statistics is not None, key.comment)
+        statistics = config.statistics or StatisticsSettings()
+        for s in fields(StatisticsSettings):
+            _add(tables[key.section], s.name, getattr(statistics, s.name),
+                 _STATISTICS_COMMENTS[s.name])
+    for section, table in tables.items():
+        document.add(section.value, table)
+    return tomlkit.dumps(document)

@@ -19,15 +19,13 @@ from typing import IO
 import nacl.signing
 import numpy as np
 
-from fedcart.aggregator.config import DEFAULT_TOML
+from fedcart.aggregator.config import AggregatorConfig, render_config
 from fedcart.aggregator.store import ModelRow, Store
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.keys import load_or_create_signing_key
-from fedcart.model_export.model import init_weights
+from fedcart.model_export.model import HISTORY_DECAY, Neighbours, init_weights
 
 __all__ = ["StateDir", "StateDirInUse", "init_state"]
-
-HISTORY_DECAY = 0.9
 
 
 class StateDirInUse(RuntimeError):
@@ -94,23 +92,27 @@ class StateDir:
                                     "fedcart-aggregator init first")
 
 
-def init_state(root: Path, items: list[str], names: list[str], dim: int = 128,
-               seed: int | None = None) -> StateDir:
-    """Create the state directory with model version 0 over the catalog ``items``.
+def init_state(root: Path, items: list[str], names: list[str], dim: int = 0,
+               seed: int | None = None, config: AggregatorConfig | None = None,
+               neighbours: Neighbours | None = None) -> StateDir:
+    """Create the state directory with model version 0 over the catalog ``items``, and
+    config.toml from ``config`` (default: AggregatorConfig's defaults) unless one exists.
 
-    Version 0 is ``init_weights``' start with a zero bias and no item-item table: the
-    aggregator has seen no basket, so it knows no popularity or co-occurrence; the
+    Version 0 is ``init_weights``' start with a zero bias and the item-item table
+    ``neighbours`` (default none): the aggregator has seen no basket, so it knows no
+    popularity or co-occurrence, only what public data such as the item names give; the
     statistics rounds bring both, and training the rest."""
     state = StateDir(Path(root))
     if state.database.exists():
         raise FileExistsError(f"{root} already holds an aggregator (state.db exists)")
     state.bundles.mkdir(parents=True, exist_ok=True)
     if not state.config.exists():
-        state.config.write_text(DEFAULT_TOML)
+        state.config.write_text(render_config(config or AggregatorConfig()))
     key = load_or_create_signing_key(state.key)
     weights = init_weights(len(items), dim, np.random.default_rng(seed))
     manifest = export_bundle(state.bundles / "v00000000", weights, items, names, key,
-                             model_version=0, round_id=0, history_decay=HISTORY_DECAY)
+                             neighbours=neighbours, model_version=0, round_id=0,
+                             history_decay=HISTORY_DECAY)
     store = Store(state.database)
     store.publish(ModelRow(0, None, "bundles/v00000000",
                            hashlib.sha256(manifest.to_json()).hexdigest()), {}, None, None, {})

@@ -1,26 +1,28 @@
 """Command-line options shared by the tools that read basket data (fedcart-sim,
-fedcart-aggregator init): click decorators and the loader behind them."""
+fedcart-aggregator init): click decorators and the loader behind them. The loader's
+imports (pandas) wait for a command to run, so that --help stays quick."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
-from fedcart.model_export.datasets import CsvColumns, DataError, load
-from fedcart.model_export.evaluation import Split, make_split, validation_data
+if TYPE_CHECKING:
+    from fedcart.model_export.evaluation import Split
 
 __all__ = ["data_options", "load_split", "validation_option"]
 
 console = Console(stderr=True)
 
 
-def data_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--data and the column options of a user's own CSV, shared by every subcommand."""
+def data_options(func: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
+    """--data (``required``: a command that can do without it says so) and the column
+    options of a user's own CSV, shared by every subcommand."""
     options = [
-        click.option("--data", "data_spec", required=True, metavar="uci|instacart|PATH",
+        click.option("--data", "data_spec", required=required, metavar="uci|instacart|PATH",
                      help="A bundled data set, or a .csv/.csv.gz/.zip of your own baskets "
                           "(then give the column options)."),
         click.option("--user-col", help="Column with the user (customer) id."),
@@ -44,6 +46,9 @@ validation_option = click.option(
 def load_split(data_spec: str, user_col: str | None, item_col: str | None,
                time_col: str | None, basket_col: str | None, name_col: str | None,
                validation: bool = False) -> tuple[Split, dict[str, str], str]:
+    from fedcart.model_export.datasets import CsvColumns, DataError, load
+    from fedcart.model_export.evaluation import make_split, validation_data
+
     columns = None
     if data_spec not in ("uci", "instacart"):
         missing = [flag for flag, value in (("--user-col", user_col), ("--item-col", item_col),
