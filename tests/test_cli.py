@@ -1,18 +1,30 @@
 """The command lines as a user runs them: a CSV of one's own baskets through baselines and
-central training, then the device recommending from the bundle it wrote."""
+central training, then the device recommending from the bundle it wrote; an operator's
+fedcart-aggregator init from a catalog, its --help and --version, and serve's exit status."""
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
+import fedcart
+from fedcart.aggregator.cli import main as aggregator_main
+from fedcart.aggregator.config import Preset, load_config
+from fedcart.aggregator.process import AggregatorProcess
 from fedcart.edge_client.cli import main as device_main
+from fedcart.model_export.bundle import read_bundle
 from fedcart.model_export.evaluation import make_split
 from fedcart.simulation.cli import main as sim_main
 from tests.conftest import CSV_OPTS, synthetic_data
+from tests.test_service import CONFIG, make_world
 
 
 def test_baselines_on_a_csv_writes_json(basket_csv: Path, tmp_path: Path) -> None:
@@ -102,3 +114,156 @@ def test_central_refuses_an_existing_output(basket_csv: Path, tmp_path: Path) ->
     result = CliRunner().invoke(sim_main, ["central", "--data", str(basket_csv), *CSV_OPTS,
                                            "--out", str(tmp_path)])
     assert result.exit_code == 1 and "never overwritten" in result.output
+
+
+# -- fedcart-aggregator ----------------------------------------------------------------------
+CATALOG = """sku,title
+a1,JUMBO BAG RED RETROSPOT
+a2,JUMBO BAG PINK POLKADOT
+b1,WHITE HANGING HEART T-LIGHT HOLDER
+b2,RED HANGING HEART T-LIGHT HOLDER
+c1,ALARM CLOCK BAKELIKE GREEN
+c2,
+"""
+HEAVY = ("onnx", "onnxruntime", "pandas", "scipy", "dp_accounting")
+
+
+def _catalog(tmp_path: Path, text: str = CATALOG, name: str = "catalog.csv.gz") -> Path:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()))
+    return path
+
+
+def _recommend(state: Path, cart: str) -> list[tuple[str, float]]:
+    result = CliRunner().invoke(device_main, [
+        "recommend", "--bundle", str(state / "bundles" / "v00000000"),
+        "--public-key", str(state / "signing.pub"), "--cart", cart, "--k", "3"])
+    assert result.exit_code == 0, result.output
+    return [(line.split()[1], float(line.split()[2]))
+            for line in result.stdout.strip().splitlines()]
+
+
+def test_init_from_a_catalog_alone_recommends_items_named_like_the_cart(
+        tmp_path: Path) -> None:
+    """No basket history: version 0 carries the names' neighbour table, so the first model a
+    device gets ranks the items named like its cart's first, where it used to score all 0;
+    config.toml is the DP preset, and init says so."""
+    state = tmp_path / "agg"
+    result = CliRunner().invoke(aggregator_main, [
+        "init", "--state", str(state), "--catalog", str(_catalog(tmp_path)),
+        "--id-col", "sku", "--name-col", "title", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    assert "V=6, d=16" in result.output and "preset DP: mechanism gaussian" in result.output
+    assert load_config(state / "config.toml") == Preset.DP.config()
+    top = _recommend(state, "a1")
+    assert top[0][0] == "a2" and top[0][1] > 0
+    assert _recommend(state, "b1")[0][0] == "b2"
+    bundle = read_bundle(state / "bundles" / "v00000000",
+                         bytes.fromhex((state / "signing.pub").read_text().strip()))
+    assert bundle.names[-1] == "c2"  # a row without a name is named by its id
+    assert bundle.names[0] == "JUMBO BAG RED RETROSPOT"
+
+
+def test_init_from_a_catalog_without_names_has_no_table(tmp_path: Path) -> None:
+    state = tmp_path / "agg"
+    result = CliRunner().invoke(aggregator_main, [
+        "init", "--state", str(state), "--catalog", str(_catalog(tmp_path)),
+        "--id-col", "sku", "--no-dp", "--dim", "4"])
+    assert result.exit_code == 0, result.output
+    assert "V=6, d=4" in result.output and "preset NO_DP: mechanism none" in result.output
+    assert load_config(state / "config.toml") == Preset.NO_DP.config()
+    assert all(score == 0 for _, score in _recommend(state, "a1"))
+    bundle = read_bundle(state / "bundles" / "v00000000",
+                         bytes.fromhex((state / "signing.pub").read_text().strip()))
+    assert bundle.neighbours().ids.shape == (6, 1)  # the empty table, not 6 x K zeros
+
+
+@pytest.mark.parametrize(("args", "text", "message"), [
+    (["--catalog", "{tmp}/nothing.csv"], CATALOG, "nothing.csv: no such file"),
+    (["--id-col", "item"], CATALOG, "missing column(s) ['item']"),
+    (["--id-col", "sku", "--name-col", "name"], CATALOG, "missing column(s) ['name']"),
+    (["--id-col", "sku"], CATALOG + "a1,again\nb1,again\n",
+     "2 item id(s) listed more than once in sku, e.g. ['a1', 'b1']"),
+    (["--id-col", "sku"], "sku\na1\n", "a catalog needs at least 2 items, it has 1"),
+])
+def test_a_bad_catalog_is_one_line(tmp_path: Path, args: list[str], text: str,
+                                   message: str) -> None:
+    catalog = _catalog(tmp_path, text)
+    options = [a.format(tmp=tmp_path) for a in args]
+    if "--catalog" not in options:
+        options += ["--catalog", str(catalog)]
+    result = CliRunner().invoke(aggregator_main, ["init", "--state", str(tmp_path / "agg"),
+                                                  *options])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and message in result.output
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "agg").exists()
+
+
+def test_init_takes_a_catalog_or_data_not_both(basket_csv: Path, tmp_path: Path) -> None:
+    catalog = _catalog(tmp_path)
+    both = CliRunner().invoke(aggregator_main, ["init", "--state", str(tmp_path / "agg"),
+                                                "--catalog", str(catalog), "--data", "uci"])
+    neither = CliRunner().invoke(aggregator_main, ["init", "--state", str(tmp_path / "agg")])
+    for result in (both, neither):
+        assert result.exit_code == 2 and "give --catalog FILE" in result.output
+
+
+def test_init_from_basket_data_still_works(basket_csv: Path, tmp_path: Path) -> None:
+    state = tmp_path / "agg"
+    result = CliRunner().invoke(aggregator_main, [
+        "init", "--state", str(state), "--data", str(basket_csv), *CSV_OPTS, "--no-dp"])
+    assert result.exit_code == 0, result.output
+    assert "V=25" in result.output and "preset NO_DP" in result.output
+    assert load_config(state / "config.toml").mechanism == "none"
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(aggregator_main, ["--version"])
+    assert result.exit_code == 0 and result.output == f"fedcart-aggregator, version " \
+                                                      f"{fedcart.__version__}\n"
+
+
+def test_help_loads_none_of_the_services_dependencies() -> None:
+    """--help of the group and of every command answers without onnx, pandas, scipy or
+    dp_accounting (a fresh interpreter, so no other test has loaded them)."""
+    script = f"""
+import sys
+from click.testing import CliRunner
+from fedcart.aggregator.cli import main
+for args in (["--help"], *([name, "--help"] for name in main.commands)):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "Usage:" in result.output, (args, result.output)
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    control = subprocess.run([sys.executable, "-c", "import sys; import fedcart.aggregator."
+                              "config; print('scipy' in sys.modules)"], capture_output=True,
+                             text=True, timeout=60)
+    assert control.stdout.strip() == "True"  # the check would see an eager import
+
+
+def test_serve_exits_3_saying_so_when_the_budget_is_spent(tmp_path: Path) -> None:
+    """The service stops itself when the next round would overspend: serve says so in its
+    last line and exits 3 (0 is for SIGTERM and --max-rounds)."""
+    state, devices = make_world(tmp_path)
+    # z = 1.5 at q = 1: one round spends ~3.3 at delta 1e-5, two ~4.8: budget 4 allows one
+    state.config.write_text(CONFIG.format(statistics="false", timeout=5.0, rounds=0).replace(
+        "budget_epsilon = 1000.0", "budget_epsilon = 4.0"))
+    server = AggregatorProcess(state.root)
+
+    async def run() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=2, timeout=60)
+                                      for d in devices[:5]))
+
+    asyncio.run(run())
+    assert server.wait() == 3, server.log()
+    status = CliRunner().invoke(aggregator_main, ["status", "--state", str(state.root),
+                                                  "--json"])
+    spent = json.loads(status.stdout)["epsilon"]
+    assert 0 < spent <= 4
+    assert server.log().strip().splitlines()[-1].startswith(
+        f"privacy budget spent: epsilon {spent:.4g} of 4 at delta 1e-05;")

@@ -1,38 +1,55 @@
-"""``fedcart-aggregator``: the operator's command line (click; rich for tables)."""
+"""``fedcart-aggregator``: the operator's command line (click; rich for tables).
+
+The service's dependencies (onnx, pandas, scipy, dp_accounting) load inside the commands
+that need them: ``--help`` and ``--version`` answer at once."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
 import signal
 import ssl
 import sys
+from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from fedcart.aggregator.config import AggregatorConfig, ConfigError, load_config
-from fedcart.aggregator.privacy import epsilon_spent
-from fedcart.aggregator.statedir import StateDir, StateDirInUse, init_state
-from fedcart.aggregator.store import Store
-from fedcart.model_export.cli_options import data_options, load_split
-from fedcart.model_export.keys import read_public_key
-from fedcart.protocol.transport import is_loopback
+from fedcart import __version__
+from fedcart.model_export.cli_options import data_options
+
+if TYPE_CHECKING:
+    from fedcart.aggregator.config import AggregatorConfig, Preset
+    from fedcart.aggregator.statedir import StateDir
+    from fedcart.model_export.model import Neighbours
 
 out = Console()
+err = Console(stderr=True)
+
+
+class ExitCode(IntEnum):
+    """``serve``'s exit status besides 0 (stopped as told) and click's 1 and 2."""
+
+    BUDGET_SPENT = 3  # the service stopped itself: the next round would overspend privacy
+    CANNOT_ACCOUNT = 4  # the service stopped itself: a round's privacy cost is not computable
+
+
 state_option = click.option("--state", "state_dir", required=True,
                             type=click.Path(file_okay=False, path_type=Path),
                             help="The aggregator's state directory.")
 
 
 def _state(state_dir: Path) -> StateDir:
+    from fedcart.aggregator.statedir import StateDir
+
     state = StateDir(state_dir)
     try:
         state.check()
@@ -44,6 +61,8 @@ def _state(state_dir: Path) -> StateDir:
 def _config(state: StateDir, **overrides: Any) -> AggregatorConfig:
     """The state's config.toml with the given options (None: not given) applied; a bad
     file or value is a one-line error."""
+    from fedcart.aggregator.config import ConfigError, load_config
+
     try:
         config = load_config(state.config)
         return dataclasses.replace(config, **{k: v for k, v in overrides.items()
@@ -53,30 +72,100 @@ def _config(state: StateDir, **overrides: Any) -> AggregatorConfig:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fedcart-aggregator")
 def main() -> None:
     """FedCart aggregator: enroll devices, serve rounds of secure aggregation with central
     differential privacy, publish signed models, and account for privacy."""
 
 
+def _catalog(catalog: Path | None, id_col: str, name_col: str | None,
+             data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(item ids, names) of ``--catalog``, or of ``--data``'s data set: exactly one."""
+    if (catalog is None) == (data["data_spec"] is None):
+        raise click.UsageError("give --catalog FILE (the item ids, and names with "
+                               "--name-col), or --data with a basket data set")
+    if catalog is None:
+        from fedcart.model_export.cli_options import load_split
+
+        split, names, _ = load_split(**data)
+        return list(split.catalog), [names[i] for i in split.catalog]
+    from fedcart.model_export.datasets import DataError, load_catalog
+
+    try:
+        items = load_catalog(catalog, id_col, name_col)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if len(items) < 2:
+        raise click.ClickException(f"{catalog}: a catalog needs at least 2 items, it has "
+                                   f"{len(items)}")
+    return list(items), list(items.values())
+
+
+def _name_table(names: list[str], config: AggregatorConfig) -> Neighbours | None:
+    """Version 0's item-item table: the item names' neighbours (name_neighbours.py), so that
+    a device recommends items named like its cart's before any round. None where no two
+    names share a word (ids for names), or the config has no statistics rounds or no name
+    weight (then its models carry no names' table either): an all-zero V x K table would
+    only make the bundle larger."""
+    import numpy as np
+
+    from fedcart.model_export.item_item import table_width
+    from fedcart.model_export.model import Neighbours
+    from fedcart.model_export.name_neighbours import with_names
+
+    stats = config.statistics
+    if stats is None or stats.name_weight == 0:
+        return None
+    k = table_width(stats.neighbours, len(names))
+    empty = Neighbours(np.zeros((len(names), k), np.int64),
+                       np.zeros((len(names), k), np.float32))
+    table = with_names(empty, names, stats.name_weight)
+    return table if table.weights.any() else None
+
+
 @main.command()
 @state_option
-@data_options
-@click.option("--dim", type=click.IntRange(1), default=128, show_default=True,
-              help="Embedding size d of the model.")
+@click.option("--catalog", type=click.Path(path_type=Path), metavar="FILE",
+              help="The item catalog: a .csv, .csv.gz or .zip with one row per item.")
+@click.option("--id-col", default="item_id", show_default=True,
+              help="--catalog's column with the item id.")
+@functools.partial(data_options, required=False)
+@click.option("--dp/--no-dp", default=None,
+              help="Write the tuned preset with differential privacy or without (default: "
+                   "with, the config's default mechanism).")
+@click.option("--dim", type=click.IntRange(0), default=None,
+              help="Embedding size d of the model (default: the preset's).")
 @click.option("--seed", type=int, default=None, help="Seed of the initial embeddings.")
-def init(state_dir: Path, dim: int, seed: int | None, **data: Any) -> None:
-    """Create the signing key, config.toml (commented defaults), the database, and model
-    version 0 over the data set's catalog. Only the catalog (item ids and names) is read
-    from the data; no basket reaches the aggregator."""
+def init(state_dir: Path, catalog: Path | None, id_col: str, dp: bool | None,
+         dim: int | None, seed: int | None, **data: Any) -> None:
+    """Create the signing key, config.toml (the tuned preset of the chosen privacy regime,
+    every key commented), the database, and model version 0 over the catalog: --catalog's
+    item ids (and names, with --name-col), or --data's. No basket reaches the aggregator;
+    with item names, version 0 already recommends items named like the cart's."""
+    from fedcart.aggregator.config import AggregatorConfig, Preset
+    from fedcart.aggregator.statedir import init_state
+
     if (state_dir / "state.db").exists():
         raise click.ClickException(f"{state_dir} is already initialised")
-    split, names, _ = load_split(**data)
-    state = init_state(state_dir, list(split.catalog), [names[i] for i in split.catalog],
-                       dim=dim, seed=seed)
+    items, names = _catalog(catalog, id_col, data["name_col"], data)
+    preset = Preset.of(AggregatorConfig.mechanism) if dp is None else \
+        (Preset.DP if dp else Preset.NO_DP)
+    config = preset.config()
+    dim = preset.value.dim if dim is None else dim
+    state = init_state(state_dir, items, names, dim=dim, seed=seed, config=config,
+                       neighbours=_name_table(names, config))
     public = bytes(state.signing_key().verify_key).hex()
-    out.print(f"initialised {state_dir}: V={split.n_items}, d={dim}, model version 0")
-    out.print(f"config: {state.config}")
+    out.print(f"initialised {state_dir}: V={len(items)}, d={dim}, model version 0")
+    out.print(f"config: {state.config} ({_describe(preset, config)})")
     out.print(f"public key (devices pin it): {public}")
+
+
+def _describe(preset: Preset, config: AggregatorConfig) -> str:
+    """The preset as init reports it: its name, regime and what it trains."""
+    tuned = preset.value
+    return (f"preset {preset.name}: mechanism {config.mechanism}, trains "
+            f"{','.join(tuned.train_groups)}, clip {tuned.clip_norm:g}, head "
+            f"{tuned.head_items} items")
 
 
 @main.command()
@@ -85,6 +174,9 @@ def init(state_dir: Path, dim: int, seed: int | None, **data: Any) -> None:
               help="The device's Ed25519 public key (fedcart-device init prints it).")
 def enroll(state_dir: Path, device_key: str) -> None:
     """Allow one device to check in; prints its client id."""
+    from fedcart.aggregator.store import Store
+    from fedcart.model_export.keys import read_public_key
+
     state = _state(state_dir)
     try:
         key = read_public_key(device_key)
@@ -101,6 +193,8 @@ def enroll(state_dir: Path, device_key: str) -> None:
               help="Seconds the token stays valid.")
 def token(state_dir: Path, ttl: float) -> None:
     """Issue a one-time enrollment token (a device presents it at its first check-in)."""
+    from fedcart.aggregator.store import Store
+
     store = Store(_state(state_dir).database)
     click.echo(store.issue_token(ttl))
     store.close()
@@ -109,6 +203,8 @@ def token(state_dir: Path, ttl: float) -> None:
 def _check_transport(config: AggregatorConfig, insecure: bool) -> None:
     """Refuse plaintext on a network address unless the operator said --insecure: device
     traffic carries their keys and masked updates, and a typo'd host must not expose it."""
+    from fedcart.protocol.transport import is_loopback
+
     if config.tls_cert:
         _check_tls(config.tls_cert, config.tls_key)
     elif not insecure and not is_loopback(config.host):
@@ -163,9 +259,13 @@ def _configure_logging(verbose: bool) -> None:
 def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | None,
           tls_key: str | None, insecure: bool, max_rounds: int | None,
           verbose: bool) -> None:
-    """Serve rounds until SIGTERM/SIGINT, --max-rounds, or the privacy budget is spent.
-    Takes the state directory for the process's life: a second serve on it is refused."""
+    """Serve rounds until SIGTERM/SIGINT or --max-rounds (exit status 0), until the
+    privacy budget is spent (exit status 3), or until a round's privacy cost cannot be
+    computed (exit status 4), saying which in one line. Takes the state directory for the
+    process's life: a second serve on it is refused."""
+    from fedcart.aggregator.privacy import BudgetExceeded
     from fedcart.aggregator.service import Aggregator
+    from fedcart.aggregator.statedir import StateDirInUse
 
     state = _state(state_dir)
     config = _config(state, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
@@ -177,7 +277,9 @@ def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | N
         raise click.ClickException(str(exc)) from exc
     _configure_logging(verbose)
 
-    async def run() -> None:
+    async def run() -> Exception | None:
+        """Serve; why the service stopped by itself (the privacy accounting refused the next
+        round), or None when it stopped as told (a signal, max_rounds)."""
         aggregator = Aggregator(state, config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,9 +291,28 @@ def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | N
             if listening.is_set():  # not a failure to listen: a real fault, in full
                 raise
             raise _listen_error(config, exc) from exc
+        return aggregator.stop_reason
 
     with lock:
-        asyncio.run(run())
+        refused = asyncio.run(run())
+    if isinstance(refused, BudgetExceeded):
+        err.print(_budget_line(state, config), highlight=False, soft_wrap=True)
+        click.get_current_context().exit(ExitCode.BUDGET_SPENT)
+    if refused is not None:
+        err.print(f"stopped: {refused}", highlight=False, soft_wrap=True)
+        click.get_current_context().exit(ExitCode.CANNOT_ACCOUNT)
+
+
+def _budget_line(state: StateDir, config: AggregatorConfig) -> str:
+    """The one line serve ends with when the privacy accounting stopped it."""
+    from fedcart.aggregator.privacy import epsilon_spent
+    from fedcart.aggregator.store import Store
+
+    store = Store(state.database)
+    eps = epsilon_spent(store.ledger(), config.delta)
+    store.close()
+    return (f"privacy budget spent: epsilon {eps:.4g} of {config.budget_epsilon:g} at delta "
+            f"{config.delta:g}; the next round would go over it (the log above says why)")
 
 
 @main.command()
@@ -199,6 +320,9 @@ def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | N
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(state_dir: Path, as_json: bool) -> None:
     """Rounds, model versions and privacy spent so far."""
+    from fedcart.aggregator.privacy import epsilon_spent
+    from fedcart.aggregator.store import Store
+
     state = _state(state_dir)
     config = _config(state)
     store = Store(state.database)
@@ -231,6 +355,9 @@ def status(state_dir: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ledger(state_dir: Path, as_json: bool) -> None:
     """The privacy ledger: every charged round and epsilon after it (RDP, and PLD)."""
+    from fedcart.aggregator.privacy import epsilon_spent
+    from fedcart.aggregator.store import Store
+
     state = _state(state_dir)
     delta = _config(state).delta
     store = Store(state.database)

@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from fedcart.aggregator.config import AggregatorConfig, render_config
+from fedcart.aggregator.config import AggregatorConfig, Preset, Tuning
 from fedcart.aggregator.privacy import default_delta
 from fedcart.aggregator.process import AggregatorProcess
-from fedcart.aggregator.statedir import HISTORY_DECAY, init_state
+from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import RoundRow, Store
 from fedcart.model_export.bundle import read_bundle
 from fedcart.model_export.evaluation import Split, evaluate
 from fedcart.model_export.item_item import StatisticsSettings
+from fedcart.model_export.model import HISTORY_DECAY
 from fedcart.model_export.train import model_scorer
 from fedcart.model_export.update import TRAIN
 from fedcart.simulation.devices import Shard, worker_main
@@ -41,25 +42,12 @@ __all__ = ["FederatedSettings", "RoundRecord", "RunResult", "run_federated"]
 POLL_SECONDS = 0.2
 
 
-# Tuned defaults (the validation splits), by privacy regime. With the item-item table in the
-# model, training the embeddings adds nothing measurable (central, validation: UCI 0.3669
-# with and without, Instacart 0.433), so rounds train the bias and blend (V + 4 numbers to
-# upload, not 2 V d): without DP the table is EASE over a large head; under DP only the
-# blend trains (four numbers, so the noise per coordinate barely matters) and the table is
-# the thresholded cosine over a smaller head, whose users' vectors are clipped harder.
-NO_DP_DEFAULTS: dict[str, Any] = {
-    "train_groups": ("bias", "blend"), "head_items": 2000, "cooccurrence_clip": 32.0,
-    "clip_norm": 5.0, "lr_blend": 0.05, "training_noise_ratio": 1.0}
-DP_DEFAULTS: dict[str, Any] = {
-    "train_groups": ("blend",), "head_items": 1000, "cooccurrence_clip": 5.0,
-    "clip_norm": 0.5, "lr_blend": 0.05, "training_noise_ratio": 4.0}
-
-
 @dataclass(frozen=True)
 class FederatedSettings:
     """What ``fedcart-sim run`` sets; the defaults are the demo's no-DP run (UCI, about 5
     minutes on 2 cores). They mirror AggregatorConfig where they feed it (aggregator_config).
-    A field left None takes the tuned default of the run's privacy regime (``resolved``)."""
+    A field left None takes the value of the run's privacy regime's :class:`Preset`
+    (``resolved``), the values ``fedcart-aggregator init`` writes."""
 
     rounds: int = 40  # training rounds (the two statistics rounds come first)
     clients_per_round: float | None = 200.0  # expected cohort M; q = M / N
@@ -84,9 +72,9 @@ class FederatedSettings:
     head_items: int | None = None
     cooccurrence_clip: float | None = None
     training_noise_ratio: float | None = None
-    optimizer: str = "fedadam"
-    optimizer_lr: float = 0.05
-    dim: int = 16  # the embeddings do not train by default: d only costs download
+    optimizer: str = Tuning.optimizer
+    optimizer_lr: float = Tuning.optimizer_lr
+    dim: int = Tuning.dim
     workers: int = 2
     eval_every: int = 5
     # a dropout ends its wait at once; this is for stragglers. Two worker processes mask
@@ -114,9 +102,11 @@ class FederatedSettings:
             raise ValueError("--rounds, --workers and --eval-every must be at least 1")
 
     def resolved(self) -> FederatedSettings:
-        """These settings with every None replaced by the regime's tuned default."""
-        defaults = NO_DP_DEFAULTS if self.mechanism == "none" else DP_DEFAULTS
-        filled = {key: value for key, value in defaults.items() if getattr(self, key) is None}
+        """These settings with every None replaced by the regime's preset value."""
+        tuned = Preset.of(self.mechanism).value
+        filled: dict[str, Any] = {
+            f.name: getattr(tuned, f.name) for f in dataclasses.fields(tuned)
+            if getattr(self, f.name) is None}
         if self.weight_cap is None:
             filled["weight_cap"] = float(self.examples_per_round)
         return dataclasses.replace(self, **filled)
@@ -307,8 +297,7 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
     config = aggregator_config(settings, len(users), delta)
     state = init_state(workdir / "aggregator", list(split.catalog),
                        [names.get(i, i) for i in split.catalog], dim=settings.dim,
-                       seed=settings.seed)
-    state.config.write_text(render_config(config))
+                       seed=settings.seed, config=config)
     server_key = bytes(state.signing_key().verify_key)
     result = RunResult(settings, dataclasses.asdict(config), len(users), delta, None)
 
