@@ -2,21 +2,30 @@
 model, and recommend against the bandwidth bound of reading e_out and the bias from
 wherever a device keeps them between calls (the cache level their size fits in). The model
 carries an item-item table of K = 100 neighbours per item (a quarter of the catalog below 400
-items: item_item.table_width), as the statistics rounds give."""
+items: item_item.table_width), as the statistics rounds give. Each grid has models of d = 0
+(no embeddings, no V x d product) beside ones with embeddings at the same V, and recommend
+reports each model's signed bundle size: the whole bundle and what a new model version
+costs a device (manifest, signature, weights.bin)."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import nacl.signing
 import numpy as np
 
 from bench.common import Row, seconds_per_call
+from fedcart.model_export.bundle import CONSTANT_FILES
+from fedcart.model_export.export import export_bundle
 from fedcart.model_export.features import ExampleSet
 from fedcart.model_export.graphs import recommend_graph, train_step_graph
 from fedcart.model_export.item_item import table_width
 from fedcart.model_export.model import ITEM_ITEM, Neighbours, Weights, init_weights, sgd_step
 from fedcart.model_export.runtime import Recommender, TrainStep
 
-GRID = [(169, 32), (4000, 32), (4000, 64), (50_000, 32), (50_000, 64)]
-QUICK_GRID = [(169, 32), (4000, 64)]
+GRID = [(169, 32), (4000, 32), (4000, 64), (50_000, 0), (50_000, 32), (50_000, 64)]
+QUICK_GRID = [(169, 32), (4000, 0), (4000, 64)]
 CART = np.array([3, 17, 42, 101, 150], np.int64)
 LEARNING_RATES = np.array([5.0, 5.0, 1.0, 0.05], np.float32)
 NEIGHBOURS = 100
@@ -42,12 +51,26 @@ def read_bandwidth(n_bytes: int) -> float:
 
 
 def numpy_top10(w: Weights, nbrs: Neighbours, cart: np.ndarray) -> np.ndarray:
-    scores = w.e_out @ (w.e_in[cart].sum(axis=0) / np.sqrt(len(cart))) + w.bias
+    """The top 10 for one cart; with d = 0 from the bias, with no product."""
+    scores = w.bias.copy()
+    if w.dim:
+        scores += w.e_out @ (w.e_in[cart].sum(axis=0) / np.sqrt(len(cart)))
     scores += w.blend[ITEM_ITEM] * np.bincount(nbrs.ids[cart].ravel(), nbrs.weights[cart].ravel(),
                                                minlength=len(scores))
     scores[cart] = -np.inf
     top = np.argpartition(-scores, 10)[:10]
     return top[np.argsort(-scores[top])]
+
+
+def bundle_bytes(w: Weights, nbrs: Neighbours) -> tuple[int, int]:
+    """(whole bundle, one model version's download) in bytes of the model exported as a
+    signed bundle, with item keys and names of 8 characters."""
+    keys = [f"sku{i:05d}" for i in range(w.n_items)]
+    with tempfile.TemporaryDirectory(prefix="fedcart-bench-") as tmp:
+        out = Path(tmp) / "bundle"
+        export_bundle(out, w, keys, keys, nacl.signing.SigningKey.generate(), neighbours=nbrs)
+        sizes = {f.name: f.stat().st_size for f in out.iterdir()}
+    return sum(sizes.values()), sum(s for n, s in sizes.items() if n not in CONSTANT_FILES)
 
 
 def bench_recommend(quick: bool) -> list[Row]:
@@ -72,6 +95,9 @@ def bench_recommend(quick: bool) -> list[Row]:
             torch_s = seconds_per_call(lambda f=torch_top10: f(CART))
             rows.append(Row("recommend", params, "top-10 latency", onnx_s * 1e6, "us",
                             "PyTorch eager", torch_s * 1e6, torch_s / onnx_s))
+        whole, version = bundle_bytes(w, nbrs)
+        rows.append(Row("recommend", params, "model version download", version / 1e3, "kB",
+                        "whole bundle (first install)", whole / 1e3, whole / version))
     return rows
 
 

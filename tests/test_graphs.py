@@ -9,17 +9,27 @@ import pytest
 from fedcart.model_export.export import build_graphs
 from fedcart.model_export.features import ExampleSet
 from fedcart.model_export.graphs import OPSET, recommend_graph, train_step_graph
-from fedcart.model_export.model import Neighbours, init_weights, scores, sgd_step
+from fedcart.model_export.model import (
+    EMBEDDINGS,
+    TENSOR_NAMES,
+    Neighbours,
+    Weights,
+    init_weights,
+    model_tensors,
+    scores,
+    sgd_step,
+)
 from fedcart.model_export.runtime import Recommender, TrainStep, make_session
 
 V, D = 40, 8
 LR = np.array([3.0, 2.0, 0.5, 0.1], np.float32)
 
 
-@pytest.fixture(scope="module")
-def weights():
+@pytest.fixture(scope="module", params=[D, 0], ids=lambda d: f"d{d}")
+def weights(request):
+    """A model with embeddings, and one of d = 0 (the graphs then skip the product)."""
     rng = np.random.default_rng(7)
-    w = init_weights(V, D, rng, scale=0.3, popularity=rng.integers(0, 50, V))
+    w = init_weights(V, request.param, rng, scale=0.3, popularity=rng.integers(0, 50, V))
     w.e_out[:] = rng.normal(scale=0.3, size=w.e_out.shape)
     w.blend[:] = [0.7, 1.3, 0.4, 0.9]
     return w
@@ -36,6 +46,11 @@ def graphs(weights):
     return build_graphs(weights.n_items, weights.dim)
 
 
+def weight_feeds(w: Weights) -> dict[str, np.ndarray]:
+    """The weight inputs a graph of the model's (V, d) has."""
+    return {name: w.tensors()[name] for name in model_tensors(w.dim)}
+
+
 def inputs(rng: np.random.Generator):
     ctx = np.array([[3, 5, 5, -1, -1], [0, -1, -1, -1, -1], [-1, -1, -1, -1, -1],
                     [1, 2, 3, 4, 39]], np.int64)
@@ -46,9 +61,24 @@ def inputs(rng: np.random.Generator):
 
 
 def test_graphs_pass_the_checker_at_the_declared_opset(weights) -> None:
-    for model in (recommend_graph(V, D), train_step_graph(V, D)):
+    for model in (recommend_graph(V, weights.dim), train_step_graph(V, weights.dim)):
         onnx.checker.check_model(model, full_check=True)
         assert model.opset_import[0].version == OPSET >= 17
+
+
+@pytest.mark.parametrize("build", [recommend_graph, train_step_graph])
+def test_only_a_model_with_embeddings_takes_them_and_forms_the_product(build) -> None:
+    for dim in (D, 0):
+        graph = build(V, dim).graph
+        names = {v.name for v in (*graph.input, *graph.output)}
+        has_embeddings = {f"{n}{suffix}" for n in EMBEDDINGS for suffix in ("", "_out")
+                          if build is train_step_graph or not suffix}
+        products = [n.op_type for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+        if dim:
+            assert has_embeddings <= names and products
+        else:
+            assert not has_embeddings & names and not products
+            assert {"bias", "blend"} <= names
 
 
 @pytest.mark.parametrize("graph", ["recommend.onnx", "recommend.ort"])
@@ -60,7 +90,7 @@ def test_recommend_matches_reference_and_excludes_cart(weights, nbrs, graphs, gr
     for row, cart in zip(ref, ctx, strict=True):
         row[cart[cart >= 0]] = -np.inf
     session = make_session(graphs[graph])
-    ids, got = session.run(None, {**weights.tensors(), **nbrs.tensors(), "cart": ctx,
+    ids, got = session.run(None, {**weight_feeds(weights), **nbrs.tensors(), "cart": ctx,
                                   "hist_ids": hist_ids, "hist_w": hist_w, "hist_co": hist_co,
                                   "k": np.array([10])})
     assert ids.shape == (4, 10)
@@ -86,23 +116,40 @@ def test_train_step_matches_reference(weights, nbrs, graphs, graph) -> None:
     ctx, hist_ids, hist_w, hist_co = inputs(rng)
     targets = np.array([4, 5, 0, 39], np.int64)
     session = make_session(graphs[graph])
-    loss, *tensors = session.run(None, {**weights.tensors(), **nbrs.tensors(), "ctx": ctx,
+    loss, *tensors = session.run(None, {**weight_feeds(weights), **nbrs.tensors(), "ctx": ctx,
                                         "hist_ids": hist_ids, "hist_w": hist_w,
                                         "hist_co": hist_co, "targets": targets, "lr": LR})
     ref_loss, ref = sgd_step(weights.astype(np.float64), nbrs, ctx, hist_ids,
                              hist_w.astype(np.float64), hist_co.astype(np.float64), targets,
                              LR.astype(np.float64))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    for got, want in zip(tensors, ref.tensors().values(), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for name, got in zip(model_tensors(weights.dim), tensors, strict=True):
+        np.testing.assert_allclose(got, ref.tensors()[name], rtol=1e-5, atol=1e-5)
+    # the bias and blend moved; with d = 0 the embeddings are not among the outputs
+    assert len(tensors) == (len(TENSOR_NAMES) if weights.dim else 2)
+    assert not np.allclose(tensors[-1], weights.blend)
 
 
-def test_train_step_loss_decreases_on_real_data(uci_split) -> None:
+@pytest.mark.parametrize("dim", [D, 0])
+def test_train_step_runtime_keeps_the_models_shape(nbrs, dim) -> None:
+    w = init_weights(V, dim, np.random.default_rng(2))
+    step = TrainStep(train_step_graph(V, dim).SerializeToString(), nbrs)
+    rng = np.random.default_rng(3)
+    examples = ExampleSet([[rng.choice(V, 6, replace=False) for _ in range(3)]
+                           for _ in range(8)], V, decay=0.9)
+    _, after = step(w, examples.batch(np.arange(8), rng), LR)
+    assert after.dim == dim and after.flat().shape == w.flat().shape
+    assert not np.array_equal(after.bias, w.bias)
+
+
+# d = 0 learns only the popularity (bias) and the blend, so less in the same steps
+@pytest.mark.parametrize(("dim", "drop"), [(16, 0.3), (0, 0.15)])
+def test_train_step_loss_decreases_on_real_data(uci_split, dim: int, drop: float) -> None:
     users = uci_split.train[:300]
     examples = ExampleSet(users, uci_split.n_items, decay=0.9)
     rng = np.random.default_rng(0)
-    w = init_weights(uci_split.n_items, 16, rng)
-    step = TrainStep(train_step_graph(uci_split.n_items, 16).SerializeToString(),
+    w = init_weights(uci_split.n_items, dim, rng)
+    step = TrainStep(train_step_graph(uci_split.n_items, dim).SerializeToString(),
                      Neighbours.empty(uci_split.n_items))
     fixed = examples.batch(rng.choice(len(examples), 256, replace=False), rng)
     before, _ = step(w, fixed, np.zeros(4))
@@ -110,4 +157,4 @@ def test_train_step_loss_decreases_on_real_data(uci_split) -> None:
         for batch in examples.batches(128, rng):
             _, w = step(w, batch, [30.0, 30.0, 0.5, 0.05])
     after, _ = step(w, fixed, np.zeros(4))
-    assert after < before - 0.3
+    assert after < before - drop

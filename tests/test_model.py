@@ -8,9 +8,11 @@ import pytest
 from fedcart.model_export.model import (
     Neighbours,
     Weights,
+    group_size,
     history_features,
     init_weights,
     loss_and_grads,
+    n_parameters,
     pick,
     place,
     scores,
@@ -34,16 +36,18 @@ def batch(rng: np.random.Generator, n_items: int) -> tuple[np.ndarray, ...]:
     return ctx, hist_ids, hist_w, hist_co, targets
 
 
+@pytest.mark.parametrize("dim", [5, 0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gradients_match_finite_differences(seed: int) -> None:
+def test_gradients_match_finite_differences(seed: int, dim: int) -> None:
     rng = np.random.default_rng(seed)
-    w = init_weights(12, 5, rng, scale=0.5, popularity=rng.integers(0, 9, 12)).astype(
+    w = init_weights(12, dim, rng, scale=0.5, popularity=rng.integers(0, 9, 12)).astype(
         np.float64)
     w.e_out[:] = rng.normal(scale=0.5, size=w.e_out.shape)
     w.blend[:] = rng.normal(size=4)
     nbrs = neighbours(rng, 12)
     ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 12)
     _, grads = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
+    assert grads.e_in.shape == grads.e_out.shape == (12, dim)
     eps = 1e-6
     for name, tensor in w.tensors().items():
         flat = tensor.reshape(-1)
@@ -104,14 +108,17 @@ def test_history_features_ignore_padding() -> None:
     np.testing.assert_allclose(f_co, [[0.0, 0.0, np.log(1.5), 0.0]], rtol=1e-6)
 
 
-def test_flat_round_trip_and_sgd_moves_against_gradient() -> None:
+@pytest.mark.parametrize("dim", [4, 0])
+def test_flat_round_trip_and_sgd_moves_against_gradient(dim: int) -> None:
     rng = np.random.default_rng(3)
-    w = init_weights(10, 4, rng)
-    back = Weights.from_flat(w.flat(), 10, 4)
+    w = init_weights(10, dim, rng)
+    assert w.flat().shape == (n_parameters(10, dim),)
+    back = Weights.from_flat(w.flat(), 10, dim)
+    assert back.dim == dim
     for a, b in zip(w.tensors().values(), back.tensors().values(), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="shape"):
-        Weights.from_flat(w.flat()[:-1], 10, 4)
+        Weights.from_flat(w.flat()[:-1], 10, dim)
     ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 10)
     nbrs = neighbours(rng, 10)
     loss, _ = loss_and_grads(w, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
@@ -137,3 +144,41 @@ def test_picking_trained_groups_round_trips() -> None:
         trained_groups(["e_in", "gamma"])
     with pytest.raises(ValueError, match="subset"):
         trained_groups([])
+
+
+def test_a_model_without_embeddings_scores_as_one_whose_e_out_is_zero() -> None:
+    """d = 0 is the default federated model (embeddings never trained, e_out zero) less
+    the embeddings: the same scores, loss and bias and blend gradients."""
+    rng = np.random.default_rng(5)
+    full = init_weights(12, 4, rng, popularity=rng.integers(0, 9, 12)).astype(np.float64)
+    full.blend[:] = rng.normal(size=4)
+    none = Weights(np.zeros((12, 0)), np.zeros((12, 0)), full.bias.copy(), full.blend.copy())
+    nbrs = neighbours(rng, 12)
+    ctx, hist_ids, hist_w, hist_co, targets = batch(rng, 12)
+    np.testing.assert_allclose(scores(none, nbrs, ctx, hist_ids, hist_w, hist_co),
+                               scores(full, nbrs, ctx, hist_ids, hist_w, hist_co))
+    loss_full, g_full = loss_and_grads(full, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
+    loss_none, g_none = loss_and_grads(none, nbrs, ctx, hist_ids, hist_w, hist_co, targets)
+    assert loss_none == pytest.approx(loss_full)
+    np.testing.assert_allclose(g_none.bias, g_full.bias)
+    np.testing.assert_allclose(g_none.blend, g_full.blend)
+    assert np.any(g_full.e_out != 0)  # what d = 0 gives up: e_out's gradient is not zero
+
+
+def test_a_model_without_embeddings_refuses_to_train_them() -> None:
+    w = init_weights(7, 0, np.random.default_rng(6))
+    flat = w.flat()
+    assert group_size(["bias", "blend"], 7, 0) == flat.size == 7 + 4
+    picked = pick(flat, ["blend", "bias"], 7, 0)
+    np.testing.assert_array_equal(place(picked, ["bias", "blend"], 7, 0), flat)
+    assert trained_groups(["blend", "bias"], dim=0) == ("bias", "blend")
+    for groups in (["e_in"], ["e_out", "blend"], ["e_in", "e_out", "bias", "blend"]):
+        with pytest.raises(ValueError, match="d = 0 has no e_"):
+            trained_groups(groups, dim=0)
+        with pytest.raises(ValueError, match="d = 0 has no e_"):
+            group_size(groups, 7, 0)
+        with pytest.raises(ValueError, match="d = 0 has no e_"):
+            pick(flat, groups, 7, 0)
+    assert trained_groups(["e_in", "e_out"], dim=3) == ("e_in", "e_out")
+    with pytest.raises(ValueError, match="at least 0"):
+        trained_groups(["bias"], dim=-1)

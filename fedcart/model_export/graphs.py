@@ -1,11 +1,11 @@
 """The model as ONNX graphs, built op by op with ``onnx.helper`` (opset 18).
 
-``recommend.onnx``: inputs the weights ``e_in``, ``e_out``, ``bias``, ``blend``, the item-item
-table ``nbr_ids`` int64[V, K] and ``nbr_w`` float32[V, K], then ``cart`` int64[B, L] and
-``hist_ids`` int64[B, H] (both padded with -1; history ids distinct within a row), ``hist_w``
-and ``hist_co`` float32[B, H], ``k`` int64[1]; outputs ``top_ids`` int64[B, k'] and
-``top_scores`` float32[B, k'] with k' = min(k, V). Cart items score -inf, so they are never
-recommended ahead of any other item.
+``recommend.onnx``: inputs the weights ``e_in``, ``e_out``, ``bias``, ``blend`` (with d = 0
+only the last two, see below), the item-item table ``nbr_ids`` int64[V, K] and ``nbr_w``
+float32[V, K], then ``cart`` int64[B, L] and ``hist_ids`` int64[B, H] (both padded with -1;
+history ids distinct within a row), ``hist_w`` and ``hist_co`` float32[B, H], ``k``
+int64[1]; outputs ``top_ids`` int64[B, k'] and ``top_scores`` float32[B, k'] with
+k' = min(k, V). Cart items score -inf, so they are never recommended ahead of any other item.
 
 ``train_step.onnx``: weights and table as inputs, plus ``ctx``, ``hist_ids``, ``hist_w``,
 ``hist_co``, ``targets`` int64[B] and ``lr`` float32[4]; outputs ``loss`` and the weights after
@@ -14,6 +14,11 @@ one-hot: ``e_in`` is updated with a ScatterND-add over the context rows only, ``
 one Gemm plus a ScatterND-add on the target rows. The item-item term is scattered from the
 cart's [B, L K] neighbour entries straight into the logits, and its blend gradient is read
 back at those entries: no dense [B, V] item-item tensor exists in either graph.
+
+With d = 0 (model.model_tensors) neither graph has ``e_in`` or ``e_out``, as inputs or as
+outputs: the logits start from the bias broadcast over the batch, with no V x d product, and
+the train step updates the bias and blend only (``lr`` keeps its four entries; the
+embeddings' two go unused).
 
 Both graphs share :func:`_scores`, so the score the device ranks by is the score it trains.
 Neither graph holds weights: they depend only on (V, d), so a new model version is one
@@ -34,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fedcart.model_export.model import ITEM_ITEM, N_BLEND, TENSOR_NAMES
+from fedcart.model_export.model import ITEM_ITEM, N_BLEND, TENSOR_NAMES, model_tensors
 
 __all__ = ["OPSET", "convert_to_ort", "recommend_graph", "train_step_graph"]
 
@@ -49,10 +54,19 @@ class _Graph:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._consts: dict[str, np.ndarray] = {}
         self._count = 0
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        """A named initializer, added where a graph first needs it (one that no node reads
+        makes the ORT converter warn); asking again for the same name and value reuses it."""
+        value = np.asarray(value)
+        if name in self._consts:
+            if not np.array_equal(self._consts[name], value):
+                raise ValueError(f"constant {name} is already defined with another value")
+            return name
+        self._consts[name] = value
+        self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
@@ -78,7 +92,6 @@ def _common_consts(g: _Graph) -> None:
     g.const("end1", np.array([1], np.int64))
     g.const("minus_one", np.array([-1], np.int64))
     g.const("one_f", np.array(1.0, np.float32))
-    g.const("axis1", np.array([1], np.int64))
     g.const("axis_last", np.array([-1], np.int64))
 
 
@@ -86,22 +99,32 @@ def _blend_weight(g: _Graph, index: int) -> str:
     return g.op("Gather", "blend", g.const(f"blend_{index}", np.array(index, np.int64)), axis=0)
 
 
-def _scores(g: _Graph, ctx: str) -> dict[str, str]:
+def _scores(g: _Graph, ctx: str, n_items: int, dim: int) -> dict[str, str]:
     """Forward pass shared by both graphs (weights, table and history under their input
-    names); returns the names of its intermediate values."""
+    names); returns the names of its intermediate values (``u`` and ``count`` only with
+    d > 0)."""
     valid = g.op("GreaterOrEqual", ctx, "zero_i")
     safe_ctx = g.op("Where", valid, ctx, "zero_i")
     mask = g.op("Cast", valid, to=FLOAT)
-    count = g.op("Sqrt", g.op("Max", g.op("ReduceSum", mask, "axis1", keepdims=1), "one_f"))
-    rows = g.op("Gather", "e_in", safe_ctx, axis=0)
-    weights = g.op("Unsqueeze", g.op("Div", mask, count), "axis_last")
-    u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)
-    base = g.op("Gemm", u, "e_out", "bias", transB=1)
+    batch = g.op("Slice", g.op("Shape", ctx), "start0", "end1")
+    embedding: dict[str, str] = {}
+    if dim:
+        g.const("axis1", np.array([1], np.int64))
+        count = g.op("Sqrt", g.op("Max", g.op("ReduceSum", mask, "axis1", keepdims=1),
+                                  "one_f"))
+        rows = g.op("Gather", "e_in", safe_ctx, axis=0)
+        weights = g.op("Unsqueeze", g.op("Div", mask, count), "axis_last")
+        u = g.op("ReduceSum", g.op("Mul", rows, weights), "axis1", keepdims=0)
+        base = g.op("Gemm", u, "e_out", "bias", transB=1)
+        embedding = {"u": u, "count": count}
+    else:
+        logits_shape = g.op("Concat", batch, g.const("n_items", np.array([n_items], np.int64)),
+                            axis=0)
+        base = g.op("Expand", "bias", logits_shape)
 
     # The item-item term: each cart item's K neighbour entries, [B, L K], scattered (added)
     # into the logits with the blend weight applied on that small side.
-    per_row = g.op("Concat", g.op("Slice", g.op("Shape", ctx), "start0", "end1"),
-                   "minus_one", axis=0)
+    per_row = g.op("Concat", batch, "minus_one", axis=0)
     nbr_ids = g.op("Reshape", g.op("Gather", "nbr_ids", safe_ctx, axis=0), per_row)
     nbr_w = g.op("Reshape", g.op("Mul", g.op("Gather", "nbr_w", safe_ctx, axis=0),
                                  g.op("Unsqueeze", mask, "axis_last")), per_row)
@@ -121,7 +144,7 @@ def _scores(g: _Graph, ctx: str) -> dict[str, str]:
     weighted = [g.op("Mul", f, _blend_weight(g, i)) for i, f in enumerate(features)]
     logits = g.op("ScatterElements", base, safe_hist,
                   g.op("Sum", *weighted), axis=1, reduction="add")
-    return {"valid": valid, "safe_ctx": safe_ctx, "mask": mask, "count": count, "u": u,
+    return {"valid": valid, "safe_ctx": safe_ctx, "mask": mask, **embedding,
             "safe_hist": safe_hist, "f_log": f_log, "f_any": f_any, "f_co": f_co,
             "nbr_ids": nbr_ids, "nbr_w": nbr_w, "logits": logits}
 
@@ -136,7 +159,10 @@ def _history_inputs() -> list[onnx.ValueInfoProto]:
 
 
 def _weight_shapes(n_items: int, dim: int) -> dict[str, list[str | int]]:
-    return {"e_in": [n_items, dim], "e_out": [n_items, dim], "bias": [n_items], "blend": [N_BLEND]}
+    """The shapes of the weights a model of (V, d) feeds its graphs (model_tensors)."""
+    shapes: dict[str, list[str | int]] = {"e_in": [n_items, dim], "e_out": [n_items, dim],
+                                          "bias": [n_items], "blend": [N_BLEND]}
+    return {name: shapes[name] for name in model_tensors(dim)}
 
 
 def _weight_inputs(n_items: int, dim: int) -> list[onnx.ValueInfoProto]:
@@ -152,7 +178,7 @@ def recommend_graph(n_items: int, dim: int) -> onnx.ModelProto:
     g.const("n_items", np.array([n_items], np.int64))
     g.const("neg_inf", np.array(-np.inf, np.float32))
     g.const("pos_inf", np.array(np.inf, np.float32))
-    s = _scores(g, "cart")
+    s = _scores(g, "cart", n_items, dim)
     exclusion = g.op("Where", s["valid"], "neg_inf", "pos_inf")
     ranked = g.op("ScatterElements", s["logits"], s["safe_ctx"], exclusion, axis=1,
                   reduction="min")
@@ -175,7 +201,7 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
     _common_consts(g)
     g.const("axis0", np.array([0], np.int64))
     g.const("tiny", np.array(np.finfo(np.float32).tiny, np.float32))
-    s = _scores(g, "ctx")
+    s = _scores(g, "ctx", n_items, dim)
     logits = s["logits"]
 
     # d loss / d logits = (softmax - onehot) / B. The one-hot half touches only the B target
@@ -189,24 +215,27 @@ def train_step_graph(n_items: int, dim: int) -> onnx.ModelProto:
     g.op("Neg", g.op("ReduceMean", g.op("Log", target_p), keepdims=0), out="loss")
 
     batch = g.op("Cast", g.op("Gather", g.op("Shape", "targets"), "zero_i", axis=0), to=FLOAT)
-    step = {name: g.op("Div", g.op("Gather", "lr", g.const(f"lr_idx_{name}",
-                                                           np.array(i, np.int64)), axis=0),
-                       batch)
-            for i, name in enumerate(TENSOR_NAMES)}
+
+    def rate(name: str) -> str:
+        index = g.const(f"lr_idx_{name}", np.array(TENSOR_NAMES.index(name), np.int64))
+        return g.op("Div", g.op("Gather", "lr", index, axis=0), batch)
+
+    step = {name: rate(name) for name in model_tensors(dim)}
 
     bias_step = g.op("Expand", step["bias"], g.op("Shape", "targets"))
     bias_down = g.op("Sub", "bias", g.op("Mul", g.op("ReduceSum", probs, "axis0",
                                                      keepdims=0), step["bias"]))
     g.op("ScatterND", bias_down, target_col, bias_step, reduction="add", out="bias_out")
-    u_step = g.op("Mul", s["u"], step["e_out"])
-    e_out_down = g.op("Gemm", probs, u_step, "e_out", transA=1, alpha=-1.0, beta=1.0)
-    g.op("ScatterND", e_out_down, target_col, u_step, reduction="add", out="e_out_out")
-    g_u = g.op("Div", g.op("Sub", g.op("Gather", "e_out", "targets", axis=0),
-                           g.op("MatMul", probs, "e_out")), s["count"])
-    per_row = g.op("Mul", g.op("Unsqueeze", g.op("Mul", g_u, step["e_in"]), "axis1"),
-                   g.op("Unsqueeze", s["mask"], "axis_last"))
-    g.op("ScatterND", "e_in", g.op("Unsqueeze", s["safe_ctx"], "axis_last"), per_row,
-         reduction="add", out="e_in_out")
+    if dim:
+        u_step = g.op("Mul", s["u"], step["e_out"])
+        e_out_down = g.op("Gemm", probs, u_step, "e_out", transA=1, alpha=-1.0, beta=1.0)
+        g.op("ScatterND", e_out_down, target_col, u_step, reduction="add", out="e_out_out")
+        g_u = g.op("Div", g.op("Sub", g.op("Gather", "e_out", "targets", axis=0),
+                               g.op("MatMul", probs, "e_out")), s["count"])
+        per_row = g.op("Mul", g.op("Unsqueeze", g.op("Mul", g_u, step["e_in"]), "axis1"),
+                       g.op("Unsqueeze", s["mask"], "axis_last"))
+        g.op("ScatterND", "e_in", g.op("Unsqueeze", s["safe_ctx"], "axis_last"), per_row,
+             reduction="add", out="e_in_out")
     # each blend weight's gradient, read at the entries its feature touches:
     # sum over them of (onehot - softmax) * feature
     def entry_gradient(ids: str) -> str:

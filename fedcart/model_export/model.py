@@ -2,6 +2,10 @@
 
 Parameters (DESIGN.md section 2): ``e_in`` (V x d), ``e_out`` (V x d), ``bias`` (V) and
 ``blend`` (4): the weights of the on-device history features and of the item-item term.
+d = 0 is a model size of its own: the embeddings are empty ([V, 0]), so the embedding term
+below is 0 and the graphs neither take them nor form the V x d product (model_tensors). The
+federated defaults never train the embeddings, and a zero ``e_out`` (see init_weights) makes
+their term exactly 0 anyway: d = 0 is that model without the download and the product.
 Beside them, not trained: the item-item table ``N`` (:class:`Neighbours`: for each item up to K
 neighbours with weights), derived by the aggregator from a secure, DP-noised sum of the
 devices' co-occurrence statistics (statistics.py, item_item.py). For a batch of carts (item ids
@@ -32,6 +36,8 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 __all__ = [
+    "EMBEDDINGS",
+    "HISTORY_DECAY",
     "ITEM_ITEM",
     "N_BLEND",
     "PAD",
@@ -42,8 +48,10 @@ __all__ = [
     "history_features",
     "init_weights",
     "largest_per_row",
+    "learning_rates",
     "loss_and_grads",
     "mean_row_max",
+    "model_tensors",
     "n_parameters",
     "pick",
     "place",
@@ -54,8 +62,12 @@ __all__ = [
 
 PAD = -1
 TENSOR_NAMES = ("e_in", "e_out", "bias", "blend")
+EMBEDDINGS = TENSOR_NAMES[:2]  # the groups a model of d = 0 does not have
 N_BLEND = 4  # log(1 + h), "in history", log(1 + co) (history features); item-item term
 ITEM_ITEM = 3  # the blend weight of the item-item term
+# a basket k baskets before the newest counts decay^k in the history features (features.py);
+# every bundle's manifest carries it, so devices and the evaluator weigh history alike
+HISTORY_DECAY = 0.9
 
 
 @dataclass
@@ -185,23 +197,45 @@ class Neighbours:
 
 
 def n_parameters(n_items: int, dim: int) -> int:
-    """The length of the flat weight vector."""
+    """The length of the flat weight vector (V + 4 with d = 0)."""
     return 2 * n_items * dim + n_items + N_BLEND
 
 
-def trained_groups(groups: Sequence[str]) -> tuple[str, ...]:
-    """``groups`` checked (known, at least one) and in TENSOR_NAMES order."""
+def model_tensors(dim: int) -> tuple[str, ...]:
+    """The parameter groups a model of dimension ``dim`` feeds to and gets back from its
+    graphs, in TENSOR_NAMES order: all of them, or with d = 0 the bias and blend only (the
+    flat vector still lists the empty embeddings, at no length)."""
+    if dim < 0:
+        raise ValueError(f"the embedding dimension must be at least 0, got {dim}")
+    return TENSOR_NAMES if dim else tuple(n for n in TENSOR_NAMES if n not in EMBEDDINGS)
+
+
+def learning_rates(embeddings: float, bias: float,
+                   blend: float) -> tuple[float, float, float, float]:
+    """One SGD learning rate per tensor of TENSOR_NAMES (what train_step takes): e_in and
+    e_out share the embeddings' rate."""
+    return (embeddings, embeddings, bias, blend)
+
+
+def trained_groups(groups: Sequence[str], dim: int | None = None) -> tuple[str, ...]:
+    """``groups`` checked (known, at least one, and with ``dim`` given, groups a model of
+    that dimension has: d = 0 has no embeddings to train) and in TENSOR_NAMES order."""
     unknown = set(groups) - set(TENSOR_NAMES)
     if unknown or not groups:
         raise ValueError(f"trained groups must be a non-empty subset of {TENSOR_NAMES}, got "
                          f"{list(groups)}")
+    if dim is not None:
+        absent = [n for n in TENSOR_NAMES if n in groups and n not in model_tensors(dim)]
+        if absent:
+            raise ValueError(f"a model of d = {dim} has no {' or '.join(absent)} to train: "
+                             f"train a subset of {list(model_tensors(dim))}")
     return tuple(n for n in TENSOR_NAMES if n in groups)
 
 
 def _group_slices(n_items: int, dim: int, groups: Sequence[str]) -> list[slice]:
     sizes = {"e_in": n_items * dim, "e_out": n_items * dim, "bias": n_items, "blend": N_BLEND}
     ends = dict(zip(TENSOR_NAMES, np.cumsum([sizes[n] for n in TENSOR_NAMES]), strict=True))
-    return [slice(int(ends[n] - sizes[n]), int(ends[n])) for n in trained_groups(groups)]
+    return [slice(int(ends[n] - sizes[n]), int(ends[n])) for n in trained_groups(groups, dim)]
 
 
 def group_size(groups: Sequence[str], n_items: int, dim: int) -> int:
@@ -237,7 +271,8 @@ def init_weights(n_items: int, dim: int, rng: np.random.Generator, scale: float 
                  popularity: np.ndarray | None = None) -> Weights:
     """Small random ``e_in`` and a zero ``e_out`` (as LoRA starts one factor at zero): the
     embedding term starts at exactly 0, so until it is trained (and wherever it is frozen,
-    as under DP) it adds no noise to the scores, while its gradient is not zero. The bias
+    as under DP) it adds no noise to the scores, while its gradient is not zero. With
+    ``dim`` 0 both are empty and draw nothing from ``rng``. The bias
     starts at log-popularity when it is given. The blend starts at INITIAL_BLEND rather than
     0, so that before anything is learned a device already ranks its user's own past items
     and the cart's neighbours first (on UCI under DP at epsilon 8, HitRate@10 0.19 instead

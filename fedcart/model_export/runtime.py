@@ -6,6 +6,7 @@ scientist evaluates is the model a phone runs. Only onnxruntime and numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import threading
@@ -16,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fedcart.model_export.features import Batch, History, history_feeds, pad_histories, pad_rows
-from fedcart.model_export.model import PAD, TENSOR_NAMES, Neighbours, Weights
+from fedcart.model_export.model import PAD, Neighbours, Weights, model_tensors
 
 __all__ = ["Recommender", "TrainStep", "make_session", "shared_session"]
 
@@ -51,10 +52,14 @@ def shared_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
 
 
 def _model_feeds(weights: Weights, neighbours: Neighbours) -> dict[str, np.ndarray]:
+    """The weights a graph of the model's (V, d) takes (model_tensors: no embeddings with
+    d = 0) and the item-item table, as its inputs."""
     if neighbours.n_items != weights.n_items:
         raise ValueError(f"the neighbour table has {neighbours.n_items} rows, the model "
                          f"{weights.n_items} items")
-    return {**{n: np.ascontiguousarray(t, np.float32) for n, t in weights.tensors().items()},
+    tensors = weights.tensors()
+    return {**{n: np.ascontiguousarray(tensors[n], np.float32)
+               for n in model_tensors(weights.dim)},
             **neighbours.tensors()}
 
 
@@ -114,12 +119,14 @@ class TrainStep:
     def __init__(self, model: bytes, neighbours: Neighbours, threads: int = 1) -> None:
         self.session = shared_session(model, threads)
         self.neighbours = neighbours
-        self.outputs = ["loss", *(f"{n}_out" for n in TENSOR_NAMES)]
 
     def __call__(self, weights: Weights, batch: Batch,
                  lr: Sequence[float]) -> tuple[float, Weights]:
-        """``lr``: one learning rate per group of TENSOR_NAMES."""
+        """``lr``: one learning rate per group of TENSOR_NAMES (with d = 0 the embeddings'
+        are unused, and their empty tensors come back as they went in)."""
         feeds = {**_model_feeds(weights, self.neighbours), **batch.feeds(),
                  "lr": np.asarray(lr, np.float32)}
-        loss, *tensors = self.session.run(self.outputs, feeds)
-        return float(loss), Weights(*tensors)
+        trained = model_tensors(weights.dim)
+        loss, *tensors = self.session.run(["loss", *(f"{n}_out" for n in trained)], feeds)
+        return float(loss), dataclasses.replace(weights, **dict(zip(trained, tensors,
+                                                                    strict=True)))

@@ -16,7 +16,13 @@ from fedcart.model_export.evaluation import Query, Scorer, Split
 from fedcart.model_export.features import ExampleSet, History, history_of
 from fedcart.model_export.graphs import recommend_graph, train_step_graph
 from fedcart.model_export.item_item import StatisticsSettings, exact_statistics
-from fedcart.model_export.model import Neighbours, Weights, init_weights
+from fedcart.model_export.model import (
+    HISTORY_DECAY,
+    Neighbours,
+    Weights,
+    init_weights,
+    learning_rates,
+)
 from fedcart.model_export.runtime import Recommender, TrainStep
 
 __all__ = ["TrainConfig", "model_scorer", "train_central"]
@@ -34,7 +40,7 @@ class TrainConfig:
     lr_blend: float = 0.05
     batch_size: int = 256
     init_scale: float = 0.1
-    history_decay: float = 0.9
+    history_decay: float = HISTORY_DECAY
     use_history: bool = True
     # None: no item-item term
     statistics: StatisticsSettings | None = field(default_factory=StatisticsSettings)
@@ -42,12 +48,13 @@ class TrainConfig:
 
     @property
     def learning_rates(self) -> tuple[float, float, float, float]:
-        return (self.lr_embeddings, self.lr_embeddings, self.lr_bias, self.lr_blend)
+        return learning_rates(self.lr_embeddings, self.lr_bias, self.lr_blend)
 
 
 def initial_model(split: Split, config: TrainConfig) -> tuple[Weights, Neighbours]:
-    """Small random embeddings, and the bias and table from the exact statistics (without
-    statistics: no table, bias 0)."""
+    """Small random embeddings (none with ``dim`` 0: then SGD trains the bias and blend
+    only), and the bias and table from the exact statistics (without statistics: no table,
+    bias 0)."""
     weights = init_weights(split.n_items, config.dim, np.random.default_rng(config.seed),
                            scale=config.init_scale)
     if config.statistics is None:
