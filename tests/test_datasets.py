@@ -63,6 +63,15 @@ def test_bundled_files_match_their_recorded_hashes() -> None:
         assert file_sha256(Path(str(_FILES / filename))) == digest
 
 
+def test_a_wheel_without_the_data_sets_says_where_they_are(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedcart.model_export.datasets as datasets
+
+    monkeypatch.setattr(datasets, "_FILES", tmp_path)  # an install without the files
+    with pytest.raises(datasets.DataError, match="ship in the source repository, not the wheel"):
+        load_uci()
+
+
 def test_csv_groups_by_user_and_time(tmp_path: Path) -> None:
     data = load_csv(write_csv(tmp_path / "b.csv", ROWS), COLUMNS)
     assert list(data.users) == ["9", "10"]
@@ -130,3 +139,58 @@ def test_csv_ambiguous_dates_are_refused(tmp_path: Path) -> None:
     rows = [("u", "i", "t"), ("1", "a", "05-01-2015"), ("1", "b", "03-02-2015")]
     with pytest.raises(DataError, match="YYYY-MM-DD"):
         load_csv(write_csv(tmp_path / "b.csv", rows), CsvColumns(user="u", item="i", time="t"))
+
+
+@pytest.mark.parametrize("separator", [";", "\t", "|", ","])
+@pytest.mark.parametrize("packing", ["csv", "gz", "zip"])
+def test_csv_separator_is_detected(tmp_path: Path, separator: str, packing: str) -> None:
+    """Spreadsheets in many locales export with semicolons, databases with tabs: the
+    separator is told from the file's first lines (a name holding a comma included)."""
+    rows = [*ROWS, ("11", "jam", "2024-01-03", '"Jam, strawberry"')]
+    text = "\n".join(separator.join(r) for r in rows) + "\n"
+    if packing == "csv":
+        path = tmp_path / "b.csv"
+        path.write_text(text)
+    elif packing == "gz":
+        path = tmp_path / "b.csv.gz"
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path = tmp_path / "b.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("baskets.csv", text)
+    data = load_csv(path, COLUMNS)
+    assert data.users["10"] == [("milk",), ("apple", "pear")]
+    assert data.name_of("jam") == "Jam, strawberry"
+
+
+def test_separator_is_read_from_the_start_of_a_large_file(tmp_path: Path) -> None:
+    """Only the first SNIFF_BYTES are sniffed, and a line they cut off does not count."""
+    from fedcart.model_export.datasets import SNIFF_BYTES
+
+    rows = [("shopper", "sku", "when")] + [
+        (str(u), f"item{u % 7}", f"2024-01-{1 + u % 28:02d}") for u in range(SNIFF_BYTES // 10)]
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(";".join(r) for r in rows) + "\n")
+    assert path.stat().st_size > SNIFF_BYTES
+    data = load_csv(path, CsvColumns(user="shopper", item="sku", time="when"))
+    assert len(data.users) == SNIFF_BYTES // 10
+
+
+def test_csv_text_time_column_is_one_clear_error(tmp_path: Path) -> None:
+    rows = [("u", "i", "t"), ("1", "a", "morning"), ("1", "b", "evening"),
+            ("2", "c", "noon")]
+    path = write_csv(tmp_path / "b.csv", rows)
+    with pytest.raises(DataError) as caught:
+        load_csv(path, CsvColumns(user="u", item="i", time="t"))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "time column 't'" in message and "'morning'" in message
+    assert "3 of 3 values are neither" in message
+
+
+def test_csv_time_column_mixing_numbers_and_dates_is_refused(tmp_path: Path) -> None:
+    rows = [("u", "i", "t"), ("1", "a", "3"), ("1", "b", "2024-01-02")]
+    path = write_csv(tmp_path / "b.csv", rows)
+    with pytest.raises(DataError, match=r"time column 't' mixes numbers and dates, e\.g\. "
+                                        r"'3' and '2024-01-02'"):
+        load_csv(path, CsvColumns(user="u", item="i", time="t"))

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from websockets.asyncio.client import connect
 
+from fedcart.aggregator.config import load_config
 from fedcart.aggregator.privacy import default_delta
 from fedcart.model_export.model import group_size
 from fedcart.simulation.cli import main as sim_main
@@ -91,7 +92,11 @@ def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
 
 def test_report_files_and_tables(csv_report: Path) -> None:
     assert {p.name for p in csv_report.iterdir()} >= {"index.html", "report.md",
-                                                        "metrics.json", *PLOTS}
+                                                        "metrics.json", "config.toml", *PLOTS}
+    # the configuration the aggregator served with, linked, and one an operator can load
+    config = load_config(csv_report / "config.toml")
+    assert config.mechanism == "gaussian" and config.population == 60
+    assert '<a href="config.toml">' in (csv_report / "index.html").read_text()
     md = (csv_report / "report.md").read_text()
     for row in ("popularity", "co-occurrence (cosine)", "own history (device only)",
                 "federated, SecAgg, DP eps=4"):

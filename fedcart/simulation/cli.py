@@ -22,6 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedcart.aggregator.config import Preset
+from fedcart.aggregator.privacy import default_delta
+from fedcart.aggregator.statedir import StateDir
 from fedcart.model_export.cli_options import data_options, load_split, validation_option
 from fedcart.model_export.evaluation import Split
 from fedcart.model_export.keys import load_or_create_signing_key
@@ -31,19 +34,19 @@ from fedcart.model_export.train import TrainConfig
 from fedcart.model_export.update import TRAIN
 from fedcart.simulation.central import Row, baseline_rows, central_rows
 from fedcart.simulation.federated import (
-    DP_DEFAULTS,
-    NO_DP_DEFAULTS,
     FederatedSettings,
     RoundRecord,
     RunResult,
     run_federated,
 )
-from fedcart.simulation.report import privacy_utility_rows, write_report
+from fedcart.simulation.report import NO_DP, delta_warning, privacy_utility_rows, write_report
 from fedcart.simulation.sizing import check_run
 from fedcart.simulation.synth import Profile, generate
 
 console = Console(stderr=True)
 out = Console()
+AGGREGATOR_DIR = "aggregator"  # run_federated's state directory, under its work directory
+CONFIG_FILE = "config.toml"  # a run's aggregator configuration, in its report directory
 
 
 def print_rows(title: str, rows: list[Row]) -> None:
@@ -115,7 +118,7 @@ def baselines(json_path: Path | None, ease_lambda: float | None, **data: Any) ->
               help="Ed25519 signing key file (created if missing; default: signing.key "
                    "beside --out). Its public half is written beside it as .pub.")
 @click.option("--epochs", type=click.IntRange(1), default=TrainConfig.epochs, show_default=True)
-@click.option("--dim", type=click.IntRange(1), default=TrainConfig.dim, show_default=True,
+@click.option("--dim", type=click.IntRange(0), default=TrainConfig.dim, show_default=True,
               help="Embedding size d.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               default=TrainConfig.lr_embeddings, show_default=True,
@@ -144,7 +147,13 @@ def central(out_dir: Path, key_path: Path | None, epochs: int, dim: int, lr: flo
         weights, neighbours, rows = central_rows(split, config, lambda e, loss: progress.update(
             task, completed=e + 1, loss=f"{loss:.4f}"))
     seconds = time.monotonic() - started
-    key = load_or_create_signing_key(key_path or out_dir.parent / "signing.key")
+    key_file = key_path or out_dir.parent / "signing.key"
+    created = not key_file.exists()
+    key = load_or_create_signing_key(key_file)
+    console.print(f"{'created the signing key' if created else 'signing with the key'} "
+                  f"{key_file} (public half {key_file.with_suffix('.pub')}"
+                  + ("; keep it secret: whoever holds it signs models devices accept)"
+                     if created else ")"), soft_wrap=True)
     manifest = export_bundle(out_dir, weights, split.catalog,
                              [names[i] for i in split.catalog], key, neighbours=neighbours,
                              history_decay=config.history_decay)
@@ -172,7 +181,10 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
     d = FederatedSettings()
     options = [
         click.option("--rounds", type=click.IntRange(1), default=d.rounds, show_default=True,
-                     help="Completed rounds to run."),
+                     help="Training rounds to complete. They follow the statistics rounds "
+                          "(popularity, then co-occurrence; see --statistics), so --rounds 3 "
+                          "completes 5 rounds, numbered 1 to 5 by the aggregator (more if a "
+                          "round fails)."),
         click.option("--clients-per-round", type=click.FloatRange(min=1), default=None,
                      help=f"Expected cohort M; each device joins a round with probability "
                           f"q = M / N (Poisson sampling). Default {d.clients_per_round:g}."),
@@ -191,24 +203,25 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      "devices."),
         click.option("--local-epochs", type=click.IntRange(1), default=d.local_epochs,
                      show_default=True, help="Passes over its own baskets a device makes."),
-        click.option("--dim", type=click.IntRange(1), default=d.dim, show_default=True,
+        click.option("--dim", type=click.IntRange(0), default=d.dim, show_default=True,
                      help="Embedding size d."),
         click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True),
                      help="C: each device clips its update to this L2 norm (L1: Laplace). "
-                          f"Default {NO_DP_DEFAULTS['clip_norm']:g} without DP, "
-                          f"{DP_DEFAULTS['clip_norm']:g} with (only the blend trains)."),
+                          f"Default {Preset.NO_DP.value.clip_norm:g} without DP, "
+                          f"{Preset.DP.value.clip_norm:g} with (only the blend trains)."),
         click.option("--statistics/--no-statistics", default=True, show_default=True,
                      help="Begin with the statistics rounds (popularity, then co-occurrence "
                           "over the head items) that give the model its item-item table."),
         click.option("--head-items", type=click.IntRange(2, MAX_HEAD),
                      help="M: the co-occurrence round covers the M most popular items "
-                          f"(M(M+1)/2 values per device). Default {NO_DP_DEFAULTS['head_items']}"
-                          f" without DP, {DP_DEFAULTS['head_items']} with."),
+                          f"(M(M+1)/2 values per device). Default "
+                          f"{Preset.NO_DP.value.head_items} without DP, "
+                          f"{Preset.DP.value.head_items} with."),
         click.option("--train-groups", callback=_groups, metavar="NAME,...",
                      help="Parameter groups training rounds train and upload, of "
                           f"{','.join(TENSOR_NAMES)}. Default "
-                          f"{','.join(NO_DP_DEFAULTS['train_groups'])} without DP, "
-                          f"{','.join(DP_DEFAULTS['train_groups'])} with."),
+                          f"{','.join(Preset.NO_DP.value.train_groups)} without DP, "
+                          f"{','.join(Preset.DP.value.train_groups)} with."),
         click.option("--examples-per-round", type=click.IntRange(1),
                      default=d.examples_per_round, show_default=True,
                      help="Leave-one-out examples of its newest basket a device trains on."),
@@ -218,15 +231,16 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--workers", type=click.IntRange(1), default=d.workers,
                      show_default=True, help="Processes the simulated devices run in."),
         click.option("--eval-every", type=click.IntRange(1), default=d.eval_every,
-                     show_default=True, help="Evaluate every n-th published model (and "
-                                             "the last)."),
+                     show_default=True, help="Evaluate every n-th trained model, the "
+                                             "model the statistics rounds give, and the last."),
         click.option("--seed", type=int, default=d.seed, show_default=True,
                      help="Seeds model v0 and the dropout draws (sampling and masks use "
                           "the OS CSPRNG, as in production)."),
         click.option("--report", "report_dir", required=True,
                      type=click.Path(file_okay=False, path_type=Path),
-                     help="Directory for index.html, report.md, the PNG plots and "
-                          "metrics.json."),
+                     help="Directory for index.html, report.md, the PNG plots, "
+                          "metrics.json and the aggregator's config.toml (one per run in "
+                          "a sweep), with the trained model."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
                      help="Also copy metrics.json to this file."),
         click.option("--baselines/--no-baselines", "with_baselines", default=True,
@@ -276,7 +290,10 @@ def _round_line(run: str, record: RoundRecord) -> str:
 
 
 def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedSettings,
-                       index: str, keep_model: Path) -> RunResult:
+                       index: str, keep_model: Path, keep_config: Path) -> RunResult:
+    """Run with a progress bar (a line a round when stderr is no terminal); copy the last
+    model to ``keep_model`` and the aggregator's config.toml, as it ran, to
+    ``keep_config``."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("round {task.completed}/{task.total}"),
                TextColumn("HR@10 {task.fields[hr]}  eps {task.fields[eps]}  "
@@ -307,6 +324,10 @@ def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedS
         result = run_federated(split, names, settings, Path(tmp), on_round=on_round,
                                on_status=lambda m: progress.update(task, status=m),
                                keep_model=keep_model)
+        served = StateDir(Path(tmp) / AGGREGATOR_DIR).config
+        if served.is_file():  # absent only when the run failed before it began
+            keep_config.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(served, keep_config)
     if result.interrupted:
         console.print("[yellow]stopped early: the report covers the rounds done[/]")
     return result
@@ -328,8 +349,25 @@ def _command_line(ctx: click.Context) -> str:
     return " ".join(words)
 
 
+def _slug(settings: FederatedSettings) -> str:
+    """A sweep run's name in file names: no-dp, eps-2, ..."""
+    return "no-dp" if settings.mechanism == NO_DP else f"eps-{settings.epsilon:g}"
+
+
+def _warn_delta(split: Split, settings: FederatedSettings) -> None:
+    """Say on stderr, before anything runs, when the run's DP delta is too large for its
+    population (the report says it again)."""
+    if settings.mechanism == NO_DP:
+        return
+    devices = sum(1 for baskets in split.train if baskets)
+    warning = delta_warning(settings.delta or default_delta(devices), devices)
+    if warning is not None:
+        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+
+
 def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
-           dim: int, base: list[Row], central: list[Row], results: list[RunResult]) -> None:
+           dim: int, base: list[Row], central: list[Row], results: list[RunResult],
+           config_files: list[str]) -> None:
     users = sum(1 for baskets in split.train if baskets)
     report = {
         "tool": "fedcart-sim", "command": _command_line(click.get_current_context()),
@@ -338,7 +376,8 @@ def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
                  "catalog": split.n_items, "queries": len(split.queries)},
         "model": {"dim": dim, "parameters": n_parameters(split.n_items, dim)},
         "baselines": [r.as_json() for r in base], "central": [r.as_json() for r in central],
-        "runs": [r.as_json() for r in results],
+        "runs": [{**r.as_json(), "config_file": name}
+                 for r, name in zip(results, config_files, strict=True)],
     }
     index = write_report(report_dir, report)
     if json_path is not None:
@@ -352,7 +391,8 @@ def _write(report_dir: Path, json_path: Path | None, split: Split, digest: str,
                       f"{row['mrr']:.4f}", "-" if row["epsilon"] is None
                       else f"{row['epsilon']:.2f}")
     out.print(table)
-    console.print(f"report: [bold]{index}[/] (also report.md, metrics.json, PNG plots)")
+    console.print(f"report: [bold]{index}[/] (also report.md, metrics.json, PNG plots, "
+                  f"{', '.join(config_files)})")
 
 
 @main.command()
@@ -389,9 +429,12 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
                                       name_col, validation)
     check_run(split, [settings], console.print, with_baselines)
+    _warn_delta(split, settings)
     base, central = _reference_rows(split, settings.dim, with_baselines, with_central)
-    result = _run_with_progress(split, names, settings, "", report_dir / "model")
-    _write(report_dir, json_path, split, digest, settings.dim, base, central, [result])
+    result = _run_with_progress(split, names, settings, "", report_dir / "model",
+                                report_dir / CONFIG_FILE)
+    _write(report_dir, json_path, split, digest, settings.dim, base, central, [result],
+           [CONFIG_FILE])
 
 
 @main.command()
@@ -402,8 +445,8 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
               help="Target epsilons of the DP runs (Gaussian, delta 1/(100 N)); a run "
                    "without DP comes first.")
 @click.option("--dp-rounds", type=click.IntRange(1),
-              help="Rounds of each DP run (default: --rounds). Fewer rounds spend the same "
-                   "epsilon with less noise per round.")
+              help="Training rounds of each DP run, after its statistics rounds (default: "
+                   "--rounds). Fewer rounds spend the same epsilon with less noise per round.")
 @with_clean_errors
 def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Path | None,
           with_baselines: bool, with_central: bool, data_spec: str, user_col: str | None,
@@ -427,14 +470,17 @@ def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Pat
     check_run(split, plans, console.print, with_baselines)
     base, central = _reference_rows(split, plans[0].dim, with_baselines, with_central)
     results: list[RunResult] = []
+    config_files: list[str] = []
     for i, settings in enumerate(plans, 1):
-        slug = "no-dp" if settings.mechanism == "none" else f"eps-{settings.epsilon:g}"
+        config_files.append(f"config-{_slug(settings)}.toml")
         result = _run_with_progress(split, names, settings, f"[{i}/{len(plans)}] ",
-                                    report_dir / "models" / slug)
+                                    report_dir / "models" / _slug(settings),
+                                    report_dir / config_files[-1])
         results.append(result)
         if result.interrupted:
             break
-    _write(report_dir, json_path, split, digest, plans[0].dim, base, central, results)
+    _write(report_dir, json_path, split, digest, plans[0].dim, base, central, results,
+           config_files)
 
 
 @main.command()

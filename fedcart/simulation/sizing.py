@@ -127,7 +127,7 @@ def _check_memory(settings: FederatedSettings, n_devices: int, n_items: int,
     options = [("--head-items", "head_items", 2, settings.head_items or 2)
                ] if settings.statistics else []
     options += [("--workers", "workers", 1, settings.workers),
-                ("--dim", "dim", 1, settings.dim)]
+                ("--dim", "dim", 0, settings.dim)]
     for flag, field, low, current in options:
         best = _largest_fitting(settings, n_devices, n_items, field, low, current, memory)
         if best is not None:

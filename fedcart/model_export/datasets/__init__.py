@@ -7,6 +7,8 @@ Reading needs pandas (the ``server``/``sim`` extras); a device never loads a dat
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import warnings
 import zipfile
@@ -22,6 +24,7 @@ __all__ = [
     "CsvColumns",
     "DataError",
     "load",
+    "load_catalog",
     "load_csv",
     "load_instacart",
     "load_uci",
@@ -91,6 +94,10 @@ def file_sha256(path: Path) -> str:
 def _bundled_path(name: str) -> tuple[Path, str]:
     filename, expected = BUNDLED[name]
     path = Path(str(_FILES / filename))
+    if not path.is_file():  # an installed wheel: the data sets ship with the source only
+        raise DataError(f"the bundled data set '{name}' is not installed ({path} is missing): "
+                        "the data sets ship in the source repository, not the wheel; run "
+                        "from a clone, or give --data PATH.csv")
     actual = file_sha256(path)
     if actual != expected:
         raise DataError(
@@ -99,9 +106,26 @@ def _bundled_path(name: str) -> tuple[Path, str]:
     return path, actual
 
 
+SNIFF_BYTES = 64 << 10  # the start of a file its separator is told from
+SEPARATORS = ",;\t|"  # the ones spreadsheets and databases export with
+
+
+def _separator(start: bytes) -> str:
+    """The field separator of a CSV that begins with ``start``: csv.Sniffer on its whole
+    lines, restricted to SEPARATORS (comma when it cannot tell, as for one column)."""
+    lines = start.decode("utf-8", errors="replace").splitlines()
+    if len(start) == SNIFF_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last line is cut off
+    try:
+        return csv.Sniffer().sniff("\n".join(lines), delimiters=SEPARATORS).delimiter
+    except csv.Error:
+        return ","
+
+
 def _read_csv(path: Path, usecols: list[str], dtype: dict[str, str] | None = None,
               index_col: int | None = None) -> pd.DataFrame:
-    """Read a .csv, .csv.gz or .zip (holding one CSV) with clear errors."""
+    """Read a .csv, .csv.gz or .zip (holding one CSV) with clear errors. The separator
+    (comma, semicolon, tab or bar) is told from the first SNIFF_BYTES of the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -112,20 +136,24 @@ def _read_csv(path: Path, usecols: list[str], dtype: dict[str, str] | None = Non
                 if len(members) != 1:
                     raise DataError(f"{path}: a .zip must hold exactly one CSV, found {members}")
                 with zf.open(members[0]) as fh:
-                    header = pd.read_csv(fh, nrows=0, index_col=index_col).columns
+                    sep = _separator(fh.read(SNIFF_BYTES))
+                with zf.open(members[0]) as fh:
+                    header = pd.read_csv(fh, sep=sep, nrows=0, index_col=index_col).columns
                 with zf.open(members[0]) as fh:
                     _check_columns(path, header, usecols)
-                    frame = pd.read_csv(fh, usecols=usecols, dtype=dtype)
+                    frame = pd.read_csv(fh, sep=sep, usecols=usecols, dtype=dtype)
         else:
-            header = pd.read_csv(path, nrows=0, index_col=index_col).columns
+            with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as fh:
+                sep = _separator(fh.read(SNIFF_BYTES))
+            header = pd.read_csv(path, sep=sep, nrows=0, index_col=index_col).columns
             _check_columns(path, header, usecols)
-            frame = pd.read_csv(path, usecols=usecols, dtype=dtype)
+            frame = pd.read_csv(path, sep=sep, usecols=usecols, dtype=dtype)
     except DataError:
         raise
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: the file is empty") from exc
     except (OSError, UnicodeDecodeError, zipfile.BadZipFile, pd.errors.ParserError,
-            EOFError) as exc:
+            EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: cannot read it as CSV ({exc})") from exc
     if frame.empty:
         raise DataError(f"{path}: the file has a header but no rows")
@@ -220,7 +248,9 @@ def load_instacart(path: Path | None = None) -> BasketData:
 
 
 def _parse_time(column: pd.Series, origin: str) -> pd.Series:
-    """Numbers sort as numbers, dates as dates, anything else as text.
+    """Numbers sort as numbers, dates as dates; anything else is refused, naming the column
+    and a value, since text would order a user's baskets alphabetically ("evening" before
+    "morning") without a word.
 
     Dates are ISO 8601, or read with one format for the whole column, month-first or
     day-first, never guessed row by row: "05-01-2015" and "21-07-2015" in one column are
@@ -233,19 +263,30 @@ def _parse_time(column: pd.Series, origin: str) -> pd.Series:
     iso = pd.to_datetime(column, errors="coerce", format="ISO8601")
     if iso.notna().all():
         return iso
-    readings = []
+    parsed = []
     for dayfirst in (False, True):
         with warnings.catch_warnings():  # pandas warns when it falls back to dateutil
             warnings.simplefilter("ignore", UserWarning)
-            dates = pd.to_datetime(column, errors="coerce", dayfirst=dayfirst)
-        if dates.notna().all():
-            readings.append(dates)
+            parsed.append(pd.to_datetime(column, errors="coerce", dayfirst=dayfirst))
+    readings = [dates for dates in parsed if dates.notna().all()]
     if len(readings) == 2 and not readings[0].equals(readings[1]):
         raise DataError(f"{origin}: the dates read both month-first and day-first (no day "
                         "above 12); write them as YYYY-MM-DD")
     if readings:
         return readings[0]
-    return column.astype(str)
+    neither = numeric.isna() & iso.isna() & parsed[0].isna() & parsed[1].isna()
+    if neither.any():
+        raise DataError(f"{origin}: the time column {column.name!r} must hold numbers or "
+                        f"dates (YYYY-MM-DD), to order each user's baskets; "
+                        f"{int(neither.sum()):,} of {len(column):,} values are neither, "
+                        f"e.g. {column[neither].iloc[0]!r}")
+    if numeric.notna().any():
+        raise DataError(f"{origin}: the time column {column.name!r} mixes numbers and "
+                        f"dates, e.g. {column[numeric.notna()].iloc[0]!r} and "
+                        f"{column[numeric.isna()].iloc[0]!r}; use one or the other")
+    raise DataError(f"{origin}: the time column {column.name!r} mixes date formats, e.g. "
+                    f"{column[parsed[0].isna()].iloc[0]!r} and "
+                    f"{column[parsed[1].isna()].iloc[0]!r}; write them as YYYY-MM-DD")
 
 
 def load_csv(path: Path, columns: CsvColumns) -> BasketData:
@@ -267,6 +308,25 @@ def load_csv(path: Path, columns: CsvColumns) -> BasketData:
     names = (_most_frequent_names(frame["item"], raw[columns.name])
              if columns.name else {})
     return _group_baskets(frame, path.name, file_sha256(path), names)
+
+
+def load_catalog(path: Path, id_col: str, name_col: str | None = None) -> dict[str, str]:
+    """An item catalog (.csv, .csv.gz or .zip, one row per item): item id -> name, in file
+    order; an item without a name (or without ``name_col``) is named by its id. Raises
+    DataError for a missing file or column, a row without an id, or an id listed twice."""
+    path = Path(path)
+    wanted = list(dict.fromkeys(c for c in (id_col, name_col) if c is not None))
+    raw = _read_csv(path, wanted, dtype={c: "string" for c in wanted})
+    ids = raw[id_col].str.strip()
+    if ids.isna().any() or (ids == "").any():
+        row = int(((ids.isna()) | (ids == "")).to_numpy().argmax())
+        raise DataError(f"{path}: data row {row + 1} has no item id ({id_col})")
+    repeated = ids[ids.duplicated()].unique().tolist()
+    if repeated:
+        raise DataError(f"{path}: {len(repeated)} item id(s) listed more than once in "
+                        f"{id_col}, e.g. {repeated[:3]}")
+    names = ids if name_col is None else raw[name_col].fillna("").str.strip()
+    return {item: name or item for item, name in zip(ids, names, strict=True)}
 
 
 def load(spec: str, columns: CsvColumns | None = None) -> BasketData:
