@@ -12,7 +12,7 @@ SWEEP_ARGS ?= --epsilons 2,8 --dp-rounds 10
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo sweep test lint bench clean chromium
+.PHONY: venv demo sweep test lint bench clean chromium api-docs
 
 venv: $(STAMP)
 
@@ -58,6 +58,15 @@ test: venv chromium
 lint: venv
 	$(VENV)/bin/ruff check fedcart bench tests
 	$(VENV)/bin/mypy fedcart
+
+# The device library's API reference, HTML from fedcart.edge_client's docstrings (pdoc), in
+# $(API_DOCS); tests/test_device_app.py regenerates it and fails if the committed one differs.
+# PYTHONHASHSEED=0: a default that is a set (DevicePolicy.norms) prints in a fixed order.
+API_DOCS ?= docs/api
+api-docs: venv
+	rm -rf $(API_DOCS)
+	PYTHONHASHSEED=0 $(PY) -m pdoc --no-show-source --no-search -o $(API_DOCS) \
+		fedcart.edge_client '!fedcart\.edge_client\..*'
 
 bench: venv
 	$(PY) -m bench --json bench/results/latest.json

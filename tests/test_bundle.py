@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from fedcart.model_export.bundle import (
     GRAPH_FILES,
+    INFLATE_FLOOR,
     MANIFEST,
+    MAX_INFLATE_RATIO,
     PAYLOAD_FILES,
     SIGNATURE,
     BundleError,
@@ -199,22 +201,123 @@ def test_any_flipped_byte_is_refused(original: Path, tmp_path_factory, data) -> 
         read_bundle(target, PUBLIC)
 
 
-@pytest.mark.parametrize("encrypted, compression", [(True, zipfile.ZIP_STORED),
-                                                    (False, zipfile.ZIP_DEFLATED)])
-def test_encrypted_or_compressed_members_are_refused(original: Path, encrypted: bool,
-                                                     compression: int) -> None:
-    """An 'encrypted' member made zipfile raise RuntimeError (found by the atheris harness);
-    a compressed one would need inflating: both are refused as BundleError."""
+def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED,
+         folder: str = "") -> bytes:
+    """``members`` zipped with ``compression``, under ``folder`` (with its directory entry,
+    as `zip -r` writes it) when given."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
-        for name, data in read_bundle(original, PUBLIC).members().items():
-            zf.writestr(name, data)
-    raw = bytearray(buffer.getvalue())
+        if folder:
+            zf.writestr(zipfile.ZipInfo(f"{folder}/"), b"")
+        for name, data in members.items():
+            zf.writestr(f"{folder}/{name}" if folder else name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("encrypted, compression", [(True, zipfile.ZIP_STORED),
+                                                    (False, zipfile.ZIP_BZIP2)])
+def test_encrypted_or_bzip2_members_are_refused(original: Path, encrypted: bool,
+                                                compression: int) -> None:
+    """An 'encrypted' member made zipfile raise RuntimeError (found by the atheris harness);
+    a method other than stored or deflated is not a bundle's: both are BundleError."""
+    raw = bytearray(_zip(read_bundle(original, PUBLIC).members(), compression))
     if encrypted:  # set bit 0 of the flags in every local and central header
         for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
             at = raw.find(signature)
             while at >= 0:
                 raw[at + offset] |= 0x1
                 at = raw.find(signature, at + 4)
-    with pytest.raises(BundleError, match=r"cannot read|compressed"):
+    with pytest.raises(BundleError, match=r"cannot read|compressed with zip method 12"):
         unpack_members(bytes(raw))
+
+
+def test_a_bundle_without_embeddings_round_trips_and_its_size_is_checked(
+        tmp_path: Path) -> None:
+    """d = 0: weights.bin holds the bias and blend only (V + 4 float32), the bundle
+    verifies and recommends, and a weights.bin of another d is refused under its manifest."""
+    weights = init_weights(len(ITEMS), 0, np.random.default_rng(0),
+                           popularity=np.arange(len(ITEMS)))
+    export_bundle(tmp_path / "d0", weights, ITEMS, NAMES, KEY, neighbours=TABLE,
+                  model_version=1, history_decay=0.9)
+    bundle = read_bundle(tmp_path / "d0", PUBLIC, vocabulary_sha256=vocabulary_digest(ITEMS))
+    assert bundle.manifest.dim == 0
+    assert len(bundle.files["weights.bin"]) == 4 * (len(ITEMS) + 4)
+    back = bundle.weights()
+    assert back.e_in.shape == back.e_out.shape == (len(ITEMS), 0)
+    np.testing.assert_array_equal(back.bias, weights.bias)
+    np.testing.assert_array_equal(back.blend, weights.blend)
+    ids, _ = Recommender(bundle.files["recommend.ort"], back, bundle.neighbours()).top_k(
+        [[0, 1]], 3)
+    # no history, the table's term aside, the bias (log-popularity) ranks the catalog
+    expected = np.argsort(-(np.log1p(np.arange(len(ITEMS)))
+                            + back.blend[3] * TABLE.scores(np.array([[0, 1]]))[0]
+                            - np.isin(np.arange(len(ITEMS)), [0, 1]) * 1e9))[:3]
+    np.testing.assert_array_equal(ids[0], expected)
+
+    def signed(**changes: object) -> dict[str, bytes]:
+        manifest = {**json.loads(bundle.manifest_json), **changes}
+        raw = json.dumps(manifest, separators=(",", ":")).encode()
+        return {**bundle.members(), MANIFEST: raw, SIGNATURE: KEY.sign(raw).signature}
+
+    with pytest.raises(BundleError, match=r"weights\.bin holds"):
+        verify_members(signed(dim=1), PUBLIC)
+    with pytest.raises(BundleError, match="d must be at least 0"):
+        verify_members(signed(dim=-1), PUBLIC)
+
+
+def test_a_zip_of_the_bundle_folder_is_read_deflated(original: Path, tmp_path: Path) -> None:
+    """What `zip -r model.zip v3/` makes: the files under one folder, deflated; and what
+    macOS's Finder adds (__MACOSX/) beside it is ignored."""
+    members = read_bundle(original, PUBLIC).members()
+    packed = tmp_path / "model.zip"
+    packed.write_bytes(_zip(members, zipfile.ZIP_DEFLATED, folder="v3"))
+    with zipfile.ZipFile(packed, "a") as zf:
+        zf.writestr("__MACOSX/v3/._manifest.json", b"resource fork")
+    assert {i.compress_type for i in zipfile.ZipFile(packed).infolist()
+            if i.filename.startswith("v3/") and i.file_size} == {zipfile.ZIP_DEFLATED}
+    bundle = read_bundle(packed, PUBLIC)
+    assert bundle.members() == members
+    assert bundle.manifest.model_version == 3
+
+
+def test_files_in_two_folders_are_not_a_bundle(original: Path) -> None:
+    members = read_bundle(original, PUBLIC).members()
+    raw = io.BytesIO(_zip(members, folder="a"))
+    with zipfile.ZipFile(raw, "a") as zf:
+        zf.writestr("b/README", b"another folder")
+    with pytest.raises(BundleError, match=r"no manifest\.json: not a bundle"):
+        verify_members(unpack_members(raw.getvalue()), PUBLIC)
+
+
+def test_a_zip_bomb_is_refused_before_it_inflates(original: Path) -> None:
+    """8 MiB of zeros deflate to 8 KB: over MAX_INFLATE_RATIO, refused from its header."""
+    members = read_bundle(original, PUBLIC).members()
+    bomb = _zip({**members, "weights.bin": bytes(8 << 20)}, zipfile.ZIP_DEFLATED)
+    assert len(bomb) < (8 << 20) // MAX_INFLATE_RATIO
+    with pytest.raises(BundleError, match=r"weights\.bin would inflate from \d+ to 8388608 "
+                                          r"bytes.*zip bomb"):
+        unpack_members(bomb)
+    # under the floor, a member may deflate as well as it does: a small vocabulary, say
+    small = _zip({**members, "weights.bin": bytes(INFLATE_FLOOR)}, zipfile.ZIP_DEFLATED)
+    assert len(unpack_members(small)["weights.bin"]) == INFLATE_FLOOR
+
+
+def test_a_header_understating_the_inflated_size_is_refused(original: Path) -> None:
+    """The read stops at the size the header declares and checks the CRC: a member that
+    inflates to more than it says is cut there and refused, never read on."""
+    members = read_bundle(original, PUBLIC).members()
+    raw = bytearray(_zip({**members, "weights.bin": bytes(256 << 10)}, zipfile.ZIP_DEFLATED))
+    central = raw.find(b"PK\x01\x02")  # the central directory's entry for weights.bin
+    while raw[central + 46:central + 46 + len(b"weights.bin")] != b"weights.bin":
+        central = raw.find(b"PK\x01\x02", central + 4)
+    raw[central + 24:central + 28] = (100).to_bytes(4, "little")  # uncompressed size
+    with pytest.raises(BundleError, match=r"cannot read the bundle \(Bad CRC-32"):
+        unpack_members(bytes(raw))
+
+
+def test_a_member_with_an_empty_name_is_not_a_bundle() -> None:
+    """zipfile's ZipInfo.is_dir fails on an empty name (found by the atheris harness)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(""), b"nameless")
+    assert unpack_members(buffer.getvalue()) == {}

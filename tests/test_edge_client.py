@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+import fedcart
 from fedcart.aggregator.statedir import init_state
+from fedcart.edge_client.cli import main as device_main
 from fedcart.edge_client.device import Device
 from fedcart.edge_client.store import MAX_BASKETS
 from fedcart.model_export.bundle import (
@@ -199,3 +202,95 @@ def test_statistics_inputs_are_the_devices_clipped_summaries(served, tmp_path) -
         with pytest.raises(TermsError, match="head"):
             device.accept_terms(replace(cooc, head=bad, n_params=triangle_size(len(bad)))
                                 .to_bytes())
+
+
+def test_a_device_recommends_and_trains_with_a_model_without_embeddings(tmp_path) -> None:
+    """d = 0: the device ranks its user's own history first (the blend; v0 knows no
+    popularity), trains and uploads the bias and blend, and refuses to train embeddings the
+    model does not have."""
+    state = init_state(tmp_path / "agg", ITEMS, ITEMS, dim=0, seed=0)
+    public = bytes(state.signing_key().verify_key)
+    device = Device(tmp_path / "device", public)
+    bundle = device.install(pack_members(read_bundle(state.bundles / "v00000000",
+                                                     public).members()))
+    assert bundle.manifest.dim == 0 and bundle.weights().flat().size == len(ITEMS) + N_BLEND
+    device.add_basket(["sku05", "sku06"])
+    device.add_basket(["sku07", "sku01"])
+    top = [r.item for r in device.recommend(["sku01"], 3)]
+    assert set(top[:3]) == {"sku05", "sku06", "sku07"}  # history first, cart item excluded
+    plan = TrainingPlan(epochs=1, batch_size=8, learning_rates=(2.0, 2.0, 0.5, 0.05),
+                        examples=8, groups=("bias", "blend"))
+    terms = device.accept_terms(RoundTerms(
+        Task.TRAIN, device.manifest.vocabulary_sha256, n_params=len(ITEMS) + N_BLEND,
+        clip_norm=60.0, norm=Norm.L2, packed=False, group_size=10, weight_cap=8.0,
+        model_version=0, training=plan).to_bytes())
+    vector, examples = device.round_input(terms)
+    assert examples == 2 and vector.size == len(ITEMS) + N_BLEND
+    fmt = UpdateFormat(len(ITEMS) + N_BLEND, 60.0, 10, weight_cap=8.0)
+    assert np.any(fmt.values(fmt.decode(vector))[:len(ITEMS)] != 0)  # the bias moved
+    embeddings = replace(plan, groups=("e_out", "bias"))
+    with pytest.raises(ValueError, match="d = 0 has no e_out"):
+        device.accept_terms(replace(terms, training=embeddings).to_bytes())
+
+
+def test_the_device_command_says_its_version() -> None:
+    result = CliRunner().invoke(device_main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"fedcart-device, version {fedcart.__version__}\n"
+
+
+def test_add_basket_refuses_items_outside_the_catalog_and_stores_nothing(served,
+                                                                         tmp_path) -> None:
+    server_key, v0, _ = served
+    shipped = tmp_path / "v0.zip"
+    shipped.write_bytes(v0)
+    state = str(tmp_path / "dev")
+    init = CliRunner().invoke(device_main, ["init", "--state", state, "--server-key",
+                                            server_key.hex(), "--bundle", str(shipped)])
+    assert init.exit_code == 0, init.output
+    typo = ["sku01", *(f"nope{i}" for i in range(7)), "nope0"]
+    refused = CliRunner().invoke(device_main, ["add-basket", "--state", state,
+                                               "--items", ",".join(typo)])
+    assert refused.exit_code == 1
+    assert refused.output == ("Error: not in the catalog of model version 0: 'nope0', "
+                              "'nope1', 'nope2', 'nope3', 'nope4' and 2 more; nothing "
+                              "stored\n")
+    assert Device(state, server_key).store.baskets() == []
+    added = CliRunner().invoke(device_main, ["add-basket", "--state", state,
+                                             "--items", "sku01,sku02"])
+    assert added.exit_code == 0 and added.output == ""
+    assert Device(state, server_key).store.baskets() == [["sku01", "sku02"]]
+
+
+def test_add_basket_without_a_model_stores_the_basket_unchecked_and_says_so(
+        served, tmp_path) -> None:
+    server_key, _, _ = served
+    state = str(tmp_path / "dev")
+    init = CliRunner().invoke(device_main, ["init", "--state", state, "--server-key",
+                                            server_key.hex()])
+    assert init.exit_code == 0, init.output
+    added = CliRunner().invoke(device_main, ["add-basket", "--state", state,
+                                             "--items", "anything"])
+    assert added.exit_code == 0
+    assert added.stderr.startswith("warning: no model installed: the item ids are not checked")
+    assert Device(state, server_key).store.baskets() == [["anything"]]
+
+
+def test_bundle_pack_zips_a_verified_bundle_once(served, tmp_path) -> None:
+    server_key, _, v1 = served
+    out = tmp_path / "model.zip"
+    packed = CliRunner().invoke(device_main, ["bundle", "pack", str(tmp_path / "v1"),
+                                              str(out), "--public-key", server_key.hex()])
+    assert packed.exit_code == 0, packed.output
+    assert packed.output.startswith(f"{out}: model version 1 (round 1), V=25, ")
+    assert unpack_members(out.read_bytes()) == unpack_members(v1)  # what a device is sent
+    assert read_bundle(out, server_key).manifest.model_version == 1
+    again = CliRunner().invoke(device_main, ["bundle", "pack", str(tmp_path / "v1"),
+                                             str(out), "--public-key", server_key.hex()])
+    assert again.exit_code == 1 and "exists: a bundle is never overwritten" in again.output
+    stranger = tmp_path / "stranger.zip"
+    wrong_key = CliRunner().invoke(device_main, ["bundle", "pack", str(tmp_path / "v1"),
+                                                 str(stranger), "--public-key", "ab" * 32])
+    assert wrong_key.exit_code == 1
+    assert wrong_key.output.startswith("Error: not packed: ") and not stranger.exists()
+    assert "signature does not verify" in wrong_key.output

@@ -1,8 +1,10 @@
-"""``fedcart-device``: try the device runtime from a shell (click for the CLI)."""
+"""``fedcart-device``: try the device runtime from a shell (click for the CLI), and pack a
+bundle directory into the zip an app ships or a server hands out."""
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import sys
 from pathlib import Path
@@ -11,10 +13,11 @@ from urllib.parse import urlsplit
 import click
 import websockets
 
+from fedcart import __version__
 from fedcart.edge_client.device import Device, RoundReport
 from fedcart.edge_client.recommender import OfflineRecommender, UnknownItemError
 from fedcart.edge_client.store import DeviceStore
-from fedcart.model_export.bundle import BundleError, read_bundle
+from fedcart.model_export.bundle import BundleError, pack_members, read_bundle
 from fedcart.model_export.keys import read_public_key
 from fedcart.protocol.transport import is_loopback
 
@@ -23,7 +26,11 @@ def _ids(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+SHOWN_UNKNOWN = 5  # unknown item ids add-basket names before "and N more"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fedcart-device")
 def main() -> None:
     """FedCart on the device: offline recommendations from a signed model bundle."""
 
@@ -76,9 +83,27 @@ def init(state_dir: Path, server_key: str, bundle_path: Path | None) -> None:
 @state_option
 @click.option("--items", required=True, metavar="ID,ID,...", help="Items bought together.")
 def add_basket(state_dir: Path, items: str) -> None:
-    """Record a purchase on the device (it never leaves the device)."""
+    """Record a purchase on the device (it never leaves the device). Item ids outside the
+    installed model's catalog are refused, and nothing is stored: a typo would otherwise
+    be a basket no round ever uses."""
+    device = _device(state_dir)
+    basket = _ids(items)
+    bundle = device.current_bundle()
+    if bundle is None:
+        click.echo("warning: no model installed: the item ids are not checked against a "
+                   "catalog (fedcart-device init --bundle installs the app's)", err=True)
+    else:
+        catalog = set(bundle.items)
+        unknown = list(dict.fromkeys(i for i in basket if i not in catalog))
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:SHOWN_UNKNOWN])
+            more = (f" and {len(unknown) - SHOWN_UNKNOWN} more"
+                    if len(unknown) > SHOWN_UNKNOWN else "")
+            raise click.ClickException(
+                f"not in the catalog of model version {bundle.manifest.model_version}: "
+                f"{shown}{more}; nothing stored")
     try:
-        _device(state_dir).add_basket(_ids(items))
+        device.add_basket(basket)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -227,6 +252,41 @@ def recommend(state_dir: Path | None, bundle_path: Path | None, public_key: str 
     width = max((len(r.item) for r in results), default=4)
     for rank, r in enumerate(results, 1):
         click.echo(f"{rank:>3}  {r.item:<{width}}  {r.score:9.4f}  {r.name}")
+
+
+@main.group("bundle")
+def bundle_group() -> None:
+    """Signed model bundles: pack one for an app or a download."""
+
+
+@bundle_group.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--public-key", required=True, metavar="HEX|FILE",
+              help="The key devices pin (the aggregator's signing.pub): only a bundle that "
+                   "verifies against it is packed.")
+def pack(directory: Path, out: Path, public_key: str) -> None:
+    """Zip the bundle in DIRECTORY as OUT, the form every reader takes (files at the root,
+    stored): verified first, written whole or not at all, never over an existing OUT."""
+    if out.exists():
+        raise click.ClickException(f"{out} exists: a bundle is never overwritten")
+    try:
+        verified = read_bundle(directory, read_public_key(public_key))
+    except (BundleError, ValueError) as exc:
+        raise click.ClickException(f"not packed: {exc}") from exc
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(pack_members(verified.members()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {out}: {exc}") from exc
+    m = verified.manifest
+    click.echo(f"{out}: model version {m.model_version} (round {m.round}), V={m.n_items}, "
+               f"{out.stat().st_size} bytes")
 
 
 if __name__ == "__main__":

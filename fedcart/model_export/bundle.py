@@ -1,6 +1,7 @@
 """The signed model bundle: what the aggregator publishes and a device runs.
 
-A bundle is a directory (or a zip of one) holding
+A bundle is a directory, or a zip of one (its files at the zip's root or in one top-level
+folder, stored or deflated), holding
 
     manifest.json      format version, model version, round, V, d, K, the vocabulary's
                        sha256, the history feature settings, sha256 of every other file
@@ -8,6 +9,7 @@ A bundle is a directory (or a zip of one) holding
     vocabulary.json    the item keys in catalog order, with display names
     recommend.onnx     recommend.ort    train_step.onnx    train_step.ort   (no weights)
     weights.bin        e_in, e_out, bias, blend as little-endian float32, in that order
+                       (with d = 0 the embeddings take no bytes: V + 4 values)
     neighbours.bin     the item-item table [V, K]: the rows that have neighbours (int32
                        ids, then float32 weights; model.Neighbours.to_bytes)
 
@@ -32,6 +34,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,32 +171,80 @@ class Bundle:
         return {n: b for n, b in out.items() if n not in without}
 
     def weights(self) -> Weights:
+        """The model's parameters (weights.bin), as float32 arrays."""
         flat = np.frombuffer(self.files[WEIGHTS_FILE], dtype="<f4").astype(np.float32)
         return Weights.from_flat(flat, self.manifest.n_items, self.manifest.dim)
 
     def neighbours(self) -> Neighbours:
+        """The item-item table (neighbours.bin): each item's K neighbours and weights."""
         return Neighbours.from_bytes(self.files[NEIGHBOURS_FILE], self.manifest.n_items,
                                      self.manifest.neighbours)
 
 
 _LIMITS = {MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: 64}
+# A deflated member may inflate to at most this many times its compressed size (bundle files
+# deflate 1.5-8x: floats barely, the vocabulary most), or to INFLATE_FLOOR bytes, whichever is
+# larger; more is a zip bomb: a few kilobytes that would fill a phone's memory.
+MAX_INFLATE_RATIO = 100
+INFLATE_FLOOR = 1 << 20
+_READABLE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # pack_members', and `zip -r`'s
+_IGNORED_FOLDERS = ("__MACOSX/",)  # resource forks macOS's Finder adds to an archive
+
+
+def _zip_prefix(infos: Sequence[zipfile.ZipInfo]) -> str:
+    """Where the bundle's files are in the zip: at its root (pack_members), or in its one
+    top-level folder (``zip -r bundle.zip bundle/``, or a file manager's "compress")."""
+    # not ZipInfo.is_dir: it fails on an empty name (found by fuzzing)
+    names = [i.filename for i in infos if not i.filename.endswith("/")
+             and not i.filename.startswith(_IGNORED_FOLDERS)]
+    if MANIFEST in names:
+        return ""
+    folders = {name.partition("/")[0] for name in names if "/" in name}
+    if len(folders) == 1 and all("/" in name for name in names):
+        return f"{folders.pop()}/"
+    return ""
+
+
+def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, origin: str) -> bytes:
+    """One member's bytes, read with a cap: its file's size limit and, deflated, at most
+    MAX_INFLATE_RATIO times its compressed size. The sizes the zip declares are checked
+    first; the read does not trust them and stops one byte past the cap."""
+    limit = _LIMITS.get(name, MAX_FILE_BYTES)
+    if info.compress_type not in _READABLE:
+        raise BundleError(f"{origin}: {name} is compressed with zip method "
+                          f"{info.compress_type}; a bundle's files are stored or deflated")
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        cap = min(limit, max(INFLATE_FLOOR, MAX_INFLATE_RATIO * info.compress_size))
+    else:
+        cap = limit
+    if info.file_size > limit:
+        raise BundleError(f"{origin}: {name} is larger than a bundle file may be")
+    if info.file_size > cap:
+        raise BundleError(f"{origin}: {name} would inflate from {info.compress_size} to "
+                          f"{info.file_size} bytes, over {MAX_INFLATE_RATIO} times: refused "
+                          "as a zip bomb")
+    with zf.open(info) as member:
+        data = member.read(cap + 1)
+    if len(data) > cap:
+        raise BundleError(f"{origin}: {name} inflates past {cap} bytes, more than its "
+                          "header says: refused as a zip bomb")
+    return data
 
 
 def _read_zip(source: Path | io.BytesIO, origin: str) -> dict[str, bytes]:
+    """The bundle's files in a zip, by name, each read with a size cap (:func:`_inflate`):
+    stored or deflated, at the root or under one top-level folder; other members ignored."""
     out: dict[str, bytes] = {}
     try:
         with zipfile.ZipFile(source) as zf:
-            for info in zf.infolist():
-                if info.filename in (MANIFEST, SIGNATURE, *PAYLOAD_FILES):
-                    if info.file_size > _LIMITS.get(info.filename, MAX_FILE_BYTES):
-                        raise BundleError(f"{origin}: {info.filename} is larger than a "
-                                          "bundle file may be")
-                    if info.compress_type != zipfile.ZIP_STORED:  # nothing to inflate
-                        raise BundleError(f"{origin}: {info.filename} is compressed; "
-                                          "bundles are stored")
-                    out[info.filename] = zf.read(info)
+            infos = zf.infolist()
+            prefix = _zip_prefix(infos)
+            for info in infos:
+                name = info.filename.removeprefix(prefix)  # other folders keep their "/"
+                if name in (MANIFEST, SIGNATURE, *PAYLOAD_FILES):
+                    out[name] = _inflate(zf, info, name, origin)
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
-            NotImplementedError, RuntimeError, struct.error) as exc:
+            NotImplementedError, RuntimeError, struct.error, zlib.error) as exc:
         # RuntimeError: zipfile's "encrypted, password required" (found by fuzzing)
         raise BundleError(f"{origin}: cannot read the bundle ({exc})") from exc
     return out
@@ -279,6 +330,8 @@ def verify_members(members: Mapping[str, bytes], verify_key: bytes, *, origin: s
         if actual != expected:
             raise BundleError(f"{origin}: {name} is tampered or truncated (sha256 "
                               f"{actual[:16]}…, manifest says {expected[:16]}…)")
+    if manifest.dim < 0:
+        raise BundleError(f"{origin}: the manifest's d must be at least 0")
     n_params = n_parameters(manifest.n_items, manifest.dim)
     if len(files[WEIGHTS_FILE]) != 4 * n_params:
         raise BundleError(f"{origin}: weights.bin holds {len(files[WEIGHTS_FILE])} bytes, "
