@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -314,10 +315,11 @@ def test_token_enrollment_tls_laplace_and_fedadam(world, tmp_path) -> None:
     store.close()
 
 
-def _serve_five(state, devices: list, rounds: int, setting: str,
-                changed: str) -> AggregatorProcess:
-    """Serve CONFIG with one setting changed until the service stops by itself, five devices
-    taking part in up to ``rounds`` rounds each; the stopped process."""
+def _serve_five(state, devices: list, rounds: int, setting: str, changed: str,
+                status: int) -> AggregatorProcess:
+    """Serve CONFIG with one setting changed until the service stops by itself with exit
+    ``status``, five devices taking part in up to ``rounds`` rounds each; the stopped
+    process."""
     state.config.write_text(CONFIG.format(statistics="false", timeout=5.0, rounds=0).replace(
         setting, changed))
     server = AggregatorProcess(state.root)
@@ -327,14 +329,15 @@ def _serve_five(state, devices: list, rounds: int, setting: str,
                                       for d in devices[:5]))
 
     asyncio.run(run())
-    assert server.wait() == 0, server.log()
+    assert server.wait() == status, server.log()
     return server
 
 
 def test_server_stops_before_the_budget_is_exceeded(world) -> None:
     state, devices = world
     # z = 1.5 at q = 1: one round spends ~3.3 at delta 1e-5, two ~4.8: budget 4 allows one
-    server = _serve_five(state, devices, 2, "budget_epsilon = 1000.0", "budget_epsilon = 4.0")
+    server = _serve_five(state, devices, 2, "budget_epsilon = 1000.0", "budget_epsilon = 4.0",
+                         status=3)
     assert "over the budget of 4" in server.log()
     status = json.loads(cli("status", "--state", str(state.root), "--json"))
     assert [r["status"] for r in status["rounds"]] == ["completed"]
@@ -346,7 +349,8 @@ def test_a_round_that_cannot_be_accounted_stops_the_service_saying_why(world) ->
     sigma >= 4 steps) used to raise inside the round loop: the service must stop, say why,
     and run no round."""
     state, devices = world
-    server = _serve_five(state, devices, 1, "noise_multiplier = 1.5", "noise_multiplier = 1e-9")
+    server = _serve_five(state, devices, 1, "noise_multiplier = 1.5", "noise_multiplier = 1e-9",
+                         status=4)
     assert "cannot be accounted" in server.log() and "sigma" in server.log()
     status = json.loads(cli("status", "--state", str(state.root), "--json"))
     assert status["rounds"] == [] and status["epsilon"] == 0
@@ -485,3 +489,36 @@ def test_statistics_rounds_release_exact_sums_then_publish_the_table(world) -> N
     # the statistics rounds sent no model: each device downloaded v0 at check-in, then v1
     # and v2 for the training round and after it, never a copy per statistics round
     assert all(d.model_version == 2 for d in devices)
+
+
+def test_a_round_short_of_min_clients_says_why_once_and_devices_that_they_were_connected(
+        world, caplog) -> None:
+    """Fewer devices checked in than min_clients: no round starts. The aggregator says why
+    once (not at each tick of its round loop, five a second), and each device, when its
+    session times out, that it was connected all along and offered no round, not that it
+    could not reach the aggregator (what `fedcart-device participate` used to print)."""
+    state, devices = world
+    state.config.write_text(CONFIG.format(statistics="false", timeout=4.0, rounds=0).replace(
+        "min_clients = 3", "min_clients = 5"))
+    server = AggregatorProcess(state.root)
+
+    async def run() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=1, timeout=3)
+                                      for d in devices[:3]))
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="fedcart.device"):
+            reports = asyncio.run(run())
+    finally:
+        assert server.terminate() == 0, server.log()
+    assert reports == [[], [], []]
+    waits = [line for line in server.log().splitlines() if "round waits:" in line]
+    assert len(waits) == 1, waits
+    assert waits[0].endswith("devices checked in, a round needs min_clients = 5")
+    said = [r.getMessage() for r in caplog.records if r.name == "fedcart.device"]
+    assert said == [f"connected to {server.url} for 3 s, no round was offered: the "
+                    "aggregator waits for more devices to check in, or did not sample this "
+                    "one (see its log)"] * 3
+    store = Store(state.database)
+    assert store.rounds() == []
+    store.close()

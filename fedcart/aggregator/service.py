@@ -41,11 +41,21 @@ from pathlib import Path
 
 import nacl.signing
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from fedcart import __version__
 from fedcart.aggregator import noise
 from fedcart.aggregator.config import AggregatorConfig
 from fedcart.aggregator.optimizer import make_optimizer
@@ -99,6 +109,10 @@ CHECKIN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0  # seconds a closing connection waits for the device's close frame
 BUNDLE_SENDS = 8  # bundles being sent at once
 LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
+WAIT_LOG_INTERVAL = 60.0  # seconds between "round waits" messages while a wait lasts
+# a round's duration from its start to its end (bounds in seconds): a training round of a
+# few devices takes seconds, a statistics round over thousands minutes
+ROUND_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class CannotCharge(RuntimeError):
@@ -219,8 +233,20 @@ def _read_model(bundle_dir: Path, public_key: bytes) -> _Model:
 
 
 class _Metrics:
+    """The service's Prometheus metrics, in a registry of its own (not the process-global
+    one: a process may hold several services, as the tests do), with the process's CPU,
+    memory and open files, the Python platform, and the FedCart version serving."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("fedcart_build", "The FedCart version this service runs",
+             registry=self.registry).info({"version": __version__})
+        self.round_seconds = Histogram(
+            "fedcart_round_duration_seconds", "Rounds' durations, from the round notice to "
+            "the published model (or the failure), by task and outcome", ["task", "status"],
+            buckets=ROUND_SECONDS, registry=self.registry)
         self.rounds = Counter("fedcart_rounds", "Rounds by outcome", ["status"],
                               registry=self.registry)
         self.survivors = Gauge("fedcart_last_round_survivors", "Survivors of the last round",
@@ -262,7 +288,11 @@ class Aggregator:
         self.stopping = asyncio.Event()
         self._bundle_sends = asyncio.Semaphore(BUNDLE_SENDS)
         self._waiting_since: float | None = None
+        # when the last "round waits" for min_clients was logged (None: not waiting)
+        self._short_logged: float | None = None
         self.rounds_done = 0
+        # why the service stopped itself, when the privacy accounting refused a round
+        self.stop_reason: BudgetExceeded | CannotCharge | None = None
         self.groups = trained_groups(config.train_groups)
         self.noise_multipliers = self._noise_multipliers()
         self._recover()
@@ -379,9 +409,13 @@ class Aggregator:
             return connection.respond(HTTPStatus.OK, f"ok model_version={self.model_version}\n")
         if request.path == "/metrics":
             self.metrics.connected.set(len(self.connections))
-            response = connection.respond(HTTPStatus.OK, generate_latest(
-                self.metrics.registry).decode())
-            response.headers["Content-Type"] = "text/plain; version=0.0.4"
+            # the exposition format the scraper asks for (OpenMetrics or Prometheus text),
+            # with its Content-Type in place of respond()'s plain text one: one header
+            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+            response = connection.respond(HTTPStatus.OK,
+                                          encoder(self.metrics.registry).decode())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = content_type
             return response
         if request.path != "/ws":
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
@@ -501,6 +535,7 @@ class Aggregator:
                 outcome = await self._run_round()
             except (BudgetExceeded, CannotCharge) as exc:
                 log.error("%s", exc)
+                self.stop_reason = exc
                 self.stop()
                 return
             if outcome == "completed":  # a training round (statistics rounds do not count)
@@ -548,6 +583,24 @@ class Aggregator:
         self._waiting_since = None
         return True
 
+    def _cohort_ready(self, sampled: int, sampling_rate: float) -> bool:
+        """Whether a round of ``sampled`` devices may run: at least ``min_clients``. A round
+        that is skipped for want of devices says why when the wait begins (routine: a
+        service that has just started has no devices yet) and, as a warning, every
+        WAIT_LOG_INTERVAL while it lasts; not at every tick of the round loop. A deployment
+        smaller than its min_clients would otherwise wait in silence."""
+        cfg, now = self.config, time.monotonic()
+        if sampled >= cfg.min_clients:
+            self._short_logged = None
+            return True
+        if self._short_logged is None or now - self._short_logged >= WAIT_LOG_INTERVAL:
+            of = f" ({sampled} sampled at q = {sampling_rate:g})" if sampling_rate < 1 else ""
+            level = logging.INFO if self._short_logged is None else logging.WARNING
+            log.log(level, "round waits: %d devices checked in%s, a round needs "
+                    "min_clients = %d", len(self.connections), of, cfg.min_clients)
+            self._short_logged = now
+        return False
+
     async def _run_round(self) -> str:
         cfg = self.config
         task = self._next_task()
@@ -555,7 +608,7 @@ class Aggregator:
         if not self._population_ready(task, sampling_rate):
             return "skipped"
         cohort = self._sample(sampling_rate)
-        if len(cohort) < cfg.min_clients:
+        if not self._cohort_ready(len(cohort), sampling_rate):
             return "skipped"
         round_id = self.store.next_round_id()
         head = self._head() if task == COOCCURRENCE else None
@@ -577,6 +630,7 @@ class Aggregator:
                   for i, ids in enumerate(members)]
         current = _Round(round_id, task, cohort, groups, head)
         self.round = current
+        started = time.monotonic()
         self.store.start_round(round_id, self.model_version, len(cohort))
         log.info("round %d (%s): %d devices sampled in %d group(s): %s", round_id, task,
                  len(cohort), len(groups), "; ".join(
@@ -604,6 +658,8 @@ class Aggregator:
             self.metrics.rounds.labels("failed").inc()
             log.warning("round %d failed: %s", round_id, reasons)
             await self._announce(current, "failed")
+            self.metrics.round_seconds.labels(task, "failed").observe(
+                time.monotonic() - started)
             return "failed"
         for g in groups:
             if not g.done:
@@ -615,6 +671,7 @@ class Aggregator:
         else:
             await self._apply_statistic(current, fmt, sums, charge, detail)
         await self._announce(current, "completed")
+        self.metrics.round_seconds.labels(task, "completed").observe(time.monotonic() - started)
         return "completed" if task == TRAIN else "statistic"
 
     def _group(self, index: int, round_id: int, members: dict[int, bytes],

@@ -282,13 +282,32 @@ class Device:
         that round before vanishing (None: stay), to simulate a device going offline.
         ``input_gate``: held from computing a round's input until its masked form is sent,
         so that devices sharing one host (a simulation's worker) hold a bounded number of
-        inputs at once; a phone holds only its own."""
+        inputs at once; a phone holds only its own.
+
+        ``timeout``: seconds the session lasts at most once connected. A session that is
+        still waiting for its rounds then ends with the rounds done so far, and a warning
+        that says it was connected all along (the aggregator offered no round: it waits
+        for more devices, say); failing to connect raises OSError or TimeoutError."""
         reports: list[RoundReport] = []
         async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
                            compression=None) as ws:  # masked vectors do not compress
             session = _Session(self, ws, rounds, reports, follow_model, leave, input_gate)
-            await asyncio.wait_for(session.run(token), timeout)
+            try:
+                await asyncio.wait_for(session.run(token), timeout)
+            except TimeoutError:
+                if timeout is None:  # not the session's own timeout
+                    raise
+                log.warning("%s", _no_round_offered(url, timeout, len(reports)))
         return reports
+
+
+def _no_round_offered(url: str, seconds: float, rounds_ended: int) -> str:
+    """Why a session that stayed connected until its timeout ended early: not that the
+    aggregator was out of reach, but that it offered no (further) round."""
+    offered = "no round was offered" if rounds_ended == 0 else \
+        f"{rounds_ended} round(s) ended, then no further round was offered"
+    return (f"connected to {url} for {seconds:g} s, {offered}: the aggregator waits for more "
+            "devices to check in, or did not sample this one (see its log)")
 
 
 class _Session:
