@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import Row
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
-from bench.common import Row
 from fedcart.edge_client.device import Device
 from fedcart.model_export.model import n_parameters
 from fedcart.simulation.devices import POLICY

@@ -65,8 +65,8 @@ def test_the_session_check_names_a_live_process_and_not_a_dead_one() -> None:
 def test_the_session_check_finds_an_aggregator_serving_under_its_tmp_dir(
         tmp_path: Path) -> None:
     owner = ProcessOwner()  # a stand-in with an aggregator's command line
-    fake = owner.popen([*SLEEP, "fedcart.aggregator.cli", "serve", "--state", str(tmp_path / "agg")],
-                       stdout=subprocess.PIPE, text=True)
+    fake = owner.popen([*SLEEP, "fedcart.aggregator.cli", "serve", "--state",
+                        str(tmp_path / "agg")], stdout=subprocess.PIPE, text=True)
     _ready(fake)
     assert [s.pid for s in left_running([], tmp_path)] == [fake.pid]
     assert left_running([], tmp_path / "another") == []

@@ -19,9 +19,22 @@ from hypothesis import strategies as st
 
 from fedcart.secagg import shamir
 from fedcart.secagg.consistency import check_quorum, corrupt_count, quorum
-from fedcart.secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
+from fedcart.secagg.crypto import (
+    EphemeralKey,
+    IdentityKey,
+    mask_seed,
+    open_share,
+    seal_share,
+    verify,
+)
 from fedcart.secagg.errors import ProtocolViolation
-from fedcart.secagg.graph import effective_degree, graph_seed, neighbours, neighbours_of, pairwise_sign
+from fedcart.secagg.graph import (
+    effective_degree,
+    graph_seed,
+    neighbours,
+    neighbours_of,
+    pairwise_sign,
+)
 from fedcart.secagg.messages import SERVER, AdvertiseKeys, RoundConfig
 from fedcart.secagg.prg import add_mask, keystream
 

@@ -39,8 +39,20 @@ import numpy as np
 
 from fedcart.secagg import shamir
 from fedcart.secagg.consistency import check_quorum, quorum
-from fedcart.secagg.crypto import EphemeralKey, IdentityKey, mask_seed, open_share, seal_share, verify
-from fedcart.secagg.errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError, RoundFailed
+from fedcart.secagg.crypto import (
+    EphemeralKey,
+    IdentityKey,
+    mask_seed,
+    open_share,
+    seal_share,
+    verify,
+)
+from fedcart.secagg.errors import (
+    LocalProtocolError,
+    ProtocolViolation,
+    RemoteProtocolError,
+    RoundFailed,
+)
 from fedcart.secagg.graph import graph_seed, neighbours_of, pairwise_sign
 from fedcart.secagg.messages import (
     SERVER,
