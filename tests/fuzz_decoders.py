@@ -15,7 +15,7 @@ import atheris
 
 with atheris.instrument_imports():
     from fedcart.model_export.bundle import BundleError, Manifest, unpack_members, verify_members
-    from fedcart.secagg import channel
+    from fedcart.protocol import channel
     from fedcart.secagg.errors import MalformedMessage
     from fedcart.secagg.messages import decode
 

@@ -15,7 +15,7 @@ import pytest
 from fedcart.model_export.bundle import pack_members, read_bundle
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.model import init_weights
-from fedcart.secagg import channel
+from fedcart.protocol.control import Hello
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.messages import MaskedInput
 from fedcart.secagg.server import ServerRound
@@ -41,7 +41,7 @@ def _seeds(tmp_path: Path) -> list[bytes]:
                   ["a", "b", "c"], ["A", "B", "C"], key, model_version=1)
     bundle = read_bundle(tmp_path / "b", bytes(key.verify_key))
     return [b"\x00" + config, b"\x00" + masked,
-            b"\x01" + channel.control("hello", public_key="00", signature="00"),
+            b"\x01" + Hello(bytes(32), bytes(64), -1).to_frame(),
             b"\x02" + bundle.manifest_json, b"\x03" + pack_members(bundle.members())]
 
 

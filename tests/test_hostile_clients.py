@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import time
@@ -22,11 +23,13 @@ from websockets.asyncio.client import connect
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.store import Store
 from fedcart.edge_client import device as device_module
-from fedcart.secagg import channel
-from fedcart.secagg.channel import checkin_statement
+from fedcart.protocol import channel
+from fedcart.protocol.channel import checkin_statement
+from fedcart.protocol.control import Hello, Refusal
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.messages import _HEADER, MaskedInput, decode
 from tests.test_service import cli, config_for_all, make_world
+from tests.wire import challenge, hello
 
 pytestmark = pytest.mark.reliability
 
@@ -96,13 +99,12 @@ def test_a_misbehaving_member_of_the_round_is_dropped_and_the_round_completes(
 
 
 async def _checkin_frames(url: str, key: IdentityKey, server_key: bytes,
-                          tamper: Callable[[bytes], dict]) -> str:
+                          tamper: Callable[[bytes], Hello]) -> str:
     async with connect(url) as ws:
-        _, challenge = channel.parse(await ws.recv())
-        hello = tamper(bytes.fromhex(challenge["nonce"]))
-        await ws.send(channel.control("hello", **hello))
+        nonce = (await challenge(ws)).nonce
+        await ws.send(tamper(nonce).to_frame())
         _, reply = channel.parse(await ws.recv())
-        return reply.get("reason", reply["type"])
+        return reply.reason if isinstance(reply, Refusal) else reply.TYPE
 
 
 def test_strangers_replays_floods_and_slow_clients_do_not_get_in_or_stop_rounds(
@@ -116,18 +118,16 @@ def test_strangers_replays_floods_and_slow_clients_do_not_get_in_or_stop_rounds(
     server = AggregatorProcess(state.root)
     host, port = "127.0.0.1", server.port
 
-    def replay(nonce: bytes) -> dict:  # a signature captured for another nonce
-        old = bytes(32)
-        return {"public_key": enrolled.public.hex(), "model_version": -1,
-                "signature": enrolled.sign(checkin_statement(old, server_key)).hex()}
+    def replay(nonce: bytes) -> Hello:  # a signature captured for another nonce
+        return hello(enrolled, bytes(32), server_key)
 
-    def unenrolled(nonce: bytes) -> dict:
-        return {"public_key": stranger.public.hex(), "model_version": -1,
-                "signature": stranger.sign(checkin_statement(nonce, server_key)).hex()}
+    def unenrolled(nonce: bytes) -> Hello:
+        return hello(stranger, nonce, server_key)
 
-    def forged(nonce: bytes) -> dict:  # an enrolled key, signed by someone else
-        return {"public_key": enrolled.public.hex(), "model_version": -1,
-                "signature": stranger.sign(checkin_statement(nonce, server_key)).hex()}
+    def forged(nonce: bytes) -> Hello:  # an enrolled key, signed by someone else
+        return dataclasses.replace(hello(enrolled, nonce, server_key),
+                                   signature=stranger.sign(checkin_statement(nonce,
+                                                                             server_key)))
 
     async def oversize() -> str:
         ws = await connect(server.url, max_size=None)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from fedcart.aggregator.config import ConfigError, load_config
 from fedcart.model_export.bundle import FORMAT_VERSION, PAYLOAD_FILES, BundleError, Manifest
 from fedcart.model_export.datasets import BasketData, CsvColumns, DataError, load_csv
-from fedcart.secagg import channel
+from fedcart.protocol import channel
+from fedcart.protocol.control import ControlMessage
 from fedcart.secagg.errors import MalformedMessage
 
 pytestmark = pytest.mark.reliability
@@ -78,10 +79,10 @@ def test_connection_frames(frame: bytes | str) -> None:
                        json_values))
 def test_control_frames(frame: bytes) -> None:
     try:
-        kind, body = channel.parse(frame)
+        kind, message = channel.parse(frame)
     except MalformedMessage:
         return
-    assert kind == channel.CONTROL and isinstance(body["type"], str)
+    assert kind == channel.CONTROL and isinstance(message, ControlMessage)
 
 
 @FUZZ

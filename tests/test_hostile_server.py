@@ -16,7 +16,8 @@ from websockets.asyncio.server import serve
 from fedcart.aggregator.statedir import init_state
 from fedcart.edge_client.device import Device
 from fedcart.model_export.bundle import pack_members, read_bundle
-from fedcart.secagg import channel
+from fedcart.protocol import channel
+from fedcart.protocol.control import Challenge, Leave, Outcome, RoundNotice, RoundOver, Welcome
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.server import ServerRound
 
@@ -44,15 +45,11 @@ def test_device_refuses_a_tampered_bundle_and_a_forged_round_config(tmp_path: Pa
     seen: dict[str, object] = {}
 
     async def hostile(ws) -> None:
-        await ws.send(channel.control("challenge", nonce=os.urandom(32).hex(),
-                                      server_key=pinned.hex()))
+        await ws.send(Challenge(os.urandom(32), pinned).to_frame())
         await ws.recv()  # the hello
-        await ws.send(channel.control("welcome", client_id=1, model_version=1))
+        await ws.send(Welcome(1, 1).to_frame())
         await ws.send(bytes([channel.BUNDLE]) + pack_members(tampered))
-        await ws.send(channel.control(
-            "round", client_id=1, round_id=5, model_version=0, cohort=3, clip_norm=1.0,
-            weight_cap=100.0, norm="l2",
-            training={"epochs": 1, "batch_size": 8, "learning_rates": [1, 1, 1, 0.05]}))
+        await ws.send(RoundNotice(5, 1).to_frame())
         others = {2: IdentityKey.generate().public, 3: IdentityKey.generate().public}
         server = ServerRound(5, {1: device.identity.public, **others}, 2, 2, n_params + 1,
                              rogue)
@@ -61,11 +58,10 @@ def test_device_refuses_a_tampered_bundle_and_a_forged_round_config(tmp_path: Pa
             if cid == 1:
                 await ws.send(bytes([channel.SECAGG]) + data)
         async for frame in ws:
-            kind, body = channel.parse(frame)
-            if kind == channel.CONTROL and body["type"] == "leave":
-                seen["leave"] = body["reason"]
-                await ws.send(channel.control("round_over", status="failed",
-                                              model_version=0))
+            _, message = channel.parse(frame)
+            if isinstance(message, Leave):
+                seen["leave"] = message.reason
+                await ws.send(RoundOver(5, Outcome.FAILED, 0).to_frame())
                 return
 
     async def run() -> list:

@@ -21,11 +21,10 @@ from fedcart.aggregator.statedir import StateDir, init_state
 from fedcart.aggregator.store import Store
 from fedcart.edge_client.cli import main as device_main
 from fedcart.model_export.evaluation import make_split
-from fedcart.secagg import channel
-from fedcart.secagg.channel import checkin_statement
 from fedcart.secagg.crypto import IdentityKey
 from tests.conftest import synthetic_data
 from tests.test_tls_cli import DEVICE, PROJECT, assert_one_line_error
+from tests.wire import challenge, hello
 
 
 @pytest.fixture
@@ -131,12 +130,9 @@ async def _vanish(url: str, key: IdentityKey, server_key: bytes, check_in: bool)
     """Connect and drop the connection without a close frame, as a phone losing its
     network does: at the challenge, or once checked in."""
     async with connect(url, max_size=None) as ws:
-        _, challenge = channel.parse(await ws.recv())
+        nonce = (await challenge(ws)).nonce
         if check_in:
-            nonce = bytes.fromhex(challenge["nonce"])
-            await ws.send(channel.control(
-                "hello", public_key=key.public.hex(), model_version=-1,
-                signature=key.sign(checkin_statement(nonce, server_key)).hex()))
+            await ws.send(hello(key, nonce, server_key).to_frame())
             await ws.recv()  # welcome
         assert ws.transport is not None
         ws.transport.abort()

@@ -20,13 +20,14 @@ from fedcart.aggregator.store import Store
 from fedcart.edge_client import device as device_module
 from fedcart.model_export.bundle import read_bundle
 from fedcart.model_export.statistics import POPULARITY, sum_contributions
-from fedcart.secagg import channel
-from fedcart.secagg.channel import checkin_statement
+from fedcart.protocol import channel
+from fedcart.protocol.control import Refusal, RoundNotice, Welcome
 from fedcart.secagg.client import ClientRound, ClientState
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.fixedpoint import packed_scale_for
 from fedcart.secagg.policy import PERMISSIVE
 from tests.test_service import cli, config_for_all, make_world
+from tests.wire import check_in
 
 pytestmark = pytest.mark.reliability
 
@@ -163,18 +164,15 @@ async def _bare_client(url: str, key: IdentityKey, server_key: bytes,
     """Checks in and follows the SecAgg+ protocol up to its masked input, which it never
     sends: it holds its round in the MASKED phase."""
     async with connect(url, max_size=None, open_timeout=120, close_timeout=2) as ws:
-        _, challenge = channel.parse(await ws.recv())
-        await ws.send(channel.control("hello", public_key=key.public.hex(), model_version=10**6,
-                                      signature=key.sign(checkin_statement(
-                                          bytes.fromhex(challenge["nonce"]),
-                                          server_key)).hex(), follow_model=False))
+        assert isinstance(await check_in(ws, key, server_key, model_version=10**6,
+                                         follow_model=False), Welcome)
         client: ClientRound | None = None
         async for frame in ws:
             kind, body = channel.parse(frame)
-            if kind == channel.CONTROL and body["type"] == "round":
-                client = ClientRound(body["client_id"], key, server_key, policy=PERMISSIVE)
+            if isinstance(body, RoundNotice):
+                client = ClientRound(body.client_id, key, server_key, policy=PERMISSIVE)
             elif kind == channel.SECAGG and client is not None:
-                client.receive(body)
+                client.receive(body)  # type: ignore[arg-type]
                 for data in client.data_to_send():
                     await ws.send(bytes([channel.SECAGG]) + data)
                 if client.state == ClientState.WAIT_SURVIVORS:
@@ -235,22 +233,18 @@ def test_a_flood_of_late_messages_is_a_violation(tmp_path: Path) -> None:
 
     async def flooder() -> str:
         async with connect(server.url, max_size=None) as ws:
-            _, challenge = channel.parse(await ws.recv())
-            await ws.send(channel.control("hello", public_key=key.public.hex(),
-                                          model_version=10**6, follow_model=False,
-                                          signature=key.sign(checkin_statement(
-                                              bytes.fromhex(challenge["nonce"]),
-                                              server_key)).hex()))
+            assert isinstance(await check_in(ws, key, server_key, model_version=10**6,
+                                             follow_model=False), Welcome)
             client: ClientRound | None = None
             keys: bytes = b""
             async for frame in ws:
                 kind, body = channel.parse(frame)
-                if kind == channel.CONTROL and body["type"] == "round":
-                    client = ClientRound(body["client_id"], key, server_key, policy=PERMISSIVE)
-                elif kind == channel.CONTROL and body["type"] == "error":
-                    return str(body["reason"])
+                if isinstance(body, RoundNotice):
+                    client = ClientRound(body.client_id, key, server_key, policy=PERMISSIVE)
+                elif isinstance(body, Refusal):
+                    return body.reason
                 elif kind == channel.SECAGG and client is not None and not keys:
-                    client.receive(body)
+                    client.receive(body)  # type: ignore[arg-type]
                     keys = bytes([channel.SECAGG]) + client.data_to_send()[0]
                     await ws.send(keys)  # then silence: dropped at the SHARE deadline
                     await asyncio.sleep(3.0)
