@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
 from fedcart.edge_client.device import Device
 from fedcart.model_export.model import n_parameters
+from fedcart.open_files import raise_open_file_limit
 from fedcart.simulation.devices import POLICY
 
 CONFIG = """
@@ -41,15 +41,9 @@ budget_epsilon = 1000000.0
 """
 
 
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    del soft
-
-
 def run_round(n: int, n_items: int, dim: int, workdir: Path) -> dict:
     """One full round with ``n`` devices; the measurements of it."""
-    _raise_fd_limit()
+    raise_open_file_limit()
     rng = np.random.default_rng(0)
     items = [f"sku{i:05d}" for i in range(n_items)]
     state = init_state(workdir / "agg", items, items, dim=dim, seed=0)

@@ -5,7 +5,6 @@ ships with, recommend offline, keep a purchase on the device, take part in a rou
 """
 
 import asyncio
-import ssl
 import sys
 
 from fedcart.edge_client import Device, read_bundle, read_public_key
@@ -18,7 +17,6 @@ if device.model_version < 0:  # first run: verify and install the bundle the app
 for rec in device.recommend(cart.split(","), k=5):  # offline, on the device's own data
     print(f"recommend {rec.item} {rec.score:.3f} {rec.name}")
 device.add_basket(cart.split(","))  # the purchase, stored on the device only
-tls = ssl.create_default_context() if url.startswith("wss://") else None
-session = device.participate(url, rounds=1, token=token[0] if token else None, ssl_context=tls)
+session = device.participate(url, rounds=1, token=token[0] if token else None)
 for report in asyncio.run(session):  # in a background job: charging, unmetered, idle
     print(f"round {report.round_id}: {report.status}, model v{device.model_version}")

@@ -153,7 +153,7 @@ def test_init_from_a_catalog_alone_recommends_items_named_like_the_cart(
         "init", "--state", str(state), "--catalog", str(_catalog(tmp_path)),
         "--id-col", "sku", "--name-col", "title", "--seed", "0"])
     assert result.exit_code == 0, result.output
-    assert "V=6, d=16" in result.output and "preset DP: mechanism gaussian" in result.output
+    assert "V=6, d=0" in result.output and "preset DP: mechanism gaussian" in result.output
     assert load_config(state / "config.toml") == Preset.DP.config()
     top = _recommend(state, "a1")
     assert top[0][0] == "a2" and top[0][1] > 0
@@ -267,3 +267,24 @@ def test_serve_exits_3_saying_so_when_the_budget_is_spent(tmp_path: Path) -> Non
     assert 0 < spent <= 4
     assert server.log().strip().splitlines()[-1].startswith(
         f"privacy budget spent: epsilon {spent:.4g} of 4 at delta 1e-05;")
+
+
+def test_enroll_takes_several_keys_and_enrolls_none_if_one_is_bad(tmp_path: Path) -> None:
+    from fedcart.aggregator.statedir import init_state
+    from fedcart.aggregator.store import Store
+    from fedcart.secagg.crypto import IdentityKey
+
+    state = init_state(tmp_path / "agg", ["a", "b"], ["A", "B"], seed=0)
+    keys = [IdentityKey.generate().public.hex() for _ in range(3)]
+    bad = CliRunner().invoke(aggregator_main, [
+        "enroll", "--state", str(state.root), "--device-key", keys[0], "--device-key", "00ff"])
+    assert bad.exit_code == 1 and "Error:" in bad.output
+    store = Store(state.database)
+    assert store.enrolled() == 0  # the good key was not enrolled either
+    store.close()
+    args = [a for k in keys for a in ("--device-key", k)]
+    ok = CliRunner().invoke(aggregator_main, ["enroll", "--state", str(state.root), *args])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.split() == ["1", "2", "3"]
+    again = CliRunner().invoke(aggregator_main, ["enroll", "--state", str(state.root), *args])
+    assert again.output.split() == ["1", "2", "3"]  # enrolling twice keeps the ids

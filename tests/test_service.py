@@ -27,12 +27,13 @@ from fedcart.model_export.bundle import read_bundle
 from fedcart.model_export.evaluation import make_split
 from fedcart.model_export.item_item import StatisticsSettings, head_items, item_table
 from fedcart.model_export.statistics import COOCCURRENCE, POPULARITY, sum_contributions
-from fedcart.secagg import channel
-from fedcart.secagg.channel import checkin_statement
+from fedcart.protocol import channel
+from fedcart.protocol.control import Leave, Refusal, RoundNotice, Welcome
 from fedcart.secagg.client import ClientState
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.fixedpoint import packed_scale_for
 from tests.conftest import SMALL_COHORTS, synthetic_data
+from tests.wire import check_in
 
 CONFIG = """
 [round]
@@ -112,30 +113,21 @@ def drop_schedule(monkeypatch, rules: dict[tuple[bytes, int], ClientState | str]
 async def garbage_client(url: str, key: IdentityKey, server_key: bytes) -> str:
     """Checks in honestly, then answers the round with bytes that are not a message."""
     async with connect(url, max_size=None) as ws:
-        _, challenge = channel.parse(await ws.recv())
-        hello = {"public_key": key.public.hex(), "model_version": -1,
-                 "signature": key.sign(checkin_statement(bytes.fromhex(challenge["nonce"]),
-                                                         server_key)).hex()}
-        await ws.send(channel.control("hello", **hello))
+        assert isinstance(await check_in(ws, key, server_key), Welcome)
         async for frame in ws:
-            kind, body = channel.parse(frame)
-            if kind == channel.CONTROL and body["type"] == "round":
+            _, message = channel.parse(frame)
+            if isinstance(message, RoundNotice):
                 await ws.send(bytes([channel.SECAGG]) + b"not a secagg message" * 4)
-            if kind == channel.CONTROL and body["type"] == "error":
-                return body["reason"]
+            if isinstance(message, Refusal):
+                return message.reason
     return "closed without an error"
 
 
 async def unenrolled_client(url: str, server_key: bytes) -> str:
-    key = IdentityKey.generate()
     async with connect(url) as ws:
-        _, challenge = channel.parse(await ws.recv())
-        await ws.send(channel.control("hello", public_key=key.public.hex(), model_version=-1,
-                                      signature=key.sign(checkin_statement(
-                                          bytes.fromhex(challenge["nonce"]),
-                                          server_key)).hex()))
-        _, reply = channel.parse(await ws.recv())
-        return reply["reason"]
+        reply = await check_in(ws, IdentityKey.generate(), server_key)
+        assert isinstance(reply, Refusal)
+        return reply.reason
 
 
 def ledger_matches_dp_accounting(state_dir: Path) -> float:
@@ -150,7 +142,8 @@ def ledger_matches_dp_accounting(state_dir: Path) -> float:
 
 def test_rounds_survive_dropouts_garbage_and_strangers(world, monkeypatch) -> None:
     state, devices = world
-    state.config.write_text(CONFIG.format(statistics='false', timeout=4.0, rounds=3))
+    state.config.write_text("[server]\nkeep_bundles = 2\n"
+                            + CONFIG.format(statistics='false', timeout=4.0, rounds=3))
     keys = [d.identity.public for d in devices]
     drop_schedule(monkeypatch, {
         (keys[0], 1): ClientState.WAIT_KEYS,       # vanishes instead of advertising keys
@@ -163,7 +156,7 @@ def test_rounds_survive_dropouts_garbage_and_strangers(world, monkeypatch) -> No
     store = Store(state.database)
     store.enroll(garbage_key.public)
     store.close()
-    server = AggregatorProcess(state.root)
+    server = AggregatorProcess(state.root, "--log-json")
     server_key = bytes(state.signing_key().verify_key)
     v0 = read_bundle(state.bundles / "v00000000", server_key).weights().flat()
 
@@ -191,6 +184,13 @@ def test_rounds_survive_dropouts_garbage_and_strangers(world, monkeypatch) -> No
     assert np.abs(v3 - v0).max() > 1e-3  # the model changed
     assert ledger_matches_dp_accounting(state.root) > 0
     assert Store(state.database).integrity_ok()
+    # keep_bundles = 2: only the newest two versions' bundles stay on disk
+    assert sorted(p.name for p in state.bundles.iterdir()) == ["v00000002", "v00000003"]
+    assert [(m["version"], m["bundle_kept"]) for m in status["models"]] == [
+        (0, False), (1, False), (2, True), (3, True)]  # the history stays
+    logged = [json.loads(line) for line in server.log().splitlines()
+              if line.startswith("{")]  # --log-json: a JSON object a line
+    assert any(e["message"].startswith("round 3: ") and e["level"] == "INFO" for e in logged)
 
 
 def test_server_killed_mid_round_resumes(world, monkeypatch) -> None:
@@ -359,15 +359,10 @@ def test_a_round_that_cannot_be_accounted_stops_the_service_saying_why(world) ->
 async def leaving_client(url: str, key: IdentityKey, server_key: bytes) -> None:
     """Checks in, then declines its round with a leave frame and stays connected."""
     async with connect(url, max_size=None) as ws:
-        _, challenge = channel.parse(await ws.recv())
-        await ws.send(channel.control("hello", public_key=key.public.hex(), model_version=-1,
-                                      signature=key.sign(checkin_statement(
-                                          bytes.fromhex(challenge["nonce"]),
-                                          server_key)).hex(), follow_model=False))
+        assert isinstance(await check_in(ws, key, server_key, follow_model=False), Welcome)
         async for frame in ws:
-            kind, body = channel.parse(frame)
-            if kind == channel.CONTROL and body["type"] == "round":
-                await ws.send(channel.control("leave", reason="cannot verify the config"))
+            if isinstance(channel.parse(frame)[1], RoundNotice):
+                await ws.send(Leave("cannot verify the config").to_frame())
 
 
 def test_a_device_that_leaves_does_not_hold_the_round_to_its_deadline(world) -> None:

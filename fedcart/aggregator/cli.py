@@ -170,20 +170,23 @@ def _describe(preset: Preset, config: AggregatorConfig) -> str:
 
 @main.command()
 @state_option
-@click.option("--device-key", required=True, metavar="HEX|FILE",
-              help="The device's Ed25519 public key (fedcart-device init prints it).")
-def enroll(state_dir: Path, device_key: str) -> None:
-    """Allow one device to check in; prints its client id."""
+@click.option("--device-key", "device_keys", required=True, multiple=True,
+              metavar="HEX|FILE", help="A device's Ed25519 public key (fedcart-device init "
+                                       "prints it); repeat it to enroll several at once.")
+def enroll(state_dir: Path, device_keys: tuple[str, ...]) -> None:
+    """Allow devices to check in; prints each one's client id, a line each. All or none:
+    one bad key enrolls nobody."""
     from fedcart.aggregator.store import Store
     from fedcart.model_export.keys import read_public_key
 
     state = _state(state_dir)
     try:
-        key = read_public_key(device_key)
+        keys = [read_public_key(k) for k in device_keys]
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     store = Store(state.database)
-    click.echo(store.enroll(key))
+    for client_id in store.enroll_many(keys):
+        click.echo(client_id)
     store.close()
 
 
@@ -236,9 +239,23 @@ def _listen_error(config: AggregatorConfig, exc: OSError) -> click.ClickExceptio
                                 f"{hint}")
 
 
-def _configure_logging(verbose: bool) -> None:
+class _JsonLines(logging.Formatter):
+    """One JSON object a line (time, level, logger, message), for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(verbose: bool, as_json: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if as_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_JsonLines())
     logging.getLogger("websockets").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("ort_format_model").setLevel(logging.WARNING)
 
@@ -256,9 +273,11 @@ def _configure_logging(verbose: bool) -> None:
                    "network only: anyone on the path reads and alters the traffic).")
 @click.option("--max-rounds", type=click.IntRange(0), help="Stop after this many rounds.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection.")
+@click.option("--log-json", is_flag=True, help="Log one JSON object a line (time, level, "
+                                               "logger, message).")
 def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | None,
           tls_key: str | None, insecure: bool, max_rounds: int | None,
-          verbose: bool) -> None:
+          verbose: bool, log_json: bool) -> None:
     """Serve rounds until SIGTERM/SIGINT or --max-rounds (exit status 0), until the
     privacy budget is spent (exit status 3), or until a round's privacy cost cannot be
     computed (exit status 4), saying which in one line. Takes the state directory for the
@@ -275,7 +294,7 @@ def serve(state_dir: Path, host: str | None, port: int | None, tls_cert: str | N
         lock = state.lock()
     except StateDirInUse as exc:
         raise click.ClickException(str(exc)) from exc
-    _configure_logging(verbose)
+    _configure_logging(verbose, log_json)
 
     async def run() -> Exception | None:
         """Serve; why the service stopped by itself (the privacy accounting refused the next
@@ -330,7 +349,9 @@ def status(state_dir: Path, as_json: bool) -> None:
     eps = epsilon_spent(store.ledger(), config.delta)
     body = {"enrolled": store.enrolled(), "model_version": models[-1].version,
             "epsilon": eps, "delta": config.delta, "budget_epsilon": config.budget_epsilon,
-            "rounds": [dataclasses.asdict(r) for r in rounds]}
+            "rounds": [dataclasses.asdict(r) for r in rounds],
+            "models": [{"version": m.version, "round_id": m.round_id,
+                        "bundle_kept": (state.root / m.bundle_dir).is_dir()} for m in models]}
     store.close()
     if as_json:
         click.echo(json.dumps(body, indent=2))

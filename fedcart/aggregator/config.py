@@ -21,6 +21,7 @@ from typing import Any, Final
 import tomlkit
 from tomlkit.items import Table
 
+from fedcart.aggregator.pacing import FD_MARGIN, Pacing, PacingError
 from fedcart.aggregator.privacy import check_accountable
 from fedcart.model_export.item_item import StatisticsSettings
 from fedcart.model_export.model import TENSOR_NAMES, learning_rates, trained_groups
@@ -43,6 +44,7 @@ class Section(StrEnum):
 
     SERVER = "server"
     ROUND = "round"
+    PACING = "pacing"
     TRAINING = "training"
     STATISTICS = "statistics"  # its keys are StatisticsSettings' fields, and "enabled"
     PRIVACY = "privacy"
@@ -50,6 +52,8 @@ class Section(StrEnum):
 
 
 _SECTION_COMMENTS: Final = {
+    Section.PACING: "check-in beyond the connections the server holds: devices told when to "
+                    "come back",
     Section.TRAINING: "what devices do locally each round",
     Section.STATISTICS: "before training: secure sums of the devices' basket statistics",
 }
@@ -92,6 +96,8 @@ class AggregatorConfig:
     host: str = _setting("127.0.0.1", Section.SERVER,
                          "listen address; a public address needs tls_cert and tls_key")
     port: int = _setting(8765, Section.SERVER, "listen port (0: any free port)")
+    keep_bundles: int = _setting(5, Section.SERVER, "model versions whose bundles stay on "
+                                                    "disk (0: all); older ones are deleted")
     tls_cert: str = _setting("", Section.SERVER,
                              "PEM certificate: serve wss:// instead of ws://")
     tls_key: str = _setting("", Section.SERVER, "PEM private key of tls_cert")
@@ -124,6 +130,15 @@ class AggregatorConfig:
         30.0, Section.ROUND, "seconds a protocol phase waits before going on without "
                              "stragglers")
     round_interval: float = _setting(0.0, Section.ROUND, "seconds between rounds")
+    capacity: int = _setting(0, Section.PACING, "connections held at once (0: the open-file "
+                                                f"limit less {FD_MARGIN})")
+    pace_rate: float = _setting(100.0, Section.PACING,
+                                "check-ins per second that devices sent away return at", "rate")
+    min_delay: float = _setting(5.0, Section.PACING,
+                                "the shortest time a device is sent away for, seconds")
+    lease: float = _setting(600.0, Section.PACING, "seconds a device stays connected while "
+                                                   "others wait to check in")
+    jitter: float = _setting(10.0, Section.PACING, "the window, seconds, a device returns in")
     max_rounds: int = _setting(
         0, Section.ROUND, "stop after this many completed rounds (0: until told to stop)")
     local_epochs: int = _setting(1, Section.TRAINING,
@@ -172,6 +187,7 @@ class AggregatorConfig:
         checks = [
             (0 < self.sampling_rate <= 1, "round.sampling_rate must lie in (0, 1]"),
             (self.min_clients >= 2, "round.min_clients must be at least 2"),
+            (self.keep_bundles >= 0, "server.keep_bundles must not be negative"),
             (self.min_connected >= 0, "round.min_connected must not be negative"),
             (self.secagg_degree == 0 or self.secagg_degree >= 2,
              "round.secagg_degree must be 0 (chosen per group) or at least 2"),
@@ -203,6 +219,10 @@ class AggregatorConfig:
             if not ok:
                 raise ConfigError(message)
         try:
+            self.pacing(open_files=FD_MARGIN + 1)
+        except PacingError as exc:
+            raise ConfigError(f"[pacing]: {exc}") from exc
+        try:
             trained_groups(self.train_groups)
         except ValueError as exc:
             raise ConfigError(f"training.train_groups: {exc}") from exc
@@ -214,6 +234,11 @@ class AggregatorConfig:
                     check_accountable(self.mechanism, rate, self.target_epsilon, self.delta)
                 except ValueError as exc:
                     raise ConfigError(f"[privacy]: {exc}") from exc
+
+    def pacing(self, open_files: int) -> Pacing:
+        """The pacing settings for a process that may open ``open_files`` files."""
+        return Pacing(self.capacity or max(open_files - FD_MARGIN, 1), self.pace_rate,
+                      self.min_delay, self.lease, self.jitter)
 
     @property
     def learning_rates(self) -> tuple[float, float, float, float]:

@@ -59,6 +59,7 @@ from fedcart import __version__
 from fedcart.aggregator import noise
 from fedcart.aggregator.config import AggregatorConfig
 from fedcart.aggregator.optimizer import make_optimizer
+from fedcart.aggregator.pacing import Pacer
 from fedcart.aggregator.privacy import (
     Budget,
     BudgetExceeded,
@@ -90,9 +91,22 @@ from fedcart.model_export.statistics import (
     triangle_size,
 )
 from fedcart.model_export.update import TRAIN, UpdateFormat
+from fedcart.open_files import raise_open_file_limit
+from fedcart.protocol import channel
+from fedcart.protocol.channel import checkin_statement
+from fedcart.protocol.control import (
+    Challenge,
+    ComeBack,
+    Hello,
+    Leave,
+    Outcome,
+    Refusal,
+    RoundNotice,
+    RoundOver,
+    Welcome,
+    expect,
+)
 from fedcart.protocol.terms import Norm, RoundTerms, Task, TrainingPlan
-from fedcart.secagg import channel
-from fedcart.secagg.channel import checkin_statement
 from fedcart.secagg.client import PROTOCOL_MESSAGES
 from fedcart.secagg.consistency import corrupt_count
 from fedcart.secagg.crypto import IdentityKey, verify
@@ -128,6 +142,7 @@ class _Connection:
     model_version: int
     held_files: frozenset[str]  # sha256 of bundle files the device says it holds
     follow_model: bool  # send it every new version, not only when it is sampled
+    since: float = field(default_factory=time.monotonic)  # when it checked in
     late: dict[int, int] = field(default_factory=dict)  # late messages of its latest round
 
 
@@ -271,6 +286,13 @@ class _Metrics:
                                registry=self.registry)
         self.model_version = Gauge("fedcart_model_version", "Published model version",
                                    registry=self.registry)
+        self.check_ins = Counter("fedcart_check_ins", "Check-ins by what the server did: "
+                                 "kept the device connected, sent it away to come back "
+                                 "later (pacing), or refused it", ["decision"],
+                                 registry=self.registry)
+        self.released = Counter("fedcart_leases_ended", "Connections sent away after their "
+                                "lease, to make room for devices waiting to check in",
+                                registry=self.registry)
 
 
 class Aggregator:
@@ -293,6 +315,9 @@ class Aggregator:
         self.rounds_done = 0
         # why the service stopped itself, when the privacy accounting refused a round
         self.stop_reason: BudgetExceeded | CannotCharge | None = None
+        self.pacer = Pacer(config.pacing(open_files=raise_open_file_limit()))
+        log.info("holding at most %d connections; devices beyond them come back at %g "
+                 "check-ins per second", self.pacer.pacing.capacity, self.pacer.pacing.rate)
         self.groups = trained_groups(config.train_groups)
         self.noise_multipliers = self._noise_multipliers()
         self._recover()
@@ -438,7 +463,7 @@ class Aggregator:
         except RemoteProtocolError as exc:
             log.info("device %d misbehaved and was disconnected: %s", conn.client_id, exc)
             with contextlib.suppress(Exception):
-                await ws.send(channel.control("error", reason=str(exc)))
+                await ws.send(Refusal(str(exc)).to_frame())
             await ws.close(1008, "protocol violation")
         except ConnectionClosed as exc:  # a phone going away is routine: one line
             log.info("device %d disconnected: %s", conn.client_id, exc)
@@ -454,62 +479,78 @@ class Aggregator:
             raise ProtocolViolation("text frames are not part of the protocol")
         self.metrics.bytes_up.inc(len(frame))
         kind, payload = channel.parse(frame)
-        if kind == channel.CONTROL and payload.get("type") == "leave":
+        if isinstance(payload, Leave):
             # a device that refuses the round (say, a server message it could not verify)
             # says so, instead of leaving the phase to wait for its deadline
-            log.info("device %d left round: %s", conn.client_id,
-                     str(payload.get("reason", ""))[:200])
+            log.info("device %d left round: %s", conn.client_id, payload.reason[:200])
             self._drop_from_round(conn.client_id, "left")
             return
         if kind != channel.SECAGG:
             raise ProtocolViolation("devices send only check-in, leave and secagg frames")
+        assert isinstance(payload, memoryview)  # what channel.parse gives for SECAGG
         await self._secagg_from(conn, payload)
 
     async def _check_in(self, ws: ServerConnection) -> _Connection | None:
         nonce = os.urandom(32)
-        await ws.send(channel.control("challenge", nonce=nonce.hex(),
-                                      server_key=self.identity.public.hex()))
+        await ws.send(Challenge(nonce, self.identity.public).to_frame())
         try:
             frame = await asyncio.wait_for(ws.recv(), CHECKIN_TIMEOUT)
-            kind, hello = channel.parse(frame)
-            if kind != channel.CONTROL or hello["type"] != "hello":
-                raise ProtocolViolation("expected a hello")
-            public_key = bytes.fromhex(hello["public_key"])
-            verify(public_key, checkin_statement(nonce, self.identity.public),
-                   bytes.fromhex(hello["signature"]), "the check-in")
-            client_id = self.store.client_of(public_key)
-            if client_id is None and isinstance(hello.get("token"), str):
-                client_id = self.store.redeem_token(hello["token"], public_key)
+            hello = expect(channel.parse(frame)[1], Hello)  # type: ignore[arg-type]
+            verify(hello.public_key, checkin_statement(nonce, self.identity.public),
+                   hello.signature, "the check-in")
+            client_id = self.store.client_of(hello.public_key)
+            if client_id is None and hello.token is not None:
+                client_id = self.store.redeem_token(hello.token, hello.public_key)
             if client_id is None:
                 raise ProtocolViolation("this device is not enrolled")
-            model_version = int(hello.get("model_version", -1))
-            held = hello.get("held_files", [])
-            if not isinstance(held, list) or len(held) > 16:
-                raise ProtocolViolation("held_files must be a list of at most 16 digests")
-            held_files = frozenset(str(d) for d in held)
-            follow_model = bool(hello.get("follow_model", True))
-        except (TimeoutError, RemoteProtocolError, KeyError, ValueError, TypeError) as exc:
+        except (TimeoutError, RemoteProtocolError) as exc:
             reason = str(exc) or type(exc).__name__
             log.info("check-in refused: %s", reason)
+            self.metrics.check_ins.labels("refused").inc()
             with contextlib.suppress(Exception):
-                await ws.send(channel.control("error", reason=f"check-in refused: {reason}"))
+                await ws.send(Refusal(f"check-in refused: {reason}").to_frame())
                 await ws.close(1008, "check-in refused")
             return None
+        if client_id not in self.connections and not self.pacer.admits(len(self.connections)):
+            await self._send_away(ws)
+            return None
+        self.metrics.check_ins.labels("kept").inc()
         old = self.connections.get(client_id)
         if old is not None:
             await old.ws.close(1000, "replaced by a newer connection")
-        conn = _Connection(client_id, public_key, ws, model_version, held_files, follow_model)
+        conn = _Connection(client_id, hello.public_key, ws, hello.model_version,
+                           hello.held_files, hello.follow_model)
         self.connections[client_id] = conn
         try:
-            await ws.send(channel.control("welcome", client_id=client_id,
-                                          model_version=self.model_version))
+            await ws.send(Welcome(client_id, self.model_version).to_frame())
         except ConnectionClosed:  # gone meanwhile: it must not count as checked in
             if self.connections.get(client_id) is conn:
                 del self.connections[client_id]
             raise
-        if follow_model:
+        if hello.follow_model:
             await self._send_model(conn)
         return conn
+
+    async def _send_away(self, ws: ServerConnection) -> None:
+        """Tell a device to come back at its slot of the pace (``pacing.Pacer``), and close."""
+        after = self.pacer.send_away(time.monotonic())
+        self.metrics.check_ins.labels("sent_away").inc()
+        with contextlib.suppress(Exception):
+            await ws.send(ComeBack(after, self.pacer.pacing.jitter).to_frame())
+            await ws.close(1000, "come back later")
+
+    async def _end_leases(self) -> None:
+        """Between rounds, while devices wait to check in: send away the connections that
+        have outstayed their lease, so that every device is in time among those sampled."""
+        now = time.monotonic()
+        if not self.pacer.waiting(now):
+            return
+        since = {cid: conn.since for cid, conn in self.connections.items()}
+        for cid in self.pacer.outstayed(since, now):
+            conn = self.connections.pop(cid, None)
+            if conn is not None:
+                self.metrics.released.inc()
+                await self._send_away(conn.ws)
 
     async def _send_model(self, conn: _Connection) -> None:
         """Send the current bundle if the device is behind: without the files it already
@@ -538,6 +579,7 @@ class Aggregator:
                 self.stop_reason = exc
                 self.stop()
                 return
+            await self._end_leases()
             if outcome == "completed":  # a training round (statistics rounds do not count)
                 self.rounds_done += 1
                 if cfg.max_rounds and self.rounds_done >= cfg.max_rounds:
@@ -657,7 +699,7 @@ class Aggregator:
             self.store.finish_round(round_id, "failed", None, {**detail, "reason": reasons})
             self.metrics.rounds.labels("failed").inc()
             log.warning("round %d failed: %s", round_id, reasons)
-            await self._announce(current, "failed")
+            await self._announce(current, Outcome.FAILED)
             self.metrics.round_seconds.labels(task, "failed").observe(
                 time.monotonic() - started)
             return "failed"
@@ -670,7 +712,7 @@ class Aggregator:
             await self._apply(current, fmt, sums, charge, detail)
         else:
             await self._apply_statistic(current, fmt, sums, charge, detail)
-        await self._announce(current, "completed")
+        await self._announce(current, Outcome.COMPLETED)
         self.metrics.round_seconds.labels(task, "completed").observe(time.monotonic() - started)
         return "completed" if task == TRAIN else "statistic"
 
@@ -697,8 +739,8 @@ class Aggregator:
         if current.task == TRAIN:
             await asyncio.gather(*(self._send_model(self.connections[cid])
                                    for cid in current.cohort if cid in self.connections))
-        await asyncio.gather(*(self._send(cid, channel.control(
-            "round", round_id=current.round_id, client_id=cid)) for cid in current.cohort))
+        await asyncio.gather(*(self._send(cid, RoundNotice(current.round_id, cid).to_frame())
+                               for cid in current.cohort))
 
     def _sum(self, groups: list[_Group], fmt: UpdateFormat, detail: dict) -> np.ndarray:
         """The completed groups' integer sums added up, each first clamped to what its
@@ -819,7 +861,8 @@ class Aggregator:
             if conn.client_id not in current.told_over and \
                     conn.client_id not in group.server.survivors:
                 current.told_over.add(conn.client_id)
-                outcome = "failed" if group.server.state == ServerState.FAILED else "dropped"
+                outcome = Outcome.FAILED if group.server.state == ServerState.FAILED \
+                    else Outcome.DROPPED
                 await self._send(conn.client_id, self._round_over(round_id, outcome))
             return
         except RoundFailed:
@@ -870,18 +913,17 @@ class Aggregator:
         except Exception:
             self._drop_from_round(client_id, "send failed")
 
-    def _round_over(self, round_id: int, status: str) -> bytes:
-        return channel.control("round_over", round_id=round_id, status=status,
-                               model_version=self.model_version)
+    def _round_over(self, round_id: int, outcome: Outcome) -> bytes:
+        return RoundOver(round_id, outcome, self.model_version).to_frame()
 
-    async def _announce(self, current: _Round, status: str) -> None:
+    async def _announce(self, current: _Round, status: Outcome) -> None:
         """Tell every member how the round ended for it: ``status`` if its input is in the
         sum, else dropped (its group went on without it) or failed (its group failed)."""
 
-        def outcome(group: _Group, cid: int) -> str:
+        def outcome(group: _Group, cid: int) -> Outcome:
             if group.done and cid in group.server.survivors:
                 return status
-            return "dropped" if group.done else "failed"
+            return Outcome.DROPPED if group.done else Outcome.FAILED
 
         await asyncio.gather(*(
             self._send(cid, self._round_over(current.round_id, outcome(g, cid)))
@@ -980,6 +1022,15 @@ class Aggregator:
                  "std %.3g)", current.round_id, len(head), survivors, noise_std)
         await self._publish(current, new, table, {}, detail, released)
 
+    async def _prune_bundles(self) -> None:
+        """Delete the bundles of all but the newest ``keep_bundles`` versions (in a worker
+        thread): devices only ever download the current one, and each version is megabytes.
+        The model history (versions, rounds, manifest hashes) stays in the database."""
+        keep = self.config.keep_bundles
+        for row in self.store.models()[:-keep] if keep else []:
+            await asyncio.to_thread(shutil.rmtree, self.state.root / row.bundle_dir,
+                                    ignore_errors=True)
+
     async def _publish(self, current: _Round, weights: Weights, neighbours: Neighbours,
                        optimizer_state: dict[str, np.ndarray], detail: dict,
                        statistic: Statistic | None = None) -> None:
@@ -1008,6 +1059,7 @@ class Aggregator:
         self.metrics.epsilon.set(detail["epsilon"])
         log.info("round %d: %d survivors, model version %d, epsilon %.4g", current.round_id,
                  survivors, version, detail["epsilon"])
+        await self._prune_bundles()
         for conn in list(self.connections.values()):
             if conn.follow_model:
                 await self._send_model(conn)

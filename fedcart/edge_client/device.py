@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import ssl
 import threading
 from collections import OrderedDict
@@ -41,19 +42,36 @@ from fedcart.model_export.model import TENSOR_NAMES, pick, trained_groups
 from fedcart.model_export.runtime import TrainStep
 from fedcart.model_export.statistics import contribution
 from fedcart.model_export.update import UpdateFormat
+from fedcart.protocol import channel
+from fedcart.protocol.channel import checkin_statement
+from fedcart.protocol.control import (
+    Challenge,
+    ComeBack,
+    ControlMessage,
+    Hello,
+    Leave,
+    Refusal,
+    RoundNotice,
+    RoundOver,
+    Welcome,
+)
 from fedcart.protocol.policy import DevicePolicy
 from fedcart.protocol.terms import RoundTerms, Task, TermsError
-from fedcart.secagg import channel
-from fedcart.secagg.channel import checkin_statement
 from fedcart.secagg.client import ClientRound
 from fedcart.secagg.crypto import IdentityKey
-from fedcart.secagg.errors import LocalProtocolError, RemoteProtocolError, RoundFailed
+from fedcart.secagg.errors import (
+    LocalProtocolError,
+    MalformedMessage,
+    RemoteProtocolError,
+    RoundFailed,
+)
 from fedcart.secagg.messages import RoundConfig
 
 __all__ = ["Device", "RoundReport"]
 
 log = logging.getLogger("fedcart.device")
 MAX_DOWNLOAD = 512 << 20  # largest frame a device accepts (a bundle)
+_JITTER = secrets.SystemRandom()  # when in its window a device sent away comes back
 FRAGMENT = 64 << 10
 
 
@@ -284,21 +302,40 @@ class Device:
         so that devices sharing one host (a simulation's worker) hold a bounded number of
         inputs at once; a phone holds only its own.
 
-        ``timeout``: seconds the session lasts at most once connected. A session that is
-        still waiting for its rounds then ends with the rounds done so far, and a warning
-        that says it was connected all along (the aggregator offered no round: it waits
-        for more devices, say); failing to connect raises OSError or TimeoutError."""
+        ``timeout``: seconds the whole call lasts at most. A session that is still waiting
+        for its rounds then ends with the rounds done so far, and a warning that says it was
+        connected all along (the aggregator offered no round: it waits for more devices,
+        say); failing to connect raises OSError or TimeoutError. An aggregator that is full
+        sends the device away (``ComeBack``): it closes, waits the time it was told within
+        the window given, and checks in again, as long as the timeout allows.
+
+        ``ssl_context``: for a ``wss://`` URL, the system's CAs when not given."""
+        if ssl_context is None and url.startswith("wss://"):
+            ssl_context = ssl.create_default_context()
         reports: list[RoundReport] = []
-        async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
-                           compression=None) as ws:  # masked vectors do not compress
-            session = _Session(self, ws, rounds, reports, follow_model, leave, input_gate)
-            try:
-                await asyncio.wait_for(session.run(token), timeout)
-            except TimeoutError:
-                if timeout is None:  # not the session's own timeout
-                    raise
-                log.warning("%s", _no_round_offered(url, timeout, len(reports)))
-        return reports
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - loop.time(), 0.0)
+            async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
+                               compression=None) as ws:  # masked vectors do not compress
+                session = _Session(self, ws, rounds, reports, follow_model, leave, input_gate)
+                try:
+                    await asyncio.wait_for(session.run(token), left)
+                except TimeoutError:
+                    if left is None:  # not the session's own timeout
+                        raise
+                    log.warning("%s", _no_round_offered(url, timeout or 0.0, len(reports)))
+                    return reports
+            if session.come_back is None:
+                return reports
+            wait = session.come_back.after + _JITTER.uniform(0, session.come_back.window)
+            if deadline is not None and loop.time() + wait > deadline:
+                log.warning("the aggregator at %s is full and asked this device to come back "
+                            "in %.0f s, after this call's timeout", url, wait)
+                return reports
+            log.info("the aggregator is full: checking in again in %.0f s", wait)
+            await asyncio.sleep(wait)
 
 
 def _no_round_offered(url: str, seconds: float, rounds_ended: int) -> str:
@@ -326,6 +363,7 @@ class _Session:
         self.round_id = self.examples = 0
         self.terms: RoundTerms | None = None  # the current round's, once accepted
         self.saved_round = 0  # the last round id this session wrote to the store
+        self.come_back: ComeBack | None = None  # the server sent this device away
         self.bytes_up = self.bytes_down = 0
         self.messages_left: int | None = None
         # the round's cryptography (signatures, key agreements, shares, masks) runs in a
@@ -357,12 +395,12 @@ class _Session:
                 self.bytes_down += len(frame)
                 kind, payload = channel.parse(frame)
                 if kind == channel.CONTROL:
-                    if await self.on_control(payload, token):
+                    if await self.on_control(payload, token):  # type: ignore[arg-type]
                         return
                 elif kind == channel.SECAGG:
-                    await self.on_secagg(payload)
+                    await self.on_secagg(payload)  # type: ignore[arg-type]
                 else:
-                    self.on_bundle(payload)
+                    self.on_bundle(payload)  # type: ignore[arg-type]
         except websockets.ConnectionClosed:
             pass
         finally:
@@ -371,44 +409,45 @@ class _Session:
             if self.input_task is not None:
                 self.input_task.cancel()
 
-    async def on_control(self, msg: dict, token: str | None) -> bool:
+    async def on_control(self, msg: ControlMessage, token: str | None) -> bool:
         """Handle one control message; True when the session is over."""
-        kind = msg["type"]
-        if kind == "challenge":
-            nonce = bytes.fromhex(msg["nonce"])
-            hello = {"public_key": self.device.identity.public.hex(),
-                     "signature": self.device.identity.sign(
-                         checkin_statement(nonce, self.device.server_key)).hex(),
-                     "model_version": self.device.model_version,
-                     "held_files": self.device.held_files(),
-                     "follow_model": self.follow_model,
-                     "last_round": int(self.device.store.get("last_round") or 0)}
-            if token:
-                hello["token"] = token
-            await self.send(channel.control("hello", **hello))
-        elif kind == "round":
-            await self.start_round(msg)
-        elif kind == "error":
-            log.warning("server refused: %s", msg.get("reason"))
-            return True
-        elif kind == "round_over":
-            # a round_over for an earlier round (this device's late message drew it) must
-            # not end the round it is in now
-            if self.round is not None and msg.get("round_id", self.round_id) == self.round_id:
-                self.finish(msg.get("status", "over"))
-            if self.rounds_wanted is None or len(self.reports) < self.rounds_wanted:
-                return False
-            return not self.follow_model or \
-                self.device.model_version >= int(msg.get("model_version", -1))
+        match msg:
+            case Challenge(nonce=nonce):
+                await self.send(Hello(
+                    self.device.identity.public,
+                    self.device.identity.sign(checkin_statement(nonce, self.device.server_key)),
+                    self.device.model_version, frozenset(self.device.held_files()),
+                    self.follow_model, int(self.device.store.get("last_round") or 0),
+                    token or None).to_frame())
+            case Welcome():
+                pass
+            case RoundNotice():
+                await self.start_round(msg)
+            case Refusal(reason=reason):
+                log.warning("server refused: %s", reason)
+                return True
+            case ComeBack():
+                self.come_back = msg
+                return True
+            case RoundOver():
+                # a round_over for an earlier round (this device's late message drew it)
+                # must not end the round it is in now
+                if self.round is not None and msg.round_id == self.round_id:
+                    self.finish(msg.outcome.value)
+                if self.rounds_wanted is None or len(self.reports) < self.rounds_wanted:
+                    return False
+                return not self.follow_model or self.device.model_version >= msg.model_version
+            case _:
+                raise MalformedMessage(f"a server does not send {msg.TYPE}")
         return False
 
-    async def start_round(self, msg: dict) -> None:
+    async def start_round(self, msg: RoundNotice) -> None:
         """A round notice names the round and this device's id in it; the round's terms
         come signed, in its config (``check_terms``), and the input is computed once they
         are accepted."""
-        self.round_id, self.examples, self.terms = int(msg["round_id"]), 0, None
+        self.round_id, self.examples, self.terms = msg.round_id, 0, None
         last = int(self.device.store.get("last_round") or 0)
-        self.round = ClientRound(int(msg["client_id"]), self.device.identity,
+        self.round = ClientRound(msg.client_id, self.device.identity,
                                  self.device.server_key, last_round_id=last,
                                  policy=self.device.policy.secagg,
                                  check_terms=self.check_terms)
@@ -476,7 +515,7 @@ class _Session:
         """Leave the round, saying why (the server drops this device at once)."""
         log.warning("left round %s: %s", self.round_id, reason)
         self.finish(f"refused: {reason}")
-        await self.send(channel.control("leave", reason=reason[:200]))
+        await self.send(Leave(reason[:200]).to_frame())
 
     async def flush(self) -> None:
         async with self.round_lock:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedcart import __version__
 from fedcart.aggregator.config import Preset
 from fedcart.aggregator.privacy import default_delta
 from fedcart.aggregator.statedir import StateDir
@@ -81,6 +82,7 @@ def with_clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fedcart-sim")
 def main() -> None:
     """FedCart simulation: federated runs of the real service and devices on real basket
     data, central baselines and central training, all evaluated with the protocol of

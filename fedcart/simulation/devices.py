@@ -19,10 +19,8 @@ between a parent and its own children):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import websockets
 
 from fedcart.edge_client.device import Device
 from fedcart.model_export.bundle import read_bundle
+from fedcart.open_files import raise_open_file_limit
 from fedcart.protocol.policy import DevicePolicy
 from fedcart.secagg.client import PROTOCOL_MESSAGES
 from fedcart.secagg.policy import ClientPolicy
@@ -80,10 +79,7 @@ def _raise_fd_limit(devices: int) -> None:
     sockets (every device of the shard stays checked in: _live reconnects it whenever its
     connection ends, and the server samples cohorts among the connected) fit with
     FD_MARGIN; raise RuntimeError saying so before any device is created if not."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel caps lower
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
+    soft = raise_open_file_limit()
     need = devices + FD_MARGIN
     if need > soft:
         raise RuntimeError(
