@@ -79,16 +79,24 @@ def test_csv_groups_by_user_and_time(tmp_path: Path) -> None:
     assert data.name_of("pear") == "Pear"
 
 
-@pytest.mark.parametrize("packing", ["gz", "zip"])
-def test_csv_compressed(tmp_path: Path, packing: str) -> None:
-    text = "\n".join(",".join(r) for r in ROWS) + "\n"
-    if packing == "gz":
+def packed(tmp_path: Path, text: str, packing: str) -> Path:
+    """``text`` as a file a user would give: plain .csv, .csv.gz, or a .zip holding it."""
+    if packing == "csv":
+        path = tmp_path / "b.csv"
+        path.write_text(text)
+    elif packing == "gz":
         path = tmp_path / "b.csv.gz"
         path.write_bytes(gzip.compress(text.encode()))
     else:
         path = tmp_path / "b.zip"
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("baskets.csv", text)
+    return path
+
+
+@pytest.mark.parametrize("packing", ["gz", "zip"])
+def test_csv_compressed(tmp_path: Path, packing: str) -> None:
+    path = packed(tmp_path, "\n".join(",".join(r) for r in ROWS) + "\n", packing)
     assert load_csv(path, COLUMNS).users["10"] == [("milk",), ("apple", "pear")]
 
 
@@ -147,17 +155,7 @@ def test_csv_separator_is_detected(tmp_path: Path, separator: str, packing: str)
     """Spreadsheets in many locales export with semicolons, databases with tabs: the
     separator is told from the file's first lines (a name holding a comma included)."""
     rows = [*ROWS, ("11", "jam", "2024-01-03", '"Jam, strawberry"')]
-    text = "\n".join(separator.join(r) for r in rows) + "\n"
-    if packing == "csv":
-        path = tmp_path / "b.csv"
-        path.write_text(text)
-    elif packing == "gz":
-        path = tmp_path / "b.csv.gz"
-        path.write_bytes(gzip.compress(text.encode()))
-    else:
-        path = tmp_path / "b.zip"
-        with zipfile.ZipFile(path, "w") as zf:
-            zf.writestr("baskets.csv", text)
+    path = packed(tmp_path, "\n".join(separator.join(r) for r in rows) + "\n", packing)
     data = load_csv(path, COLUMNS)
     assert data.users["10"] == [("milk",), ("apple", "pear")]
     assert data.name_of("jam") == "Jam, strawberry"

@@ -10,7 +10,9 @@ import pytest
 
 from fedcart.model_export import baselines
 from fedcart.model_export.evaluation import (
+    HiddenItem,
     Query,
+    Split,
     evaluate,
     make_split,
     ranks_of_hidden,
@@ -50,6 +52,29 @@ def test_metrics_from_known_ranks() -> None:
     assert m.hr == pytest.approx(2 / 3)
     assert m.ndcg == pytest.approx((1 + 1 / np.log2(4)) / 3)
     assert m.mrr == pytest.approx((1 + 1 / 3 + 1 / 20) / 3)
+
+
+def test_hitrate_by_hidden_item_repeat_explore_head_tail() -> None:
+    """A hand-built split: item 0 is bought in 2 of 4 training purchases, so it alone makes
+    up half of them (the head); user 0 hid a tail item it bought before, user 1 the head
+    item, new to it."""
+    train = ((np.array([0, 1]), np.array([0])), (np.array([2]),))
+    queries = (Query(0, np.array([2]), 1), Query(1, np.array([1]), 0))
+    split = Split("toy", ("a", "b", "c"), ("A", "B", "C"), ("u0", "u1"), train, queries)
+    assert split.head_mask().tolist() == [True, False, False]
+
+    def first_query_hits(qs: list[Query]) -> np.ndarray:  # ranks user 0's item first only
+        out = np.zeros((len(qs), 3))
+        out[:, 2] = 1.0
+        for row, q in zip(out, qs, strict=True):
+            row[q.hidden] = 2.0 if q.user == 0 else -np.inf
+        return out
+
+    m = evaluate(first_query_hits, split)
+    assert m.hr == 0.5
+    got = {c: (s.hr, s.queries) for c, s in m.by_hidden.items()}
+    assert got == {HiddenItem.REPEAT: (1.0, 1), HiddenItem.EXPLORE: (0.0, 1),
+                   HiddenItem.HEAD: (0.0, 1), HiddenItem.TAIL: (1.0, 1)}
 
 
 def test_split_keeps_last_basket_out_of_training() -> None:

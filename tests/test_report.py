@@ -353,3 +353,20 @@ def test_config_toml_is_linked_and_deployable(written: Path) -> None:
     assert load_config(written / "config-eps-8.toml").target_epsilon == 8.0
     assert load_config(written / "config-no-dp.toml").mechanism == "none"
     assert not list(written.glob(".*.tmp*"))  # every file renamed into place
+
+
+def test_hitrate_by_hidden_item_is_tabled_for_central_rows_and_each_run(
+        tmp_path: Path, sweep_report: dict[str, Any]) -> None:
+    split = {"repeat": {"hr": 0.61, "queries": 70}, "explore": {"hr": 0.123, "queries": 110},
+             "head": {"hr": 0.45, "queries": 90}, "tail": {"hr": 0.0987, "queries": 90}}
+    sweep_report["baselines"][0]["by_hidden"] = split
+    sweep_report["runs"][1]["rounds"][-1]["by_hidden"] = {
+        **split, "tail": {"hr": 0.0456, "queries": 90}}
+    page = write_report(tmp_path, sweep_report).read_text()
+    table = page[page.index("HitRate@10 by hidden item"):]
+    table = table[:table.index("</table>")]
+    assert "explore (110 queries)" in table and "tail (90 queries)" in table
+    assert "0.0987" in table and "0.0456" in table  # the baseline's row and the DP run's
+    assert sweep_report["runs"][0]["name"] not in table  # a run with no figures: no row
+    markdown = (tmp_path / "report.md").read_text()
+    assert "### HitRate@10 by hidden item" in markdown

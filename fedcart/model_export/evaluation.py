@@ -12,6 +12,11 @@ cart items excluded, and ties count in the hidden item's favour. A scorer gives 
 item it has no evidence for (co-occurrence: no shared basket with the cart); such an item is
 never recommended, so a hidden item scored -inf is a miss, not a tie with the other unscored
 items. (Both rules reproduce the reference figures of DESIGN.md section 6 exactly.)
+
+Beside the totals, HitRate@10 is split by the hidden item (:class:`HiddenItem`): one the user
+bought before (repeat) or not (explore), and one of the head, the most popular items that
+together make up half of the training purchases, or of the tail: a model can be strong on
+repeats and popular items and still fail the long tail a large catalog is mostly made of.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
 from fedcart.model_export.datasets import BasketData
 
-__all__ = ["Metrics", "Query", "Split", "batch_size", "evaluate", "make_split",
-           "ranks_of_hidden"]
+__all__ = ["HiddenItem", "Metrics", "Query", "Slice", "Split", "batch_size", "evaluate",
+           "make_split", "ranks_of_hidden"]
 
 TOP_K = 10
 SPLIT_SEED = 0
@@ -67,6 +73,19 @@ class Split:
     def training_baskets(self) -> Iterator[np.ndarray]:
         for baskets in self.train:
             yield from baskets
+
+    def head_mask(self) -> np.ndarray:
+        """Which catalog items are in the head: the most bought (in training baskets) that
+        together make up half of all training purchases, ties broken by catalog index."""
+        counts = np.zeros(self.n_items, np.int64)
+        for basket in self.training_baskets():
+            counts[basket] += 1
+        order = np.argsort(-counts, kind="stable")
+        covered = np.cumsum(counts[order])
+        size = int(np.searchsorted(covered, covered[-1] / 2)) + 1 if covered.size else 0
+        head = np.zeros(self.n_items, bool)
+        head[order[:size]] = True
+        return head
 
     def basket_item_matrix(self) -> tuple[np.ndarray, np.ndarray]:
         """CSR pieces (indptr, indices) of the binary training basket x item matrix."""
@@ -117,15 +136,49 @@ def make_split(data: BasketData) -> Split:
                  train=tuple(train), queries=tuple(queries))
 
 
+class HiddenItem(StrEnum):
+    """A class of hidden items the HitRate is split by."""
+
+    REPEAT = "repeat"  # in the user's training baskets
+    EXPLORE = "explore"  # new to the user
+    HEAD = "head"  # among the items making up half of the training purchases
+    TAIL = "tail"  # the rest of the catalog
+
+
+@dataclass(frozen=True)
+class Slice:
+    """HitRate@10 over the queries whose hidden item is of one class."""
+
+    hr: float
+    queries: int
+
+
 @dataclass(frozen=True)
 class Metrics:
     hr: float
     ndcg: float
     mrr: float
     queries: int
+    by_hidden: dict[HiddenItem, Slice] = dataclasses.field(default_factory=dict)
 
-    def as_row(self, name: str) -> dict[str, float | str]:
-        return {"name": name, "hr@10": self.hr, "ndcg@10": self.ndcg, "mrr": self.mrr}
+    def as_row(self, name: str) -> dict[str, object]:
+        return {"name": name, "hr@10": self.hr, "ndcg@10": self.ndcg, "mrr": self.mrr,
+                "by_hidden": self.hidden_json()}
+
+    def hidden_json(self) -> dict[str, dict[str, float | int]]:
+        return {c.value: {"hr": s.hr, "queries": s.queries} for c, s in self.by_hidden.items()}
+
+
+def _slices(split: Split, queries: list[Query], hit: np.ndarray) -> dict[HiddenItem, Slice]:
+    """HitRate@10 by the class of the hidden item (:class:`HiddenItem`)."""
+    head = split.head_mask()
+    hidden = np.array([q.hidden for q in queries], np.int64)
+    repeat = np.array([any(q.hidden in b for b in split.train[q.user]) for q in queries],
+                      bool)
+    masks = {HiddenItem.REPEAT: repeat, HiddenItem.EXPLORE: ~repeat,
+             HiddenItem.HEAD: head[hidden], HiddenItem.TAIL: ~head[hidden]}
+    return {c: Slice(float(hit[m].mean()) if m.any() else 0.0, int(m.sum()))
+            for c, m in masks.items()}
 
 
 def ranks_of_hidden(scores: np.ndarray, queries: list[Query] | tuple[Query, ...]) -> np.ndarray:
@@ -166,4 +219,5 @@ def evaluate(scorer: Scorer, split: Split, batch: int | None = None) -> Metrics:
         ndcg=float((hit / np.log2(np.where(hit, ranks, 1.0) + 1.0)).mean()),
         mrr=float((1.0 / ranks).mean()),
         queries=len(queries),
+        by_hidden=_slices(split, queries, hit),
     )

@@ -23,7 +23,7 @@ class Row:
     name: str
     metrics: Metrics
 
-    def as_json(self) -> dict[str, float | str]:
+    def as_json(self) -> dict[str, object]:
         return self.metrics.as_row(self.name)
 
 

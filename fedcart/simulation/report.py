@@ -34,6 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from fedcart.model_export.evaluation import HiddenItem
 from fedcart.protocol.terms import Task
 
 __all__ = ["N_DELTA_CAP", "PLOTS", "PRIVACY_PLOTS", "BudgetSplit", "budget_splits", "delta_warning",
@@ -192,6 +193,29 @@ def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
              "-" if r["rounds"] is None else str(r["rounds"])]
             for r in privacy_utility_rows(report)]
     return header, body
+
+
+HIDDEN_NOTE = ("repeat: the hidden item is in the user's earlier baskets; explore: it is not. "
+               "head: it is one of the most bought items that together make up half of the "
+               "training purchases; tail: the rest of the catalog.")
+
+
+def _hidden_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """HitRate@10 by the class of the hidden item, for the central rows and each run's last
+    evaluated model; None for a report that has no such figures (an older metrics.json)."""
+    rows = [(r["name"], r.get("by_hidden"))
+            for r in report.get("baselines", []) + report.get("central", [])]
+    for run in report.get("runs", []):
+        evaluated = [r for r in run["rounds"] if r.get("by_hidden")]
+        if evaluated:
+            rows.append((run["name"], evaluated[-1]["by_hidden"]))
+    rows = [(name, split) for name, split in rows if split]
+    if not rows:
+        return None
+    classes = [c.value for c in HiddenItem]
+    sizes = rows[0][1]
+    header = ["model", *(f"{c} ({sizes[c]['queries']} queries)" for c in classes)]
+    return header, [[name, *(_fmt(split[c]["hr"]) for c in classes)] for name, split in rows]
 
 
 def _budget_table(splits: Sequence[BudgetSplit]) -> tuple[list[str], list[list[str]]]:
@@ -567,6 +591,10 @@ def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
           _rounds_note(report), "",
           "## Privacy and utility (test baskets, HitRate@10 / NDCG@10 / MRR)", "",
           _markdown_table(*table), ""]
+    hidden = _hidden_table(report)
+    if hidden is not None:
+        md += ["### HitRate@10 by hidden item", "", HIDDEN_NOTE, "", _markdown_table(*hidden),
+               ""]
     md += [f"![{PLOTS[name]}]({name})\n" for name in other_figures[:1]]
     md += ["## Privacy budget split", ""]
     if splits:
@@ -636,6 +664,8 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }}
 <p>Test baskets of DESIGN.md section 6. Federated rows: the last evaluated model; "global
 only" leaves out the on-device history blend.</p>
 {_html_table(*table)}
+{"" if hidden is None else "<h3>HitRate@10 by hidden item</h3><p>" + html.escape(HIDDEN_NOTE)
+ + "</p>" + _html_table(*hidden, css="hidden")}
 {figure_html(other_figures[:1])}
 <h2 id="budget">Privacy budget split</h2>
 {budget_html}
