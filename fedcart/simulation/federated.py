@@ -142,6 +142,8 @@ class RoundRecord:
     hr_global: float | None = None  # the same model without the on-device history blend
     ndcg_global: float | None = None
     mrr_global: float | None = None
+    # HitRate@10 (with history) by the class of the hidden item (evaluation.HiddenItem)
+    by_hidden: dict[str, dict[str, float | int]] | None = None
     bytes_up: float | None = None  # mean per device that completed the round
     bytes_down: float | None = None
     values: int | None = None  # the length of the round's masked vector
@@ -194,6 +196,7 @@ def aggregator_config(settings: FederatedSettings, n_devices: int,
                   if settings.statistics else None)
     return AggregatorConfig(
         host="127.0.0.1", sampling_rate=q, min_clients=3, min_connected=n_devices,
+        keep_bundles=0,  # the simulation evaluates published versions after the fact
         secagg_degree=settings.secagg_k, group_size=settings.group_size,
         # a device can drop out even where the simulation removes none (a phase deadline
         # under load): k and t are chosen for at least 5%
@@ -411,6 +414,7 @@ def _evaluate(record: RoundRecord, root: Path, server_key: bytes, store: Store,
     global_only = evaluate(model_scorer(weights, neighbours, split, HISTORY_DECAY, False),
                            split)
     record.hr, record.ndcg, record.mrr = with_history.hr, with_history.ndcg, with_history.mrr
+    record.by_hidden = with_history.hidden_json()
     record.hr_global, record.ndcg_global, record.mrr_global = (
         global_only.hr, global_only.ndcg, global_only.mrr)
 
