@@ -4,7 +4,6 @@ bundle directory into the zip an app ships or a server hands out."""
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import click
 import websockets
 
 from fedcart import __version__
+from fedcart.atomic_write import write_atomically
 from fedcart.edge_client.device import Device, RoundReport
 from fedcart.edge_client.recommender import OfflineRecommender, UnknownItemError
 from fedcart.edge_client.store import DeviceStore
@@ -274,15 +274,9 @@ def pack(directory: Path, out: Path, public_key: str) -> None:
         verified = read_bundle(directory, read_public_key(public_key))
     except (BundleError, ValueError) as exc:
         raise click.ClickException(f"not packed: {exc}") from exc
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(pack_members(verified.members()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        write_atomically(out, pack_members(verified.members()))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {out}: {exc}") from exc
     m = verified.manifest
     click.echo(f"{out}: model version {m.model_version} (round {m.round}), V={m.n_items}, "

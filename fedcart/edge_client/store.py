@@ -28,14 +28,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from fedcart.atomic_write import write_atomically
 
 __all__ = ["MAX_BASKETS", "DeviceStore"]
 
@@ -175,8 +175,8 @@ class DeviceStore:
                    for name, data in files.items()}
         for name, digest in digests.items():
             if not (self.blobs / digest).is_file():
-                _write_atomically(self.blobs / digest, files[name])
-        _write_atomically(self.dir / "current", json.dumps(digests, sort_keys=True).encode())
+                write_atomically(self.blobs / digest, files[name])
+        write_atomically(self.dir / "current", json.dumps(digests, sort_keys=True).encode())
         if not self.shared_blobs:
             keep = set(digests.values())
             for old in self.blobs.iterdir():
@@ -184,22 +184,4 @@ class DeviceStore:
                     old.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file (a unique name: another process may write the same blob), fsync, rename,
-    fsync the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+

@@ -43,6 +43,7 @@ import nacl.exceptions
 import nacl.signing
 import numpy as np
 
+from fedcart.atomic_write import fsync_directory
 from fedcart.model_export.model import Neighbours, Weights, n_parameters
 
 __all__ = [
@@ -355,14 +356,6 @@ def verify_members(members: Mapping[str, bytes], verify_key: bytes, *, origin: s
                   signature=bytes(members[SIGNATURE]), items=items, names=names, files=files)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_bundle(out_dir: Path | str, *, weights: Weights, neighbours: Neighbours,
                  items: Sequence[str], names: Sequence[str], graphs: Mapping[str, bytes],
                  model_version: int, round_id: int, history_decay: float,
@@ -399,9 +392,9 @@ def write_bundle(out_dir: Path | str, *, weights: Weights, neighbours: Neighbour
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_directory(tmp)
         os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_directory(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

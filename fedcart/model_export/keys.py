@@ -3,12 +3,13 @@ public half beside it (``.pub``) for devices to pin."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
+
+from fedcart.atomic_write import write_atomically
 
 __all__ = ["load_or_create_signing_key", "read_public_key"]
 
@@ -23,13 +24,7 @@ def load_or_create_signing_key(path: Path | str) -> nacl.signing.SigningKey:
             raise ValueError(f"{path} is not an Ed25519 signing key (64 hex digits)") from exc
     key = nacl.signing.SigningKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(bytes(key).hex() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, path)
+    write_atomically(path, (bytes(key).hex() + "\n").encode(), mode=0o600)
     path.with_suffix(".pub").write_text(bytes(key.verify_key).hex() + "\n")
     return key
 

@@ -34,6 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from fedcart.atomic_write import write_atomically
 from fedcart.model_export.evaluation import HiddenItem
 from fedcart.protocol.terms import Task
 
@@ -76,12 +77,6 @@ MIN_LINE_POINTS = 3  # fewer evaluations are drawn as markers, not a line
 DPI = 110
 LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0,
                   "fontsize": 8}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _completed(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -569,7 +564,7 @@ def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
     """Write every file of the report; returns the path of index.html. A run's
     ``config_file`` (a name in ``report_dir``) is linked and shown when the file is there."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(report_dir / "metrics.json",
+    write_atomically(report_dir / "metrics.json",
                   (json.dumps(report, indent=2, default=str) + "\n").encode())
     drawn = []
     for name, fig in figures(report).items():
@@ -616,7 +611,7 @@ def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
                    "```", ""]
     md += ["Everything, with per-round figures and the simulation's settings, is in "
            "[metrics.json](metrics.json).", ""]
-    _atomic_write(report_dir / "report.md", "\n".join(md).encode())
+    write_atomically(report_dir / "report.md", "\n".join(md).encode())
 
     def figure_html(names: list[str]) -> str:
         return "".join(f'<figure><img src="{n}" alt="{html.escape(PLOTS[n])}">'
@@ -677,5 +672,5 @@ only" leaves out the on-device history blend.</p>
 <a href="metrics.json">metrics.json</a>.</p>
 </body></html>
 """
-    _atomic_write(report_dir / "index.html", page.encode())
+    write_atomically(report_dir / "index.html", page.encode())
     return report_dir / "index.html"
