@@ -42,7 +42,7 @@ import numpy as np
 from bench.common import Row
 from fedcart.secagg.groups import split_cohort
 from fedcart.secagg.local import PHASES, run_local_round
-from fedcart.secagg.params import SecAggParameters, binomial_cdf, choose
+from fedcart.secagg.params import SecAggParameters, binomial_cdf, choose, fixed
 from fedcart.secagg.server import ServerState
 
 DIM = 64
@@ -102,9 +102,8 @@ class Outcome:
 
 def previous_parameters(n: int) -> tuple[int, int]:
     """k and t as the code before groups chose them for a round of n."""
-    degree = min(20, n - 1)
-    even = min(n - 1, degree + degree % 2)
-    return even, even // 2 + 1
+    params = fixed(n, 20)
+    return params.degree, params.threshold
 
 
 def failure_bound(n: int, k: int, t: int, dropout: float) -> float:

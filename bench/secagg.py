@@ -28,7 +28,7 @@ from fedcart.secagg.messages import (
     UnmaskRequest,
     consistency_statement,
 )
-from fedcart.secagg.params import choose
+from fedcart.secagg.params import choose, fixed
 from fedcart.secagg.prg import add_mask
 
 MASKED = PHASES[2]
@@ -44,8 +44,7 @@ def _round(n: int, dim: int, k: int, dropout: float):  # type: ignore[no-untyped
     inputs = _inputs(n, dim)
     dropped = set(range(0, n, round(1 / dropout))) if dropout else set()
     degree = min(k, n - 1)
-    degree_even = min(n - 1, degree + degree % 2)
-    t = degree_even // 2 + 1
+    t = fixed(n, degree).threshold
     started = time.perf_counter()
     run = run_local_round(inputs, degree, t, drop_at=dict.fromkeys(dropped, MASKED))
     seconds = time.perf_counter() - started

@@ -17,11 +17,14 @@ def test_quick_bench_writes_every_row(tmp_path: Path, capsys) -> None:
     assert main(["--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg", "groups",
-                                            "round", "population"}
+                                            "round", "population", "scale"}
     for row in rows:
         assert set(row) == FIELDS
         assert math.isfinite(row["value"]) and math.isfinite(row["ratio"])
-        # a growth or a count of failed groups may be zero; times, rates, sizes not
-        if "growth" not in row["metric"] and "failed" not in row["metric"]:
+        # a growth or a count of failed groups or refused check-ins may be zero; times,
+        # rates, sizes not
+        if not any(w in row["metric"] for w in ("growth", "failed", "refused")):
             assert row["value"] > 0
+    refused = [r for r in rows if r["metric"] == "refused check-ins"]
+    assert refused and all(r["value"] == 0 for r in refused)
     assert "| recommend |" in capsys.readouterr().out

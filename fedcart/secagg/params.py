@@ -30,7 +30,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["DISCLOSURE_BOUND", "SecAggParameters", "binomial_cdf", "choose",
+from fedcart.secagg.graph import effective_degree
+
+__all__ = ["DISCLOSURE_BOUND", "SecAggParameters", "binomial_cdf", "choose", "fixed",
            "groups_for", "minimum_group"]
 
 DISCLOSURE_BOUND = 2.0 ** -40
@@ -101,6 +103,14 @@ def _safe_threshold(n: int, k: int, dropout: float, corrupt: float, bound: float
         else:
             lo = mid + 1
     return lo
+
+
+def fixed(n: int, degree: int) -> SecAggParameters:
+    """A group of n at a requested degree: k rounded up to even and at most n - 1
+    (``graph.effective_degree``), t = k/2 + 1, the smallest threshold above k/2; the bounds
+    are not computed (nan)."""
+    k = effective_degree(n, degree)
+    return SecAggParameters(n, k, k // 2 + 1, float("nan"), float("nan"))
 
 
 def choose(n: int, dropout: float, corrupt: float = 0.0, failure_bound: float = 1e-6,
