@@ -25,6 +25,7 @@ from fedcart.secagg.crypto import (
     mask_seed,
     open_share,
     seal_share,
+    signature_valid,
     verify,
 )
 from fedcart.secagg.errors import ProtocolViolation
@@ -196,6 +197,16 @@ def test_signatures() -> None:
     verify(key.public, b"m", key.sign(b"m"), "m")
     with pytest.raises(ProtocolViolation, match="bad signature on m"):
         verify(key.public, b"m2", key.sign(b"m"), "m")
+    # RFC 8032 section 7.1, test 1: the empty message
+    rfc_public = bytes.fromhex(
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    rfc_signature = bytes.fromhex(
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+        "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+    assert signature_valid(rfc_public, b"", rfc_signature)
+    assert not signature_valid(rfc_public, b"x", rfc_signature)
+    assert not signature_valid(rfc_public[:31], b"", rfc_signature)  # a malformed key
+    assert not signature_valid(rfc_public, b"", rfc_signature[:63])
 
 
 @pytest.mark.parametrize(("n", "k"), [(3, 2), (10, 4), (11, 5), (50, 8), (20, 19), (7, 100)])

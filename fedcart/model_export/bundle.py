@@ -39,12 +39,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nacl.exceptions
 import nacl.signing
 import numpy as np
 
 from fedcart.atomic_write import fsync_directory
 from fedcart.model_export.model import Neighbours, Weights, n_parameters
+from fedcart.secagg.crypto import signature_valid
 
 __all__ = [
     "CONSTANT_FILES",
@@ -312,12 +312,9 @@ def verify_members(members: Mapping[str, bytes], verify_key: bytes, *, origin: s
         raise BundleError(f"{origin}: no {MANIFEST}: not a bundle")
     if SIGNATURE not in members:
         raise BundleError(f"{origin}: unsigned bundle ({SIGNATURE} is missing)")
-    try:
-        nacl.signing.VerifyKey(verify_key).verify(members[MANIFEST], members[SIGNATURE])
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError,
-            nacl.exceptions.TypeError) as exc:
+    if not signature_valid(verify_key, members[MANIFEST], members[SIGNATURE]):
         raise BundleError(f"{origin}: the signature does not verify with the pinned key "
-                          "(tampered manifest, or signed by another key)") from exc
+                          "(tampered manifest, or signed by another key)")
     manifest = Manifest.from_json(members[MANIFEST])
     files: dict[str, bytes] = {}
     for name, expected in manifest.files.items():

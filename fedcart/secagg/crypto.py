@@ -26,6 +26,7 @@ __all__ = [
     "mask_seed",
     "open_share",
     "seal_share",
+    "signature_valid",
     "verify",
 ]
 
@@ -51,13 +52,21 @@ class IdentityKey:
         return self._key.sign(message).signature
 
 
-def verify(public: bytes, message: bytes, signature: bytes, what: str) -> None:
-    """Raise ProtocolViolation naming ``what`` unless ``signature`` verifies."""
+def signature_valid(public: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s Ed25519 signature of ``message`` (False for a
+    malformed key or signature too)."""
     try:
         nacl.signing.VerifyKey(public).verify(message, signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError,
-            nacl.exceptions.TypeError) as exc:
-        raise ProtocolViolation(f"bad signature on {what}") from exc
+            nacl.exceptions.TypeError):
+        return False
+    return True
+
+
+def verify(public: bytes, message: bytes, signature: bytes, what: str) -> None:
+    """Raise ProtocolViolation naming ``what`` unless ``signature`` verifies."""
+    if not signature_valid(public, message, signature):
+        raise ProtocolViolation(f"bad signature on {what}")
 
 
 class EphemeralKey:
