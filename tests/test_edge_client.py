@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import fedcart
 from fedcart.aggregator.statedir import init_state
+from fedcart.edge_client import training
 from fedcart.edge_client.cli import main as device_main
 from fedcart.edge_client.device import Device
 from fedcart.edge_client.store import MAX_BASKETS
@@ -147,14 +148,14 @@ def test_a_training_input_is_the_update_of_the_named_groups_only(served, tmp_pat
     device.install(v0)
     device.add_basket(["sku01", "sku02", "sku03"])
     device.add_basket(["sku02", "sku03"])
-    train = device.local_update
+    train = training.local_update
     rates_used = []
 
-    def spy(epochs, rates, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(bundle, history, epochs, rates, *args, **kwargs):  # type: ignore[no-untyped-def]
         rates_used.append(list(rates))
-        return train(epochs, rates, *args, **kwargs)
+        return train(bundle, history, epochs, rates, *args, **kwargs)
 
-    monkeypatch.setattr(device, "local_update", spy)
+    monkeypatch.setattr(training, "local_update", spy)
     plan = TrainingPlan(epochs=1, batch_size=8, learning_rates=(2.0, 2.0, 0.5, 0.05),
                         examples=8, groups=("blend",))
     terms = device.accept_terms(RoundTerms(
@@ -165,7 +166,8 @@ def test_a_training_input_is_the_update_of_the_named_groups_only(served, tmp_pat
     assert rates_used == [[0.0, 0.0, 0.0, 0.05]] and examples == 2
     fmt = UpdateFormat(N_BLEND, 60.0, 10, weight_cap=8.0)
     values = fmt.values(fmt.decode(vector))
-    delta, _ = train(1, [0.0, 0.0, 0.0, 0.05], 8)  # one batch holds both examples
+    delta, _ = train(device.current_bundle(), device.store.baskets(), 1,
+                     [0.0, 0.0, 0.0, 0.05], 8)  # one batch holds both examples
     np.testing.assert_allclose(values, 2 / 8 * pick(delta, ["blend"], len(ITEMS), 4),
                                atol=2 / fmt.scale)
 

@@ -1,31 +1,28 @@
-"""A device: its identity, purchase history and model, offline recommendations, and rounds
-of federated training over a websocket.
+"""A device: its identity, purchase history and model, offline recommendations, and the rounds
+of federated training it agrees to.
 
-The websocket code only moves bytes: control frames are handled here, secagg frames go to the
-sans-I/O ``ClientRound``, and what it queues is sent back. What leaves the device: its public
-key and check-in signature, protocol messages, and one masked vector per round.
+``Device`` holds what is the device's own: its identity key and store (edge_client.store),
+the installed bundle, verified as it is read, and the terms it accepts. A round's input is
+computed by edge_client.training, and the connection to the aggregator is an
+edge_client.session ``Session``; ``participate`` starts one.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import os
-import secrets
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
 
+from fedcart.edge_client import training
 from fedcart.edge_client.recommender import OfflineRecommender, Recommendation
+from fedcart.edge_client.session import RoundReport, participate
 from fedcart.edge_client.store import DeviceStore
 from fedcart.model_export.bundle import (
     CONSTANT_FILES,
@@ -37,51 +34,15 @@ from fedcart.model_export.bundle import (
     unpack_members,
     verify_members,
 )
-from fedcart.model_export.features import ExampleSet
-from fedcart.model_export.model import TENSOR_NAMES, pick, trained_groups
-from fedcart.model_export.runtime import TrainStep
-from fedcart.model_export.statistics import contribution
 from fedcart.model_export.update import UpdateFormat
-from fedcart.protocol import channel
-from fedcart.protocol.channel import checkin_statement
-from fedcart.protocol.control import (
-    Challenge,
-    ComeBack,
-    ControlMessage,
-    Hello,
-    Leave,
-    Refusal,
-    RoundNotice,
-    RoundOver,
-    Welcome,
-)
 from fedcart.protocol.policy import DevicePolicy
-from fedcart.protocol.terms import RoundTerms, Task, TermsError
-from fedcart.secagg.client import ClientRound
+from fedcart.protocol.terms import RoundTerms, TermsError
 from fedcart.secagg.crypto import IdentityKey
-from fedcart.secagg.errors import (
-    LocalProtocolError,
-    MalformedMessage,
-    RemoteProtocolError,
-    RoundFailed,
-)
-from fedcart.secagg.messages import RoundConfig
 
+# RoundReport is the session's (edge_client.session), named here too: what participate returns
 __all__ = ["Device", "RoundReport"]
 
 log = logging.getLogger("fedcart.device")
-MAX_DOWNLOAD = 512 << 20  # largest frame a device accepts (a bundle)
-_JITTER = secrets.SystemRandom()  # when in its window a device sent away comes back
-FRAGMENT = 64 << 10
-
-
-@dataclass(frozen=True)
-class RoundReport:
-    round_id: int
-    status: str  # "sent" (masked input delivered), or why it was not
-    examples: int
-    bytes_up: int
-    bytes_down: int
 
 
 # Bundles verified in this process, by (server key, manifest sha256): the devices a
@@ -201,43 +162,23 @@ class Device:
 
     # -- local training and statistics -----------------------------------------------------
     def _installed(self) -> Bundle:
+        """The installed bundle a round's input is computed with; RuntimeError if none."""
         bundle = self.current_bundle()
         if bundle is None:
             raise RuntimeError("no model installed: nothing to train")
         return bundle
-
-    def _catalog_baskets(self, bundle: Bundle,
-                         history: list[list[str]] | None) -> list[np.ndarray]:
-        """The stored baskets (or ``history``) as catalog ids, oldest first, empty ones and
-        items outside the catalog left out."""
-        index = {item: i for i, item in enumerate(bundle.items)}
-        history = self.store.baskets() if history is None else history
-        baskets = [np.array(sorted(index[i] for i in b if i in index), dtype=np.int64)
-                   for b in history]
-        return [b for b in baskets if len(b)]
 
     def local_update(self, epochs: int, learning_rates: Sequence[float], batch_size: int,
                      history: list[list[str]] | None = None, seed: int | None = None,
                      examples: int | None = None) -> tuple[np.ndarray, int]:
         """(delta = local weights - global weights, examples per epoch) after ``epochs`` of
         SGD through train_step.ort on leave-one-out examples of this device's newest basket,
-        at most ``examples`` of them an epoch (features.py says why). ``history`` (the stored
-        baskets by default) lets a worker thread train without touching the database."""
+        at most ``examples`` of them an epoch (training.local_update). ``history`` (the
+        stored baskets by default) lets a worker thread train without touching the
+        database."""
         bundle = self._installed()
-        m = bundle.manifest
-        example_set = ExampleSet([self._catalog_baskets(bundle, history)], m.n_items,
-                                 m.history_decay, newest=1)
-        start = bundle.weights()
-        if len(example_set) == 0:
-            return np.zeros(start.flat().size, np.float64), 0
-        step = TrainStep(bundle.files["train_step.ort"], bundle.neighbours())
-        rng = np.random.default_rng(seed)
-        weights = start
-        for _ in range(epochs):
-            for batch in example_set.batches(batch_size, rng, per_user=examples):
-                _, weights = step(weights, batch, learning_rates)
-        used = len(example_set) if examples is None else min(examples, len(example_set))
-        return weights.flat().astype(np.float64) - start.flat(), used
+        return training.local_update(bundle, self.store.baskets() if history is None else history,
+                                     epochs, learning_rates, batch_size, seed, examples)
 
     def accept_terms(self, data: bytes, participants: int = 1,
                      vector_len: int | None = None) -> RoundTerms:
@@ -265,42 +206,23 @@ class Device:
         """The encoded vector this device masks in a round on ``terms`` (already accepted),
         and its example count: for a training round its clipped, weighted update of the
         trained groups; for a statistics round its clipped statistic
-        (fedcart/model_export/statistics.py)."""
+        (fedcart/model_export/statistics.py). ``history``: the stored baskets by default
+        (training.round_input computes it)."""
         bundle = self._installed()
-        m = bundle.manifest
-        fmt = UpdateFormat.of(terms)
-        if terms.task is not Task.TRAIN:
-            head = np.asarray(terms.head, np.int64) if terms.head else None
-            baskets = self._catalog_baskets(bundle, history)
-            part = contribution(terms.task, baskets, m.n_items, terms.clip_norm, terms.norm,
-                                head)
-            return fmt.encode(part.dense()), int(bool(baskets))
-        plan = terms.training
-        assert plan is not None
-        groups = trained_groups(plan.groups)
-        rates = [rate if name in groups else 0.0
-                 for name, rate in zip(TENSOR_NAMES, plan.learning_rates, strict=True)]
-        delta, examples = self.local_update(plan.epochs, rates, plan.batch_size, history,
-                                            examples=plan.examples)
-        return fmt.encode(pick(delta, groups, m.n_items, m.dim), examples), examples
+        return training.round_input(bundle, terms,
+                                    self.store.baskets() if history is None else history)
 
     # -- federated rounds ----------------------------------------------------------------
     async def participate(self, url: str, rounds: int | None = 1, token: str | None = None,
                           ssl_context: ssl.SSLContext | None = None,
                           timeout: float | None = 600.0, follow_model: bool = True,
-                          leave: Callable[[int], int | None] | None = None,
-                          input_gate: asyncio.Semaphore | None = None,
                           ) -> list[RoundReport]:
         """Connect, check in, and take part in ``rounds`` rounds (None: until the server
         closes). Returns what happened in each round this device was sampled for.
 
         ``follow_model``: receive every new model version while connected (an app that
         recommends); otherwise the server sends the model only when the device is sampled
-        for a round and is behind. ``leave(round_id)``: how many protocol messages to send in
-        that round before vanishing (None: stay), to simulate a device going offline.
-        ``input_gate``: held from computing a round's input until its masked form is sent,
-        so that devices sharing one host (a simulation's worker) hold a bounded number of
-        inputs at once; a phone holds only its own.
+        for a round and is behind.
 
         ``timeout``: seconds the whole call lasts at most. A session that is still waiting
         for its rounds then ends with the rounds done so far, and a warning that says it was
@@ -310,244 +232,4 @@ class Device:
         the window given, and checks in again, as long as the timeout allows.
 
         ``ssl_context``: for a ``wss://`` URL, the system's CAs when not given."""
-        if ssl_context is None and url.startswith("wss://"):
-            ssl_context = ssl.create_default_context()
-        reports: list[RoundReport] = []
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            left = None if deadline is None else max(deadline - loop.time(), 0.0)
-            async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
-                               compression=None) as ws:  # masked vectors do not compress
-                session = _Session(self, ws, rounds, reports, follow_model, leave, input_gate)
-                try:
-                    await asyncio.wait_for(session.run(token), left)
-                except TimeoutError:
-                    if left is None:  # not the session's own timeout
-                        raise
-                    log.warning("%s", _no_round_offered(url, timeout or 0.0, len(reports)))
-                    return reports
-            if session.come_back is None:
-                return reports
-            wait = session.come_back.after + _JITTER.uniform(0, session.come_back.window)
-            if deadline is not None and loop.time() + wait > deadline:
-                log.warning("the aggregator at %s is full and asked this device to come back "
-                            "in %.0f s, after this call's timeout", url, wait)
-                return reports
-            log.info("the aggregator is full: checking in again in %.0f s", wait)
-            await asyncio.sleep(wait)
-
-
-def _no_round_offered(url: str, seconds: float, rounds_ended: int) -> str:
-    """Why a session that stayed connected until its timeout ended early: not that the
-    aggregator was out of reach, but that it offered no (further) round."""
-    offered = "no round was offered" if rounds_ended == 0 else \
-        f"{rounds_ended} round(s) ended, then no further round was offered"
-    return (f"connected to {url} for {seconds:g} s, {offered}: the aggregator waits for more "
-            "devices to check in, or did not sample this one (see its log)")
-
-
-class _Session:
-    """One connection's state: check-in, then rounds."""
-
-    def __init__(self, device: Device, ws: ClientConnection,
-                 rounds: int | None, reports: list[RoundReport], follow_model: bool,
-                 leave: Callable[[int], int | None] | None,
-                 input_gate: asyncio.Semaphore | None) -> None:
-        self.device, self.ws, self.rounds_wanted, self.reports = device, ws, rounds, reports
-        self.follow_model, self.leave = follow_model, leave
-        self.input_gate = input_gate
-        self.input_done = asyncio.Event()  # the round's masked input is out, or it is over
-        self.input_task: asyncio.Task[None] | None = None
-        self.round: ClientRound | None = None
-        self.round_id = self.examples = 0
-        self.terms: RoundTerms | None = None  # the current round's, once accepted
-        self.saved_round = 0  # the last round id this session wrote to the store
-        self.come_back: ComeBack | None = None  # the server sent this device away
-        self.bytes_up = self.bytes_down = 0
-        self.messages_left: int | None = None
-        # the round's cryptography (signatures, key agreements, shares, masks) runs in a
-        # worker thread, so that this connection's keepalive pings are answered meanwhile;
-        # the lock keeps one thread at a time on the round (ClientRound is not thread-safe)
-        self.round_lock = asyncio.Lock()
-
-    async def in_round(self, step: Callable[..., object], *args: object) -> None:
-        """Run one step of the round (``receive``, ``set_input``) off the event loop."""
-        async with self.round_lock:
-            await asyncio.to_thread(step, *args)
-
-    async def send(self, frame: bytes) -> None:
-        """Send one message; a large one (a masked input) as websocket fragments of at most
-        FRAGMENT bytes: the server's frame parser keeps the last frame it parsed until the
-        connection's next one arrives, so a whole-vector frame would stay pinned on every
-        connection for a phase (server memory O(n d)); a fragment bounds that to O(n)."""
-        self.bytes_up += len(frame)
-        if len(frame) <= FRAGMENT:
-            await self.ws.send(frame)
-        else:
-            view = memoryview(frame)
-            await self.ws.send([view[i:i + FRAGMENT] for i in range(0, len(frame), FRAGMENT)])
-
-    async def run(self, token: str | None) -> None:
-        try:
-            async for frame in self.ws:
-                assert isinstance(frame, bytes)
-                self.bytes_down += len(frame)
-                kind, payload = channel.parse(frame)
-                if kind == channel.CONTROL:
-                    if await self.on_control(payload, token):  # type: ignore[arg-type]
-                        return
-                elif kind == channel.SECAGG:
-                    await self.on_secagg(payload)  # type: ignore[arg-type]
-                else:
-                    self.on_bundle(payload)  # type: ignore[arg-type]
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            if self.round is not None:
-                self.finish("interrupted")
-            if self.input_task is not None:
-                self.input_task.cancel()
-
-    async def on_control(self, msg: ControlMessage, token: str | None) -> bool:
-        """Handle one control message; True when the session is over."""
-        match msg:
-            case Challenge(nonce=nonce):
-                await self.send(Hello(
-                    self.device.identity.public,
-                    self.device.identity.sign(checkin_statement(nonce, self.device.server_key)),
-                    self.device.model_version, frozenset(self.device.held_files()),
-                    self.follow_model, int(self.device.store.get("last_round") or 0),
-                    token or None).to_frame())
-            case Welcome():
-                pass
-            case RoundNotice():
-                await self.start_round(msg)
-            case Refusal(reason=reason):
-                log.warning("server refused: %s", reason)
-                return True
-            case ComeBack():
-                self.come_back = msg
-                return True
-            case RoundOver():
-                # a round_over for an earlier round (this device's late message drew it)
-                # must not end the round it is in now
-                if self.round is not None and msg.round_id == self.round_id:
-                    self.finish(msg.outcome.value)
-                if self.rounds_wanted is None or len(self.reports) < self.rounds_wanted:
-                    return False
-                return not self.follow_model or self.device.model_version >= msg.model_version
-            case _:
-                raise MalformedMessage(f"a server does not send {msg.TYPE}")
-        return False
-
-    async def start_round(self, msg: RoundNotice) -> None:
-        """A round notice names the round and this device's id in it; the round's terms
-        come signed, in its config (``check_terms``), and the input is computed once they
-        are accepted."""
-        self.round_id, self.examples, self.terms = msg.round_id, 0, None
-        last = int(self.device.store.get("last_round") or 0)
-        self.round = ClientRound(msg.client_id, self.device.identity,
-                                 self.device.server_key, last_round_id=last,
-                                 policy=self.device.policy.secagg,
-                                 check_terms=self.check_terms)
-        self.messages_left = None if self.leave is None else self.leave(self.round_id)
-        self.input_done = asyncio.Event()
-        self.input_task = None
-        if self.messages_left == 0:
-            await self.vanish()
-
-    def check_terms(self, config: RoundConfig) -> None:
-        """ClientRound's hook, run when the signed config arrives: keep the terms if this
-        device accepts them (TermsError, a ValueError, refuses the round)."""
-        self.terms = self.device.accept_terms(config.terms, len(config.participants),
-                                              config.vector_len)
-
-    async def provide_input(self, current: ClientRound, terms: RoundTerms) -> None:
-        """Compute the round's input (local training, or a statistic) and give it to the
-        round; holds ``input_gate`` from before computing until the masked input is sent."""
-        done = self.input_done
-        async with self.input_gate or contextlib.nullcontext():
-            try:
-                vector, examples = await asyncio.to_thread(self.device.round_input, terms,
-                                                           self.device.store.baskets())
-            except ValueError as exc:
-                if self.round is current:
-                    await self.refuse(f"cannot compute the round's input: {exc}")
-                return
-            if self.round is not current:  # the round ended while this device computed
-                return
-            self.examples = examples
-            try:
-                await self.in_round(current.set_input, vector)
-            except LocalProtocolError as exc:
-                if self.round is current:  # not ended meanwhile: the input does not fit
-                    await self.refuse(f"cannot give the round its input: {exc}")
-                return
-            await self.flush()
-            await done.wait()
-
-    async def on_secagg(self, data: bytes | memoryview) -> None:
-        current = self.round
-        if current is None:
-            return
-        try:
-            await self.in_round(current.receive, data)
-        except (RemoteProtocolError, RoundFailed) as exc:
-            if self.round is current:
-                await self.refuse(str(exc))
-            return
-        if self.round is not current:  # it ended (refused, say) while the step ran
-            return
-        if current.config is not None:
-            if self.saved_round != current.config.round_id:
-                # on disk before this device answers the config, so that a replay of it is
-                # refused after a restart too; once a round, in a thread: a write syncs
-                self.saved_round = current.config.round_id
-                await asyncio.to_thread(self.device.store.put, "last_round",
-                                        str(current.config.round_id))
-            if self.input_task is None and self.terms is not None:
-                # computed beside the session, which goes on answering the protocol
-                self.input_task = asyncio.create_task(self.provide_input(current, self.terms))
-        await self.flush()
-
-    async def refuse(self, reason: str) -> None:
-        """Leave the round, saying why (the server drops this device at once)."""
-        log.warning("left round %s: %s", self.round_id, reason)
-        self.finish(f"refused: {reason}")
-        await self.send(Leave(reason[:200]).to_frame())
-
-    async def flush(self) -> None:
-        async with self.round_lock:
-            current = self.round
-            if current is None:  # the round ended while a step ran
-                return
-            masked = current.masked_sent
-            queued = current.data_to_send()
-        for data in queued:
-            await self.send(bytes([channel.SECAGG]) + data)
-            if self.messages_left is not None:
-                self.messages_left -= 1
-                if self.messages_left <= 0:
-                    await self.vanish()
-                    return
-        if masked:
-            self.input_done.set()
-
-    async def vanish(self) -> None:
-        """Go offline mid-round, as a phone does: the connection just closes."""
-        self.finish("left")
-        await self.ws.close(1001, "going offline")
-
-    def on_bundle(self, data: bytes) -> None:
-        try:
-            self.device.install(data)
-        except BundleError as exc:
-            log.warning("refused a bundle: %s", exc)
-
-    def finish(self, status: str) -> None:
-        self.reports.append(RoundReport(self.round_id, status, self.examples,
-                                        self.bytes_up, self.bytes_down))
-        self.input_done.set()
-        self.round = None
-        self.bytes_up = self.bytes_down = 0
+        return await participate(self, url, rounds, token, ssl_context, timeout, follow_model)

@@ -30,6 +30,7 @@ from pathlib import Path
 import websockets
 
 from fedcart.edge_client.device import Device
+from fedcart.edge_client.session import SessionHooks, participate
 from fedcart.model_export.bundle import read_bundle
 from fedcart.open_files import raise_open_file_limit
 from fedcart.protocol.policy import DevicePolicy
@@ -43,7 +44,7 @@ MAX_DELAY = 5.0
 GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up
 
 
-# Devices of one worker that hold a round's input at once (see Device.participate): a
+# Devices of one worker that hold a round's input at once (SessionHooks.input_gate): a
 # co-occurrence input is 4 MB at M = 2000 (packed), and 2,000 devices holding theirs took
 # 24 GB.
 INPUTS_AT_ONCE = 32
@@ -121,12 +122,12 @@ async def _live(device: Device, url: str, rng: random.Random, dropout: float,
         del round_id
         return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
 
+    hooks = SessionHooks(leave=leave, input_gate=gate)
     delay, last_round = RECONNECT_DELAY, time.monotonic()
     while time.monotonic() - last_round < GIVE_UP_SECONDS:
         try:
-            reports = await device.participate(url, rounds=None, timeout=None,
-                                               follow_model=False, leave=leave,
-                                               input_gate=gate)
+            reports = await participate(device, url, rounds=None, timeout=None,
+                                        follow_model=False, hooks=hooks)
         except ConnectionRefusedError:
             return  # nothing listens on the port: the server has stopped, the run is over
         except (OSError, TimeoutError, websockets.WebSocketException):
