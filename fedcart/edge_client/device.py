@@ -13,8 +13,6 @@ import hashlib
 import logging
 import os
 import ssl
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from fedcart.edge_client import training
 from fedcart.edge_client.recommender import OfflineRecommender, Recommendation
 from fedcart.edge_client.session import RoundReport, participate
 from fedcart.edge_client.store import DeviceStore
+from fedcart.lru import Lru
 from fedcart.model_export.bundle import (
     CONSTANT_FILES,
     MANIFEST,
@@ -49,25 +48,15 @@ log = logging.getLogger("fedcart.device")
 # simulation worker holds all run the same model version, and each would otherwise read and
 # hash the same files again. Only verified bytes go in, so what runs is what was checked.
 VERIFIED_CACHE = 2
-_verified: OrderedDict[tuple[bytes, str], Bundle] = OrderedDict()
-_verified_lock = threading.Lock()
+_verified: Lru[tuple[bytes, str], Bundle] = Lru(VERIFIED_CACHE)
 
 
 def _verified_bundle(server_key: bytes, manifest_sha256: str) -> Bundle | None:
-    with _verified_lock:
-        bundle = _verified.get((server_key, manifest_sha256))
-        if bundle is not None:
-            _verified.move_to_end((server_key, manifest_sha256))
-        return bundle
+    return _verified.get((server_key, manifest_sha256))
 
 
 def _remember(server_key: bytes, bundle: Bundle) -> None:
-    key = (server_key, hashlib.sha256(bundle.manifest_json).hexdigest())
-    with _verified_lock:
-        _verified[key] = bundle
-        _verified.move_to_end(key)
-        while len(_verified) > VERIFIED_CACHE:
-            _verified.popitem(last=False)
+    _verified.put((server_key, hashlib.sha256(bundle.manifest_json).hexdigest()), bundle)
 
 
 class Device:

@@ -9,21 +9,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
+from fedcart.lru import Lru
 from fedcart.model_export.features import Batch, History, history_feeds, pad_histories, pad_rows
 from fedcart.model_export.model import PAD, Neighbours, Weights, model_tensors
 
 __all__ = ["Recommender", "TrainStep", "make_session", "shared_session"]
 
 SESSION_CACHE = 8
-_sessions: OrderedDict[tuple[str, int], ort.InferenceSession] = OrderedDict()
-_sessions_lock = threading.Lock()
+_sessions: Lru[tuple[str, int], ort.InferenceSession] = Lru(SESSION_CACHE)
 
 
 def make_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
@@ -42,13 +40,8 @@ def shared_session(model: bytes, threads: int = 1) -> ort.InferenceSession:
     """One session per distinct graph in this process (least recently used of
     SESSION_CACHE kept). The graphs hold no weights, so every model version, and in a
     simulation every device of a worker, runs on the same session: ``run`` is thread-safe."""
-    key = (hashlib.sha256(model).hexdigest(), threads)
-    with _sessions_lock:
-        session = _sessions.pop(key, None) or make_session(model, threads)
-        _sessions[key] = session
-        while len(_sessions) > SESSION_CACHE:
-            _sessions.popitem(last=False)
-    return session
+    return _sessions.get_or_make((hashlib.sha256(model).hexdigest(), threads),
+                                 lambda: make_session(model, threads))
 
 
 def _model_feeds(weights: Weights, neighbours: Neighbours) -> dict[str, np.ndarray]:
