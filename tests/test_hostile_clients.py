@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.store import Store
-from fedcart.edge_client import device as device_module
+from fedcart.edge_client.session import Session
 from fedcart.protocol import channel
 from fedcart.protocol.channel import checkin_statement
 from fedcart.protocol.control import Hello, Refusal
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.reliability
 def rewrite_frames(monkeypatch, rules: dict[bytes, Callable[[bytes], list[bytes]]]) -> None:
     """Route the secagg frames of the devices named (by public key) through a rule that
     returns the frames to send instead."""
-    original = device_module._Session.send
+    original = Session.send
 
     async def send(self, frame: bytes) -> None:
         rule = rules.get(self.device.identity.public)
@@ -47,7 +47,7 @@ def rewrite_frames(monkeypatch, rules: dict[bytes, Callable[[bytes], list[bytes]
         for out in rule(frame):
             await original(self, out)
 
-    monkeypatch.setattr(device_module._Session, "send", send)
+    monkeypatch.setattr(Session, "send", send)
 
 
 def other_round(frame: bytes) -> list[bytes]:

@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.store import Store
-from fedcart.edge_client import device as device_module
+from fedcart.edge_client.session import Session
 from fedcart.model_export.bundle import read_bundle
 from fedcart.model_export.statistics import POPULARITY, sum_contributions
 from fedcart.protocol import channel
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.reliability
 def delay_schedule(monkeypatch, rules: dict[tuple[bytes, int], tuple[ClientState, float]]) -> None:
     """Make a device hold a message for some seconds when its round reaches a state (then
     send it after all): a slow phone, not a vanished one."""
-    original = device_module._Session.flush
+    original = Session.flush
 
     async def flush(self) -> None:
         rule = rules.get((self.device.identity.public, self.round_id))
@@ -43,7 +43,7 @@ def delay_schedule(monkeypatch, rules: dict[tuple[bytes, int], tuple[ClientState
             await asyncio.sleep(rule[1])
         await original(self)
 
-    monkeypatch.setattr(device_module._Session, "flush", flush)
+    monkeypatch.setattr(Session, "flush", flush)
 
 
 def test_a_late_device_stays_connected_and_takes_the_next_round(tmp_path: Path,
@@ -110,7 +110,7 @@ def test_a_failed_group_costs_its_devices_and_the_others_sum_stands(tmp_path: Pa
     marked = store.client_of(devices[0].identity.public)
     store.close()
     groups: dict[bytes, tuple[int, ...]] = {}
-    original = device_module._Session.flush
+    original = Session.flush
 
     async def flush(self) -> None:
         if self.round is not None and self.round.config is not None:
@@ -121,7 +121,7 @@ def test_a_failed_group_costs_its_devices_and_the_others_sum_stands(tmp_path: Pa
                 return
         await original(self)
 
-    monkeypatch.setattr(device_module._Session, "flush", flush)
+    monkeypatch.setattr(Session, "flush", flush)
     server = AggregatorProcess(state.root)
 
     async def everyone() -> list:

@@ -21,8 +21,8 @@ from websockets.asyncio.client import connect
 from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
 from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
-from fedcart.edge_client import device as device_module
 from fedcart.edge_client.device import Device
+from fedcart.edge_client.session import Session
 from fedcart.model_export.bundle import read_bundle
 from fedcart.model_export.evaluation import make_split
 from fedcart.model_export.item_item import StatisticsSettings, head_items, item_table
@@ -95,7 +95,7 @@ def make_world(tmp_path: Path, n_users: int = 12) -> tuple:
 def drop_schedule(monkeypatch, rules: dict[tuple[bytes, int], ClientState | str]) -> None:
     """Make a device vanish (close its connection) when its round reaches a state, instead
     of sending that state's message; 'stall' makes it hang silently instead."""
-    original = device_module._Session.flush
+    original = Session.flush
 
     async def flush(self) -> None:
         rule = rules.get((self.device.identity.public, self.round_id))
@@ -107,7 +107,7 @@ def drop_schedule(monkeypatch, rules: dict[tuple[bytes, int], ClientState | str]
             await asyncio.sleep(3600)
         await original(self)
 
-    monkeypatch.setattr(device_module._Session, "flush", flush)
+    monkeypatch.setattr(Session, "flush", flush)
 
 
 async def garbage_client(url: str, key: IdentityKey, server_key: bytes) -> str:

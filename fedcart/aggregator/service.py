@@ -2,16 +2,10 @@
 run among a Poisson sample of them, and each round's noised mean update becomes a new signed
 model bundle.
 
-Each round has a task. With statistics enabled, the first two rounds sum the devices' basket
-statistics (fedcart/model_export/statistics.py): a popularity round, whose noised sum names the head
-items, then a co-occurrence round over them, from whose noised sum the item-item table is
-derived (fedcart/model_export/item_item.py) and published in a new model version. Every later round
-trains. All of them are charged to the same privacy ledger.
-
-A round's cohort is split into groups of at most ``round.group_size`` devices
-(``secagg.groups``), each its own SecAgg+ round with the degree and threshold its size and
-the expected dropout call for (``secagg.params``); the groups run side by side and their
-sums add up, so a group that fails costs its devices, not the round.
+The service is the coordinator: it holds the connections and runs the round loop. What a
+round is (its task, cohort, terms and groups) is in ``rounds.py``, what it releases (the
+sum, the noise, the optimizer step, the item-item table) in ``release.py``, how a model
+version is written and served in ``publishing.py``, what is measured in ``metrics.py``.
 
 The websocket code only moves bytes into and out of the sans-I/O ``ServerRound``s; a device
 whose bytes break the protocol is dropped from the round and disconnected, and the round
@@ -26,39 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import logging
-import math
 import os
-import secrets
-import shutil
 import ssl
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path
 
-import nacl.signing
 import numpy as np
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    PlatformCollector,
-    ProcessCollector,
-)
 from prometheus_client.exposition import choose_encoder
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from fedcart import __version__
-from fedcart.aggregator import noise
+from fedcart.aggregator import release, rounds
 from fedcart.aggregator.config import AggregatorConfig
-from fedcart.aggregator.optimizer import make_optimizer
+from fedcart.aggregator.metrics import Metrics, peak_resident_mb
 from fedcart.aggregator.pacing import Pacer
 from fedcart.aggregator.privacy import (
     Budget,
@@ -70,26 +47,13 @@ from fedcart.aggregator.privacy import (
     check_budget,
     epsilon_spent,
 )
+from fedcart.aggregator.publishing import Model, Publisher
+from fedcart.aggregator.rounds import Group, Round
 from fedcart.aggregator.statedir import StateDir
-from fedcart.aggregator.store import ModelRow, Statistic, Store
-from fedcart.model_export.bundle import (
-    CONSTANT_FILES,
-    GRAPH_FILES,
-    Bundle,
-    pack_members,
-    read_bundle,
-)
-from fedcart.model_export.export import export_bundle
-from fedcart.model_export.item_item import head_items, item_table
-from fedcart.model_export.model import Neighbours, Weights, place, trained_groups
-from fedcart.model_export.model import group_size as group_size_of
-from fedcart.model_export.statistics import (
-    COOCCURRENCE,
-    POPULARITY,
-    STATISTICS,
-    popularity_bias,
-    triangle_size,
-)
+from fedcart.aggregator.store import Statistic, Store
+from fedcart.model_export.item_item import head_items
+from fedcart.model_export.model import Neighbours, Weights, trained_groups
+from fedcart.model_export.statistics import COOCCURRENCE, POPULARITY, triangle_size
 from fedcart.model_export.update import TRAIN, UpdateFormat
 from fedcart.open_files import raise_open_file_limit
 from fedcart.protocol import channel
@@ -106,15 +70,12 @@ from fedcart.protocol.control import (
     Welcome,
     expect,
 )
-from fedcart.protocol.terms import Norm, RoundTerms, Task, TrainingPlan
 from fedcart.secagg.client import PROTOCOL_MESSAGES
-from fedcart.secagg.consistency import corrupt_count
 from fedcart.secagg.crypto import IdentityKey, verify
 from fedcart.secagg.errors import LateMessage, ProtocolViolation, RemoteProtocolError, RoundFailed
 from fedcart.secagg.groups import split_cohort
 from fedcart.secagg.messages import envelope
-from fedcart.secagg.params import SecAggParameters, choose
-from fedcart.secagg.server import ServerRound, ServerState
+from fedcart.secagg.server import ServerState
 
 __all__ = ["Aggregator"]
 
@@ -123,10 +84,6 @@ CHECKIN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0  # seconds a closing connection waits for the device's close frame
 BUNDLE_SENDS = 8  # bundles being sent at once
 LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
-WAIT_LOG_INTERVAL = 60.0  # seconds between "round waits" messages while a wait lasts
-# a round's duration from its start to its end (bounds in seconds): a training round of a
-# few devices takes seconds, a statistics round over thousands minutes
-ROUND_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class CannotCharge(RuntimeError):
@@ -146,155 +103,6 @@ class _Connection:
     late: dict[int, int] = field(default_factory=dict)  # late messages of its latest round
 
 
-@dataclass
-class _Group:
-    """One group of a round: its own SecAgg+ round over some of the cohort."""
-
-    index: int
-    server: ServerRound
-    params: SecAggParameters
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    phase_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def done(self) -> bool:
-        return self.server.state == ServerState.DONE and self.server.result is not None
-
-    def summary(self) -> dict:
-        return {"devices": self.params.n, "k": self.params.degree,
-                "t": self.params.threshold, "failure_bound": self.params.failure,
-                "survivors": len(self.server.survivors) if self.done else 0,
-                "status": "completed" if self.done else "failed",
-                "reason": self.server.failure}
-
-
-@dataclass
-class _Round:
-    round_id: int
-    task: str
-    cohort: dict[int, bytes]
-    groups: list[_Group]
-    head: np.ndarray | None = None  # a co-occurrence round's head items
-    bytes_up: int = 0
-    late: int = 0  # messages that came after their group stopped waiting for them
-    loop_stall: float = 0.0  # the event loop's longest stall during the round, seconds
-    told_over: set[int] = field(default_factory=set)  # late devices told the round is over
-
-    def __post_init__(self) -> None:
-        self.group_of = {cid: g for g in self.groups for cid in g.server.participants}
-
-    @property
-    def survivors(self) -> int:
-        return sum(len(g.server.survivors) for g in self.groups if g.done)
-
-    def dropped(self) -> dict[int, str]:
-        """Why each device of the round is not in its sum: dropped within a group that
-        completed (a survivor that missed a later deadline is in the sum), or a member of
-        a group that failed."""
-        out: dict[int, str] = {}
-        for g in self.groups:
-            if g.done:
-                survivors = set(g.server.survivors)
-                out.update((c, why) for c, why in g.server.dropped.items()
-                           if c not in survivors)
-            else:
-                out.update(dict.fromkeys(g.server.participants,
-                                         f"group {g.index} failed"))
-        return out
-
-    def phase_seconds(self) -> dict[str, float]:
-        """Each phase's longest time over the groups."""
-        out: dict[str, float] = {}
-        for g in self.groups:
-            for phase, seconds in g.phase_seconds.items():
-                out[phase] = max(out.get(phase, 0.0), seconds)
-        return out
-
-
-def peak_resident_mb() -> float:
-    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, it is not
-    inherited from the parent across fork and exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@dataclass(frozen=True)
-class _Model:
-    """A published model version as the service serves it: the verified bundle and two
-    frames shared by every send (not a copy per device): the whole bundle, and for a device
-    that holds the files that never change, the rest."""
-
-    bundle: Bundle
-    constant_files: frozenset[str]
-    bundle_frame: bytes
-    update_frame: bytes
-
-
-def _read_model(bundle_dir: Path, public_key: bytes) -> _Model:
-    """Read, verify and frame a bundle: a second of hashing and copying for a large model,
-    which the service runs off its event loop after each round."""
-    bundle = read_bundle(bundle_dir, public_key)
-    return _Model(bundle, frozenset(bundle.manifest.files[n] for n in CONSTANT_FILES),
-                  bytes([channel.BUNDLE]) + pack_members(bundle.members()),
-                  bytes([channel.BUNDLE]) + pack_members(bundle.members(
-                      without=CONSTANT_FILES)))
-
-
-class _Metrics:
-    """The service's Prometheus metrics, in a registry of its own (not the process-global
-    one: a process may hold several services, as the tests do), with the process's CPU,
-    memory and open files, the Python platform, and the FedCart version serving."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        Info("fedcart_build", "The FedCart version this service runs",
-             registry=self.registry).info({"version": __version__})
-        self.round_seconds = Histogram(
-            "fedcart_round_duration_seconds", "Rounds' durations, from the round notice to "
-            "the published model (or the failure), by task and outcome", ["task", "status"],
-            buckets=ROUND_SECONDS, registry=self.registry)
-        self.rounds = Counter("fedcart_rounds", "Rounds by outcome", ["status"],
-                              registry=self.registry)
-        self.survivors = Gauge("fedcart_last_round_survivors", "Survivors of the last round",
-                               registry=self.registry)
-        self.dropouts = Counter("fedcart_dropouts", "Devices dropped from rounds",
-                                registry=self.registry)
-        self.epsilon = Gauge("fedcart_epsilon_spent", "Epsilon spent at the configured delta",
-                             registry=self.registry)
-        self.bytes_up = Counter("fedcart_bytes_received", "Protocol bytes from devices",
-                                registry=self.registry)
-        self.bytes_down = Counter("fedcart_bytes_sent", "Bytes sent to devices",
-                                  registry=self.registry)
-        self.late = Counter("fedcart_late_messages", "Messages that came after their round "
-                            "or group stopped waiting for them (ignored)",
-                            registry=self.registry)
-        self.groups = Counter("fedcart_groups", "SecAgg+ groups by outcome", ["status"],
-                              registry=self.registry)
-        self.loop_stall = Gauge("fedcart_event_loop_stall_seconds", "The event loop's "
-                                "longest stall in the last round (check-ins and keepalives "
-                                "wait that long)", registry=self.registry)
-        self.connected = Gauge("fedcart_connected_devices", "Checked-in devices",
-                               registry=self.registry)
-        self.model_version = Gauge("fedcart_model_version", "Published model version",
-                                   registry=self.registry)
-        self.check_ins = Counter("fedcart_check_ins", "Check-ins by what the server did: "
-                                 "kept the device connected, sent it away to come back "
-                                 "later (pacing), or refused it", ["decision"],
-                                 registry=self.registry)
-        self.released = Counter("fedcart_leases_ended", "Connections sent away after their "
-                                "lease, to make room for devices waiting to check in",
-                                registry=self.registry)
-
-
 class Aggregator:
     """The service over one state directory (see ``fedcart-aggregator init``)."""
 
@@ -302,16 +110,15 @@ class Aggregator:
         self.state = state
         self.config = config
         self.store = Store(state.database)
-        self.signing_key: nacl.signing.SigningKey = state.signing_key()
-        self.identity = IdentityKey(bytes(self.signing_key))
+        signing_key = state.signing_key()
+        self.identity = IdentityKey(bytes(signing_key))
+        self.publisher = Publisher(state, signing_key, self.identity.public)
         self.connections: dict[int, _Connection] = {}
-        self.round: _Round | None = None
-        self.metrics = _Metrics()
+        self.round: Round | None = None
+        self.metrics = Metrics()
         self.stopping = asyncio.Event()
         self._bundle_sends = asyncio.Semaphore(BUNDLE_SENDS)
-        self._waiting_since: float | None = None
-        # when the last "round waits" for min_clients was logged (None: not waiting)
-        self._short_logged: float | None = None
+        self.waits = rounds.Waits(config)
         self.rounds_done = 0
         # why the service stopped itself, when the privacy accounting refused a round
         self.stop_reason: BudgetExceeded | CannotCharge | None = None
@@ -349,25 +156,14 @@ class Aggregator:
         for round_id in self.store.abandon_running_rounds():
             log.warning("round %d was interrupted by a restart; its ledger entry (if any) "
                         "stands", round_id)
-        published = {Path(m.bundle_dir).name for m in self.store.models()}
-        for entry in self.state.bundles.iterdir():
-            if entry.name in published:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink()
+        self.publisher.remove_unpublished(self.store.models())
         latest = self.store.latest_model()
         if latest is None:
             raise RuntimeError(f"{self.state.root} has no model: run fedcart-aggregator init")
-        self._load_model(latest)
+        self._use(self.publisher.load(latest), latest.version)
         self.metrics.epsilon.set(epsilon_spent(self.store.ledger(), self.config.delta))
 
-    def _load_model(self, row: ModelRow) -> None:
-        self._use(_read_model(self.state.root / row.bundle_dir, self.identity.public),
-                  row.version)
-
-    def _use(self, model: _Model, version: int) -> None:
+    def _use(self, model: Model, version: int) -> None:
         self.bundle, self.constant_files = model.bundle, model.constant_files
         self.bundle_frame, self.update_frame = model.bundle_frame, model.update_frame
         self.weights, self.neighbours = model.bundle.weights(), model.bundle.neighbours()
@@ -400,18 +196,18 @@ class Aggregator:
                      cfg.host, self.port, self.model_version)
             if ready is not None:
                 ready.set()
-            rounds = asyncio.create_task(self._round_loop())
+            round_loop = asyncio.create_task(self._round_loop())
             probe = asyncio.create_task(self._probe_loop())
             stopped = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait([rounds, stopped], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([round_loop, stopped], return_when=asyncio.FIRST_COMPLETED)
             if self.round is not None:  # an unmasking thread gives up at its next secret
                 for group in self.round.groups:
                     group.server.abort()
-            rounds.cancel()
+            round_loop.cancel()
             stopped.cancel()
             probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await rounds
+                await round_loop
             log.info("closing %d connections", len(self.connections))
         self.store.close()
         log.info("stopped; peak resident memory %.1f MB", peak_resident_mb())
@@ -588,75 +384,24 @@ class Aggregator:
                     return
             await asyncio.sleep(cfg.round_interval if outcome != "skipped" else 0.2)
 
-    def _sample(self, sampling_rate: float) -> dict[int, bytes]:
-        """Poisson sampling with the OS CSPRNG: each connected device independently with
-        probability q (what the accountant assumes)."""
-        threshold = round(sampling_rate * 2**53)
-        return {cid: c.public_key for cid, c in sorted(self.connections.items())
-                if secrets.randbits(53) < threshold}
-
-    def _population_ready(self, task: str, sampling_rate: float) -> bool:
-        """Whether the next round may start. It waits for ``min_connected`` check-ins, at
-        most ``population_wait``: a device that stays away must not stop the service (it is
-        then simply not sampled). A statistics round over the whole population (q = 1: its
-        sums name the head items and build the table every device gets) also needs
-        ``population_share`` of the enrolled devices checked in, and does not start
-        without them, saying why once every ``population_wait``. (A training round is one
-        step of many: with q = 1 it still takes whoever is there.)"""
-        cfg, connected, now = self.config, len(self.connections), time.monotonic()
-        self._waiting_since = self._waiting_since or now
-        waited = now - self._waiting_since
-        if task in STATISTICS and sampling_rate >= 1.0:
-            enrolled = self.store.enrolled()
-            need = math.ceil(cfg.population_share * enrolled)
-            if connected < need:
-                if waited >= cfg.population_wait:
-                    log.warning("round waits: %d of %d enrolled devices are checked in, a "
-                                "round over the whole population needs %d "
-                                "(round.population_share %g)", connected, enrolled, need,
-                                cfg.population_share)
-                    self._waiting_since = now
-                return False
-        if connected < cfg.min_connected:
-            if waited < cfg.population_wait:
-                return False
-            log.warning("%d of %d devices checked in after %.0f s: the round goes ahead",
-                        connected, cfg.min_connected, cfg.population_wait)
-        self._waiting_since = None
-        return True
-
-    def _cohort_ready(self, sampled: int, sampling_rate: float) -> bool:
-        """Whether a round of ``sampled`` devices may run: at least ``min_clients``. A round
-        that is skipped for want of devices says why when the wait begins (routine: a
-        service that has just started has no devices yet) and, as a warning, every
-        WAIT_LOG_INTERVAL while it lasts; not at every tick of the round loop. A deployment
-        smaller than its min_clients would otherwise wait in silence."""
-        cfg, now = self.config, time.monotonic()
-        if sampled >= cfg.min_clients:
-            self._short_logged = None
-            return True
-        if self._short_logged is None or now - self._short_logged >= WAIT_LOG_INTERVAL:
-            of = f" ({sampled} sampled at q = {sampling_rate:g})" if sampling_rate < 1 else ""
-            level = logging.INFO if self._short_logged is None else logging.WARNING
-            log.log(level, "round waits: %d devices checked in%s, a round needs "
-                    "min_clients = %d", len(self.connections), of, cfg.min_clients)
-            self._short_logged = now
-        return False
-
     async def _run_round(self) -> str:
         cfg = self.config
-        task = self._next_task()
-        sampling_rate = self._sampling_rate(task)
-        if not self._population_ready(task, sampling_rate):
+        task = rounds.next_task(cfg, self.store.released)
+        sampling_rate = rounds.sampling_rate(cfg, task)
+        if not self.waits.population_ready(task, sampling_rate, len(self.connections),
+                                           self.store.enrolled):
             return "skipped"
-        cohort = self._sample(sampling_rate)
-        if not self._cohort_ready(len(cohort), sampling_rate):
+        cohort = rounds.sample({cid: c.public_key for cid, c in self.connections.items()},
+                               sampling_rate)
+        if not self.waits.cohort_ready(len(cohort), sampling_rate, len(self.connections)):
             return "skipped"
         round_id = self.store.next_round_id()
         head = self._head() if task == COOCCURRENCE else None
         members = split_cohort(list(cohort), cfg.group_size)
         # every group encodes for the largest group's size: one format for the round
-        terms = self._terms(task, max(len(m) for m in members), head)
+        terms = rounds.round_terms(cfg, task, max(len(m) for m in members), head,
+                                   self.bundle.manifest.vocabulary_sha256, self.weights,
+                                   self.groups, self.model_version)
         fmt = UpdateFormat.of(terms)
         charge = None
         if cfg.mechanism != "none":
@@ -667,10 +412,9 @@ class Aggregator:
                 raise CannotCharge(f"round {round_id} ({task}) cannot be accounted: {exc}; "
                                    "no round runs") from exc
             check_budget(self.store.ledger(), charge, Budget(cfg.budget_epsilon, cfg.delta))
-        groups = [self._group(i, round_id, {cid: cohort[cid] for cid in ids}, fmt.vector_len,
-                              terms)
-                  for i, ids in enumerate(members)]
-        current = _Round(round_id, task, cohort, groups, head)
+        groups = rounds.groups_for(cfg, round_id, cohort, members, fmt.vector_len, terms,
+                                   self.identity)
+        current = Round(round_id, task, cohort, groups, head)
         self.round = current
         started = time.monotonic()
         self.store.start_round(round_id, self.model_version, len(cohort))
@@ -716,23 +460,7 @@ class Aggregator:
         self.metrics.round_seconds.labels(task, "completed").observe(time.monotonic() - started)
         return "completed" if task == TRAIN else "statistic"
 
-    def _group(self, index: int, round_id: int, members: dict[int, bytes],
-               vector_len: int, terms: RoundTerms) -> _Group:
-        """A group's SecAgg+ round, with k and t chosen for its size (or the configured k,
-        with t = k/2 + 1)."""
-        cfg, n = self.config, len(members)
-        if cfg.secagg_degree:
-            degree = min(cfg.secagg_degree, n - 1)
-            even = min(n - 1, degree + degree % 2)
-            params = SecAggParameters(n, degree, even // 2 + 1, float("nan"), float("nan"))
-        else:
-            params = choose(n, cfg.expected_dropout, cfg.corrupt_fraction, cfg.failure_bound)
-        server = ServerRound(round_id, members, params.degree, params.threshold, vector_len,
-                             self.identity, terms=terms.to_bytes(),
-                             corrupt=corrupt_count(n, cfg.corrupt_fraction))
-        return _Group(index, server, params)
-
-    async def _notify(self, current: _Round) -> None:
+    async def _notify(self, current: Round) -> None:
         """Send a training round's cohort the model if they are behind, then every member
         its round notice: the round's id and the device's id in it (the terms come signed,
         in the round config)."""
@@ -742,37 +470,25 @@ class Aggregator:
         await asyncio.gather(*(self._send(cid, RoundNotice(current.round_id, cid).to_frame())
                                for cid in current.cohort))
 
-    def _sum(self, groups: list[_Group], fmt: UpdateFormat, detail: dict) -> np.ndarray:
+    def _sum(self, groups: list[Group], fmt: UpdateFormat, detail: dict) -> np.ndarray:
         """The completed groups' integer sums added up, each first clamped to what its
-        devices could honestly have sent (UpdateFormat.clamp says why it is clamped, not
-        refused). Under DP the range is for the format's group size, a constant, and how
-        many entries were outside it is neither stored nor logged: it depends on honest
-        inputs, without noise. Without DP, the range is the survivors' and ``detail``
-        records the count."""
+        devices could honestly have sent (``release.add_up``). Under DP how many entries
+        were outside that range is neither stored nor logged: it depends on honest inputs,
+        without noise. Without DP, ``detail`` records the count."""
         dp = self.config.mechanism != "none"
-        total = np.zeros(fmt.n_params, np.int64)
-        for g in groups:
-            if not g.done:
-                continue
+        done = [g for g in groups if g.done]
+        results = []
+        for g in done:
             assert g.server.result is not None
-            sums, outside = fmt.clamp(fmt.decode(g.server.result), fmt.group_size if dp
-                                      else len(g.server.survivors))
-            if outside and not dp:
-                detail["clamped_entries"] = detail.get("clamped_entries", 0) + outside
+            results.append((g.server.result, len(g.server.survivors)))
+        total, outside = release.add_up(fmt, results, dp)
+        for g, count in zip(done, outside, strict=True):
+            if count and not dp:
+                detail["clamped_entries"] = detail.get("clamped_entries", 0) + count
                 log.warning("round %d: group %d's sum had %d entries outside what its "
                             "devices can honestly send: clamped", g.server.round_id,
-                            g.index, outside)
-            total += sums
+                            g.index, count)
         return total
-
-    def _next_task(self) -> str:
-        """The statistics rounds first (each until it completes), then training."""
-        if self.config.statistics is not None:
-            released = self.store.released()
-            for kind in STATISTICS:
-                if kind not in released:
-                    return kind
-        return TRAIN
 
     def _head(self) -> np.ndarray:
         """The co-occurrence round's items: the most popular by the released popularity."""
@@ -781,39 +497,7 @@ class Aggregator:
         return head_items(popularity.total, min(self.config.statistics.head_items,
                                                 self.weights.n_items))
 
-    def _terms(self, task: str, group_size: int, head: np.ndarray | None) -> RoundTerms:
-        """A round's terms: how its inputs are clipped and encoded (a training round's is
-        the update of the trained groups, weighted; a statistics round's one clipped vector
-        per device), and what a training round's devices do."""
-        cfg, stats = self.config, self.config.statistics
-        dp = cfg.mechanism != "none"
-        # a packed lane's carry moves the lane above it: a lying device could make one
-        # honest input move the sum by twice its sensitivity, so DP rounds are not packed.
-        # Under DP the scale is for the configured group size, a constant (see _sum).
-        packed = not dp and task != TRAIN and UpdateFormat.can_pack(group_size)
-        group_size = cfg.group_size if dp else group_size
-        terms = RoundTerms(
-            Task.POPULARITY, self.bundle.manifest.vocabulary_sha256,
-            n_params=self.weights.n_items, clip_norm=stats.popularity_clip if stats else 1.0,
-            norm=Norm.L1 if cfg.mechanism == Mechanism.LAPLACE else Norm.L2, packed=packed,
-            group_size=group_size)
-        if task == POPULARITY:
-            return terms
-        if task == COOCCURRENCE:
-            assert head is not None and stats is not None
-            return dataclasses.replace(terms, task=Task.COOCCURRENCE,
-                                       n_params=triangle_size(len(head)),
-                                       clip_norm=stats.cooccurrence_clip,
-                                       head=tuple(int(i) for i in head))
-        plan = TrainingPlan(cfg.local_epochs, cfg.batch_size, tuple(cfg.learning_rates),
-                            cfg.examples_per_round, tuple(self.groups))
-        return dataclasses.replace(
-            terms, task=Task.TRAIN, n_params=group_size_of(self.groups, self.weights.n_items,
-                                                           self.weights.dim),
-            clip_norm=cfg.clip_norm, weight_cap=cfg.weight_cap,
-            model_version=self.model_version, training=plan)
-
-    async def _drive(self, current: _Round, group: _Group) -> None:
+    async def _drive(self, current: Round, group: Group) -> None:
         """Run one group to its end: wait for each phase to end (every expected answer in,
         or dropped) or time out, send what the group queued (a disconnect can end a phase
         as well as a message), and unmask in a worker thread."""
@@ -896,7 +580,7 @@ class Aggregator:
                 group.server.drop(client_id, reason)
             group.changed.set()
 
-    async def _flush(self, group: _Group) -> None:
+    async def _flush(self, group: Group) -> None:
         """Send what the group queued, to every device at once: one device whose buffer is
         full must not hold up the others' messages."""
         await asyncio.gather(*(self._send(cid, bytes([channel.SECAGG]) + data)
@@ -916,11 +600,11 @@ class Aggregator:
     def _round_over(self, round_id: int, outcome: Outcome) -> bytes:
         return RoundOver(round_id, outcome, self.model_version).to_frame()
 
-    async def _announce(self, current: _Round, status: Outcome) -> None:
+    async def _announce(self, current: Round, status: Outcome) -> None:
         """Tell every member how the round ended for it: ``status`` if its input is in the
         sum, else dropped (its group went on without it) or failed (its group failed)."""
 
-        def outcome(group: _Group, cid: int) -> Outcome:
+        def outcome(group: Group, cid: int) -> Outcome:
             if group.done and cid in group.server.survivors:
                 return status
             return Outcome.DROPPED if group.done else Outcome.FAILED
@@ -929,7 +613,7 @@ class Aggregator:
             self._send(cid, self._round_over(current.round_id, outcome(g, cid)))
             for g in current.groups for cid in g.server.participants))
 
-    async def _noised(self, current: _Round, sums: np.ndarray, fmt: UpdateFormat,
+    async def _noised(self, current: Round, sums: np.ndarray, fmt: UpdateFormat,
                       charge: RoundCharge | None, detail: dict) -> tuple[np.ndarray, float]:
         """The integer ``sums`` plus the round's DP noise (none without DP), sampled
         exactly in the integers (in a worker thread: seconds for a large vector), in the
@@ -937,43 +621,31 @@ class Aggregator:
         and the noise's standard deviation in those units. The charge is committed first,
         before the noised sum exists."""
         if charge is None:
-            noised, std, noise_norm = sums, 0.0, 0.0
+            noised = release.Noised(sums, 0.0, 0.0)
         else:
+            # committed before the noise is drawn (a privacy invariant: no noised sum exists
+            # that the ledger does not account for, whatever crashes after the draw)
             self.store.charge(charge)
-            scale = charge.noise_scale
-            if charge.mechanism is Mechanism.GAUSSIAN:
-                draw = await asyncio.to_thread(noise.discrete_gaussian, sums.size, scale)
-                std, noise_norm = scale, noise.gaussian_norm_bound(sums.size, scale)
-            else:
-                draw = await asyncio.to_thread(noise.discrete_laplace, sums.size, scale)
-                std, noise_norm = scale * math.sqrt(2), noise.laplace_norm_bound(sums.size,
-                                                                                  scale)
-            noised = sums + draw
-        values, limited = fmt.limit_norm(fmt.values(noised), self._inputs_bound(current),
-                                         noise_norm)
+            noised = await asyncio.to_thread(release.add_noise, sums, charge)
+        values, std, limited = release.in_units(fmt, noised, self._inputs_bound(current))
         if limited:
             detail["norm_limited"] = True
             log.warning("round %d: the sum's norm exceeded what honest devices and the noise "
                         "reach: scaled down", current.round_id)
-        return values, std / fmt.scale
+        return values, std
 
-    def _sampling_rate(self, task: str) -> float:
-        """q of a task's rounds: the statistics rounds have their own."""
-        stats = self.config.statistics
-        return stats.sampling_rate if task in STATISTICS and stats else self.config.sampling_rate
-
-    def _inputs_bound(self, current: _Round) -> int:
+    def _inputs_bound(self, current: Round) -> int:
         """How many inputs the released sum's norm is bounded for. Without DP, the round's
-        survivors. Under DP a number that depends on no one's participation: the cohort
-        size Poisson sampling exceeds with probability below 1e-9 (q N + 6 sqrt(q N) + 1),
-        so that the bound, when a lying device makes it bind, reveals nothing."""
+        survivors. Under DP a number that depends on no one's participation
+        (``release.inputs_bound``)."""
         if self.config.mechanism == "none":
             return current.survivors
         cfg = self.config
-        expected = self._sampling_rate(current.task) * (cfg.population or self.store.enrolled())
-        return math.ceil(expected + 6 * math.sqrt(expected) + 1)
+        expected = rounds.sampling_rate(cfg, current.task) * (cfg.population
+                                                              or self.store.enrolled())
+        return release.inputs_bound(expected)
 
-    async def _apply(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,
+    async def _apply(self, current: Round, fmt: UpdateFormat, sums: np.ndarray,
                      charge: RoundCharge | None, detail: dict) -> None:
         """A training round: charge the ledger, noise the sum, step the optimizer on the
         trained groups with the mean over a denominator the server fixes (no device's
@@ -982,16 +654,12 @@ class Aggregator:
         noised, _ = await self._noised(current, sums, fmt, charge, detail)
         denominator = (cfg.sampling_rate * (cfg.population or self.store.enrolled())
                        if charge is not None else current.survivors)
-        mean = noised / max(denominator, 1.0)
-        m = self.weights
-        optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_lr)
-        optimizer.load(self.store.optimizer_state(self.model_version))
-        flat = optimizer.step(m.flat().astype(np.float64),
-                              place(mean, self.groups, m.n_items, m.dim))
-        new = Weights.from_flat(flat.astype(np.float32), m.n_items, m.dim)
-        await self._publish(current, new, self.neighbours, optimizer.state(), detail)
+        new, optimizer_state = release.training_step(
+            self.weights, noised, denominator, self.groups, cfg.optimizer, cfg.optimizer_lr,
+            self.store.optimizer_state(self.model_version))
+        await self._publish(current, new, self.neighbours, optimizer_state, detail)
 
-    async def _apply_statistic(self, current: _Round, fmt: UpdateFormat, sums: np.ndarray,
+    async def _apply_statistic(self, current: Round, fmt: UpdateFormat, sums: np.ndarray,
                                charge: RoundCharge | None, detail: dict) -> None:
         """A statistics round: charge, noise, store. The popularity sum names the next
         round's head items; the co-occurrence sum becomes the item-item table and, with the
@@ -1013,25 +681,14 @@ class Aggregator:
         assert popularity is not None
         # seconds of numpy for a large catalog (the names' table, EASE's inverse): off the
         # event loop, so check-ins and pings are served meanwhile
-        table = await asyncio.to_thread(item_table, total, head, self.bundle.names, stats,
-                                        noise_std)
-        m = self.weights
-        bias = stats.popularity_weight * popularity_bias(popularity.total)
-        new = Weights(m.e_in, m.e_out, bias, m.blend)
+        new, table = await asyncio.to_thread(release.cooccurrence_model, self.weights, total,
+                                             head, self.bundle.names, stats, noise_std,
+                                             popularity.total)
         log.info("round %d: item-item table over %d head items from %d survivors (noise "
                  "std %.3g)", current.round_id, len(head), survivors, noise_std)
         await self._publish(current, new, table, {}, detail, released)
 
-    async def _prune_bundles(self) -> None:
-        """Delete the bundles of all but the newest ``keep_bundles`` versions (in a worker
-        thread): devices only ever download the current one, and each version is megabytes.
-        The model history (versions, rounds, manifest hashes) stays in the database."""
-        keep = self.config.keep_bundles
-        for row in self.store.models()[:-keep] if keep else []:
-            await asyncio.to_thread(shutil.rmtree, self.state.root / row.bundle_dir,
-                                    ignore_errors=True)
-
-    async def _publish(self, current: _Round, weights: Weights, neighbours: Neighbours,
+    async def _publish(self, current: Round, weights: Weights, neighbours: Neighbours,
                        optimizer_state: dict[str, np.ndarray], detail: dict,
                        statistic: Statistic | None = None) -> None:
         """Sign and publish a new model version (with the statistic it was derived from, in
@@ -1039,18 +696,9 @@ class Aggregator:
         cfg = self.config
         survivors = current.survivors
         version = self.model_version + 1
-        name = f"v{version:08d}"
-        # writing, signing, then reading back and verifying a bundle: off the event loop
-        manifest = await asyncio.to_thread(
-            export_bundle, self.state.bundles / name, weights, self.bundle.items,
-            self.bundle.names, self.signing_key, neighbours=neighbours, model_version=version,
-            round_id=current.round_id, history_decay=self.bundle.manifest.history_decay,
-            graphs={n: self.bundle.files[n] for n in GRAPH_FILES})
-        digest = hashlib.sha256(manifest.to_json()).hexdigest()
+        row, model = await self.publisher.write(self.bundle, weights, neighbours, version,
+                                                current.round_id)
         detail["epsilon"] = epsilon_spent(self.store.ledger(), cfg.delta)
-        row = ModelRow(version, current.round_id, f"bundles/{name}", digest)
-        model = await asyncio.to_thread(_read_model, self.state.root / row.bundle_dir,
-                                        self.identity.public)
         self.store.publish(row, optimizer_state, current.round_id, survivors, detail,
                            statistic)
         self._use(model, version)
@@ -1059,7 +707,7 @@ class Aggregator:
         self.metrics.epsilon.set(detail["epsilon"])
         log.info("round %d: %d survivors, model version %d, epsilon %.4g", current.round_id,
                  survivors, version, detail["epsilon"])
-        await self._prune_bundles()
+        await self.publisher.prune(self.store.models(), cfg.keep_bundles)
         for conn in list(self.connections.values()):
             if conn.follow_model:
                 await self._send_model(conn)

@@ -1,0 +1,86 @@
+"""What the aggregator service measures: its Prometheus metrics (served at GET /metrics) and
+the process's peak resident memory (logged when it stops)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from fedcart import __version__
+
+__all__ = ["ROUND_SECONDS", "Metrics", "peak_resident_mb"]
+
+# a round's duration from its start to its end (bounds in seconds): a training round of a
+# few devices takes seconds, a statistics round over thousands minutes
+ROUND_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (not the process-global
+    one: a process may hold several services, as the tests do), with the process's CPU,
+    memory and open files, the Python platform, and the FedCart version serving."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("fedcart_build", "The FedCart version this service runs",
+             registry=self.registry).info({"version": __version__})
+        self.round_seconds = Histogram(
+            "fedcart_round_duration_seconds", "Rounds' durations, from the round notice to "
+            "the published model (or the failure), by task and outcome", ["task", "status"],
+            buckets=ROUND_SECONDS, registry=self.registry)
+        self.rounds = Counter("fedcart_rounds", "Rounds by outcome", ["status"],
+                              registry=self.registry)
+        self.survivors = Gauge("fedcart_last_round_survivors", "Survivors of the last round",
+                               registry=self.registry)
+        self.dropouts = Counter("fedcart_dropouts", "Devices dropped from rounds",
+                                registry=self.registry)
+        self.epsilon = Gauge("fedcart_epsilon_spent", "Epsilon spent at the configured delta",
+                             registry=self.registry)
+        self.bytes_up = Counter("fedcart_bytes_received", "Protocol bytes from devices",
+                                registry=self.registry)
+        self.bytes_down = Counter("fedcart_bytes_sent", "Bytes sent to devices",
+                                  registry=self.registry)
+        self.late = Counter("fedcart_late_messages", "Messages that came after their round "
+                            "or group stopped waiting for them (ignored)",
+                            registry=self.registry)
+        self.groups = Counter("fedcart_groups", "SecAgg+ groups by outcome", ["status"],
+                              registry=self.registry)
+        self.loop_stall = Gauge("fedcart_event_loop_stall_seconds", "The event loop's "
+                                "longest stall in the last round (check-ins and keepalives "
+                                "wait that long)", registry=self.registry)
+        self.connected = Gauge("fedcart_connected_devices", "Checked-in devices",
+                               registry=self.registry)
+        self.model_version = Gauge("fedcart_model_version", "Published model version",
+                                   registry=self.registry)
+        self.check_ins = Counter("fedcart_check_ins", "Check-ins by what the server did: "
+                                 "kept the device connected, sent it away to come back "
+                                 "later (pacing), or refused it", ["decision"],
+                                 registry=self.registry)
+        self.released = Counter("fedcart_leases_ended", "Connections sent away after their "
+                                "lease, to make room for devices waiting to check in",
+                                registry=self.registry)
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, it is not
+    inherited from the parent across fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
