@@ -16,11 +16,11 @@ import nacl.signing
 import numpy as np
 
 from bench.common import Row, seconds_per_call
+from fedcart.aggregator.item_item import table_width
 from fedcart.model_export.bundle import CONSTANT_FILES
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.features import ExampleSet
 from fedcart.model_export.graphs import recommend_graph, train_step_graph
-from fedcart.model_export.item_item import table_width
 from fedcart.model_export.model import ITEM_ITEM, Neighbours, Weights, init_weights, sgd_step
 from fedcart.model_export.runtime import Recommender, TrainStep
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcart.model_export.datasets import BasketData, load_instacart, load_uci
-from fedcart.model_export.evaluation import Split, make_split
+from fedcart.data.datasets import BasketData, load_instacart, load_uci
+from fedcart.data.evaluation import Split, make_split
 from fedcart.protocol.policy import DevicePolicy
 from fedcart.secagg.policy import PERMISSIVE
 from tests.process_owner import SESSION, ProcessOwner, end, left_running

@@ -19,9 +19,9 @@ import fedcart
 from fedcart.aggregator.cli import main as aggregator_main
 from fedcart.aggregator.config import Preset, load_config
 from fedcart.aggregator.process import AggregatorProcess
+from fedcart.data.evaluation import make_split
 from fedcart.edge_client.cli import main as device_main
 from fedcart.model_export.bundle import read_bundle
-from fedcart.model_export.evaluation import make_split
 from fedcart.simulation.cli import main as sim_main
 from tests.conftest import CSV_OPTS, synthetic_data
 from tests.test_service import CONFIG, make_world

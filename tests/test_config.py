@@ -20,7 +20,7 @@ from fedcart.aggregator.config import (
     load_config,
     render_config,
 )
-from fedcart.model_export.item_item import StatisticsSettings
+from fedcart.aggregator.item_item import StatisticsSettings
 from fedcart.model_export.model import TENSOR_NAMES
 from fedcart.simulation.federated import FederatedSettings
 

@@ -20,9 +20,9 @@ import pytest
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
+from fedcart.data.evaluation import make_split
 from fedcart.edge_client.device import Device
 from fedcart.model_export.bundle import GRAPH_FILES, pack_members, read_bundle
-from fedcart.model_export.evaluation import make_split
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.model import init_weights
 from tests.conftest import SMALL_COHORTS, synthetic_data

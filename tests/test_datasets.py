@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcart.model_export.datasets import (
+from fedcart.data.datasets import (
     BUNDLED,
     CsvColumns,
     DataError,
@@ -57,7 +57,7 @@ def test_instacart_matches_data_readme() -> None:
 
 
 def test_bundled_files_match_their_recorded_hashes() -> None:
-    from fedcart.model_export.datasets import _FILES  # the installed package data
+    from fedcart.data.datasets import _FILES  # the installed package data
 
     for filename, digest in BUNDLED.values():
         assert file_sha256(Path(str(_FILES / filename))) == digest
@@ -65,7 +65,7 @@ def test_bundled_files_match_their_recorded_hashes() -> None:
 
 def test_a_wheel_without_the_data_sets_says_where_they_are(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fedcart.model_export.datasets as datasets
+    import fedcart.data.datasets as datasets
 
     monkeypatch.setattr(datasets, "_FILES", tmp_path)  # an install without the files
     with pytest.raises(datasets.DataError, match="ship in the source repository, not the wheel"):
@@ -163,7 +163,7 @@ def test_csv_separator_is_detected(tmp_path: Path, separator: str, packing: str)
 
 def test_separator_is_read_from_the_start_of_a_large_file(tmp_path: Path) -> None:
     """Only the first SNIFF_BYTES are sniffed, and a line they cut off does not count."""
-    from fedcart.model_export.datasets import SNIFF_BYTES
+    from fedcart.data.datasets import SNIFF_BYTES
 
     rows = [("shopper", "sku", "when")] + [
         (str(u), f"item{u % 7}", f"2024-01-{1 + u % 28:02d}") for u in range(SNIFF_BYTES // 10)]

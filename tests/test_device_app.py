@@ -18,9 +18,9 @@ import pytest
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
+from fedcart.data.evaluation import make_split
 from fedcart.edge_client import __all__ as PUBLIC_NAMES
 from fedcart.edge_client.device import Device, RoundReport
-from fedcart.model_export.evaluation import make_split
 from tests.conftest import SMALL_COHORTS, synthetic_data
 from tests.process_owner import ProcessOwner
 from tests.test_tls_cli import COHORT, CONFIG, PROJECT

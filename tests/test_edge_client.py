@@ -26,9 +26,9 @@ from fedcart.model_export.bundle import (
 )
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.model import N_BLEND, init_weights, pick
-from fedcart.model_export.statistics import triangle_size
-from fedcart.model_export.update import UpdateFormat
+from fedcart.protocol.statistics import triangle_size
 from fedcart.protocol.terms import Norm, RoundTerms, Task, TermsError, TrainingPlan
+from fedcart.protocol.update import UpdateFormat
 
 ITEMS = [f"sku{i:02d}" for i in range(25)]
 

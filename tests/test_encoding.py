@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcart.model_export.statistics import cooccurrence, triangle_size
-from fedcart.model_export.update import SLACK, UpdateFormat, clip
+from fedcart.protocol.statistics import cooccurrence, triangle_size
 from fedcart.protocol.terms import Norm
+from fedcart.protocol.update import SLACK, UpdateFormat, clip
 from fedcart.secagg.fixedpoint import (
     LANE,
     WORD_LIMIT,

@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedcart.model_export import baselines
-from fedcart.model_export.evaluation import (
+from fedcart.data import baselines
+from fedcart.data.evaluation import (
     HiddenItem,
     Query,
     Split,

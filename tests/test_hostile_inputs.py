@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedcart.aggregator.config import ConfigError, load_config
+from fedcart.data.datasets import BasketData, CsvColumns, DataError, load_csv
 from fedcart.model_export.bundle import FORMAT_VERSION, PAYLOAD_FILES, BundleError, Manifest
-from fedcart.model_export.datasets import BasketData, CsvColumns, DataError, load_csv
 from fedcart.protocol import channel
 from fedcart.protocol.control import ControlMessage
 from fedcart.secagg.errors import MalformedMessage

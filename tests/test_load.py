@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from fedcart.aggregator.process import AggregatorProcess
-from fedcart.model_export.evaluation import make_split
+from fedcart.data.evaluation import make_split
 from fedcart.simulation.federated import FederatedSettings, run_federated
 from tests.conftest import synthetic_data
 from tests.test_service import CONFIG, make_world

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from fedcart.model_export import name_neighbours
+from fedcart.aggregator import name_neighbours
+from fedcart.aggregator.name_neighbours import name_neighbours as names_table
+from fedcart.aggregator.name_neighbours import with_names
 from fedcart.model_export.model import Neighbours
-from fedcart.model_export.name_neighbours import name_neighbours as names_table
-from fedcart.model_export.name_neighbours import with_names
 
 NAMES = ["Jumbo Bag Red Retrospot", "JUMBO BAG pink polkadot", "red retrospot cup",
          "Pink Polkadot Cup", "pear", "Pear, conference", "Café crème", "café", "12345",

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from fedcart.aggregator.statedir import init_state
+from fedcart.data.evaluation import make_split
 from fedcart.model_export.bundle import GRAPH_FILES, pack_members, read_bundle
-from fedcart.model_export.evaluation import make_split
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.model import init_weights
 from fedcart.simulation.devices import FD_MARGIN, Shard, _make_devices, _raise_fd_limit

@@ -19,8 +19,8 @@ from fedcart.aggregator.cli import main as aggregator_main
 from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
 from fedcart.aggregator.statedir import StateDir, init_state
 from fedcart.aggregator.store import Store
+from fedcart.data.evaluation import make_split
 from fedcart.edge_client.cli import main as device_main
-from fedcart.model_export.evaluation import make_split
 from fedcart.secagg.crypto import IdentityKey
 from tests.conftest import synthetic_data
 from tests.test_tls_cli import DEVICE, PROJECT, assert_one_line_error

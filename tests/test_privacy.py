@@ -35,8 +35,8 @@ from fedcart.aggregator.privacy import (
     epsilon_spent,
     laplace_rdp,
 )
-from fedcart.model_export.update import clip
 from fedcart.protocol.terms import Norm
+from fedcart.protocol.update import clip
 
 GAUSSIAN, LAPLACE = Mechanism.GAUSSIAN, Mechanism.LAPLACE
 

@@ -14,7 +14,7 @@ import pytest
 
 from fedcart.aggregator.process import TAIL_LINES, AggregatorProcess, running
 from fedcart.aggregator.statedir import StateDir, init_state
-from fedcart.model_export.evaluation import make_split
+from fedcart.data.evaluation import make_split
 from tests.conftest import synthetic_data
 from tests.process_owner import ProcessOwner, Started, left_running, live_groups
 

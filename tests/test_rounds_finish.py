@@ -19,9 +19,9 @@ from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.store import Store
 from fedcart.edge_client.session import Session
 from fedcart.model_export.bundle import read_bundle
-from fedcart.model_export.statistics import POPULARITY, sum_contributions
 from fedcart.protocol import channel
 from fedcart.protocol.control import Refusal, RoundNotice, Welcome
+from fedcart.protocol.statistics import POPULARITY, sum_contributions
 from fedcart.secagg.client import ClientRound, ClientState
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.fixedpoint import packed_scale_for

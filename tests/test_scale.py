@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fedcart.model_export import baselines
-from fedcart.model_export.datasets import CsvColumns, load_csv
-from fedcart.model_export.evaluation import Split, evaluate, make_split
-from fedcart.model_export.item_item import EASE_COPIES
-from fedcart.model_export.memory import AVAILABLE_ENV
+from fedcart.aggregator.item_item import EASE_COPIES
+from fedcart.data import baselines
+from fedcart.data.datasets import CsvColumns, load_csv
+from fedcart.data.evaluation import Split, evaluate, make_split
+from fedcart.data.memory import AVAILABLE_ENV
 from fedcart.simulation.central import baseline_rows
 from fedcart.simulation.cli import main as sim_main
 from fedcart.simulation.federated import FederatedSettings
@@ -180,7 +180,7 @@ def test_the_synth_command_writes_what_the_loader_reads(tmp_path: Path) -> None:
 
 
 def test_evaluation_batches_stay_within_their_budget(split: Split) -> None:
-    from fedcart.model_export.evaluation import SCORES_BUDGET, batch_size
+    from fedcart.data.evaluation import SCORES_BUDGET, batch_size
 
     assert batch_size(3644) == batch_size(13880) == 256
     assert 8 * 50_000 * batch_size(50_000) <= SCORES_BUDGET

@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
+from fedcart.aggregator.item_item import StatisticsSettings, head_items, item_table
 from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
 from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
+from fedcart.data.evaluation import make_split
 from fedcart.edge_client.device import Device
 from fedcart.edge_client.session import Session
 from fedcart.model_export.bundle import read_bundle
-from fedcart.model_export.evaluation import make_split
-from fedcart.model_export.item_item import StatisticsSettings, head_items, item_table
-from fedcart.model_export.statistics import COOCCURRENCE, POPULARITY, sum_contributions
 from fedcart.protocol import channel
 from fedcart.protocol.control import Leave, Refusal, RoundNotice, Welcome
+from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, sum_contributions
 from fedcart.secagg.client import ClientState
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.fixedpoint import packed_scale_for

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcart.model_export.item_item import (
+from fedcart.aggregator.item_item import (
     StatisticsSettings,
     ease_weights,
     exact_statistics,
@@ -20,7 +20,7 @@ from fedcart.model_export.item_item import (
     table_width,
     unpack_triangle,
 )
-from fedcart.model_export.statistics import (
+from fedcart.protocol.statistics import (
     COOCCURRENCE,
     POPULARITY,
     check_head,

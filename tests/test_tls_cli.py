@@ -22,9 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
 from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
+from fedcart.data.evaluation import make_split
 from fedcart.edge_client.cli import main as device_main
 from fedcart.edge_client.device import Device
-from fedcart.model_export.evaluation import make_split
 from tests.conftest import SMALL_COHORTS, synthetic_data
 from tests.process_owner import ProcessOwner
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcart import __version__
-from fedcart.model_export.cli_options import data_options
+from fedcart.data.cli_options import data_options
 
 if TYPE_CHECKING:
     from fedcart.aggregator.config import AggregatorConfig, Preset
@@ -85,11 +85,11 @@ def _catalog(catalog: Path | None, id_col: str, name_col: str | None,
         raise click.UsageError("give --catalog FILE (the item ids, and names with "
                                "--name-col), or --data with a basket data set")
     if catalog is None:
-        from fedcart.model_export.cli_options import load_split
+        from fedcart.data.cli_options import load_split
 
         split, names, _ = load_split(**data)
         return list(split.catalog), [names[i] for i in split.catalog]
-    from fedcart.model_export.datasets import DataError, load_catalog
+    from fedcart.data.datasets import DataError, load_catalog
 
     try:
         items = load_catalog(catalog, id_col, name_col)
@@ -109,9 +109,9 @@ def _name_table(names: list[str], config: AggregatorConfig) -> Neighbours | None
     only make the bundle larger."""
     import numpy as np
 
-    from fedcart.model_export.item_item import table_width
+    from fedcart.aggregator.item_item import table_width
+    from fedcart.aggregator.name_neighbours import with_names
     from fedcart.model_export.model import Neighbours
-    from fedcart.model_export.name_neighbours import with_names
 
     stats = config.statistics
     if stats is None or stats.name_weight == 0:

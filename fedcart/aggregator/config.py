@@ -21,9 +21,9 @@ from typing import Any, Final
 import tomlkit
 from tomlkit.items import Table
 
+from fedcart.aggregator.item_item import StatisticsSettings
 from fedcart.aggregator.pacing import FD_MARGIN, Pacing, PacingError
 from fedcart.aggregator.privacy import check_accountable
-from fedcart.model_export.item_item import StatisticsSettings
 from fedcart.model_export.model import TENSOR_NAMES, learning_rates, trained_groups
 from fedcart.secagg.policy import ClientPolicy
 

@@ -3,7 +3,7 @@
 One round's cost is a frozen :class:`RoundCharge`. Each enrolled user is Poisson-sampled with
 rate q; a sampled user's contribution is an integer vector whose L2 norm (Gaussian) or L1
 norm (Laplace) is at most the integer sensitivity Delta (the encoder,
-fedcart/model_export/update.py, enforces it); the int64 sum of the contributions gets integer
+fedcart/protocol/update.py, enforces it); the int64 sum of the contributions gets integer
 noise from fedcart/aggregator/noise.py:
 the discrete Gaussian with sigma = z Delta, or the discrete Laplace with scale b = z Delta,
 z being the charge's noise multiplier (:attr:`RoundCharge.noise_scale` gives the float the

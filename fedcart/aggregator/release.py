@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedcart.aggregator import noise
+from fedcart.aggregator.item_item import StatisticsSettings, item_table
 from fedcart.aggregator.optimizer import make_optimizer
 from fedcart.aggregator.privacy import Mechanism, RoundCharge
-from fedcart.model_export.item_item import StatisticsSettings, item_table
 from fedcart.model_export.model import Neighbours, Weights, place
-from fedcart.model_export.statistics import popularity_bias
-from fedcart.model_export.update import UpdateFormat
+from fedcart.protocol.statistics import popularity_bias
+from fedcart.protocol.update import UpdateFormat
 
 __all__ = ["Noised", "add_noise", "add_up", "cooccurrence_model", "in_units",
            "inputs_bound", "training_step"]

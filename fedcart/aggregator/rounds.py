@@ -2,9 +2,9 @@
 terms and its SecAgg+ groups, and the state of one while it runs.
 
 Each round has a task. With statistics enabled, the first two rounds sum the devices' basket
-statistics (fedcart/model_export/statistics.py): a popularity round, whose noised sum names the head
+statistics (fedcart/protocol/statistics.py): a popularity round, whose noised sum names the head
 items, then a co-occurrence round over them, from whose noised sum the item-item table is
-derived (fedcart/model_export/item_item.py) and published in a new model version. Every later round
+derived (fedcart/aggregator/item_item.py) and published in a new model version. Every later round
 trains. All of them are charged to the same privacy ledger.
 
 A round's cohort is split into groups of at most ``round.group_size`` devices
@@ -33,9 +33,9 @@ from fedcart.aggregator.config import AggregatorConfig
 from fedcart.aggregator.privacy import Mechanism
 from fedcart.model_export.model import Weights
 from fedcart.model_export.model import group_size as group_size_of
-from fedcart.model_export.statistics import COOCCURRENCE, POPULARITY, STATISTICS, triangle_size
-from fedcart.model_export.update import TRAIN, UpdateFormat
+from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, STATISTICS, triangle_size
 from fedcart.protocol.terms import Norm, RoundTerms, Task, TrainingPlan
+from fedcart.protocol.update import TRAIN, UpdateFormat
 from fedcart.secagg.consistency import corrupt_count
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.params import SecAggParameters, choose, fixed

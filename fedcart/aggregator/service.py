@@ -35,6 +35,7 @@ from websockets.http11 import Request, Response
 
 from fedcart.aggregator import release, rounds
 from fedcart.aggregator.config import AggregatorConfig
+from fedcart.aggregator.item_item import head_items
 from fedcart.aggregator.metrics import Metrics, peak_resident_mb
 from fedcart.aggregator.pacing import Pacer
 from fedcart.aggregator.privacy import (
@@ -51,10 +52,7 @@ from fedcart.aggregator.publishing import Model, Publisher
 from fedcart.aggregator.rounds import Group, Round
 from fedcart.aggregator.statedir import StateDir
 from fedcart.aggregator.store import Statistic, Store
-from fedcart.model_export.item_item import head_items
 from fedcart.model_export.model import Neighbours, Weights, trained_groups
-from fedcart.model_export.statistics import COOCCURRENCE, POPULARITY, triangle_size
-from fedcart.model_export.update import TRAIN, UpdateFormat
 from fedcart.open_files import raise_open_file_limit
 from fedcart.protocol import channel
 from fedcart.protocol.channel import checkin_statement
@@ -70,6 +68,8 @@ from fedcart.protocol.control import (
     Welcome,
     expect,
 )
+from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, triangle_size
+from fedcart.protocol.update import TRAIN, UpdateFormat
 from fedcart.secagg.client import PROTOCOL_MESSAGES
 from fedcart.secagg.crypto import IdentityKey, verify
 from fedcart.secagg.errors import LateMessage, ProtocolViolation, RemoteProtocolError, RoundFailed

@@ -33,9 +33,9 @@ from fedcart.model_export.bundle import (
     unpack_members,
     verify_members,
 )
-from fedcart.model_export.update import UpdateFormat
 from fedcart.protocol.policy import DevicePolicy
 from fedcart.protocol.terms import RoundTerms, TermsError
+from fedcart.protocol.update import UpdateFormat
 from fedcart.secagg.crypto import IdentityKey
 
 # RoundReport is the session's (edge_client.session), named here too: what participate returns
@@ -195,7 +195,7 @@ class Device:
         """The encoded vector this device masks in a round on ``terms`` (already accepted),
         and its example count: for a training round its clipped, weighted update of the
         trained groups; for a statistics round its clipped statistic
-        (fedcart/model_export/statistics.py). ``history``: the stored baskets by default
+        (fedcart/protocol/statistics.py). ``history``: the stored baskets by default
         (training.round_input computes it)."""
         bundle = self._installed()
         return training.round_input(bundle, terms,

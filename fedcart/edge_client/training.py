@@ -3,7 +3,7 @@ installed bundle and the device's baskets.
 
 A training round's input is the clipped, weighted update of the trained groups after local
 SGD through the bundle's ``train_step.ort``; a statistics round's is the device's clipped
-statistic (fedcart/model_export/statistics.py). These are functions of their arguments
+statistic (fedcart/protocol/statistics.py). These are functions of their arguments
 alone, touching no store and no connection: the session runs them in a worker thread, on
 baskets it read beforehand, while it goes on answering the protocol.
 """
@@ -18,9 +18,9 @@ from fedcart.model_export.bundle import Bundle
 from fedcart.model_export.features import ExampleSet
 from fedcart.model_export.model import TENSOR_NAMES, pick, trained_groups
 from fedcart.model_export.runtime import TrainStep
-from fedcart.model_export.statistics import contribution
-from fedcart.model_export.update import UpdateFormat
+from fedcart.protocol.statistics import contribution
 from fedcart.protocol.terms import RoundTerms, Task
+from fedcart.protocol.update import UpdateFormat
 
 __all__ = ["catalog_baskets", "local_update", "round_input"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from fedcart.model_export.bundle import Manifest
 from fedcart.model_export.model import group_size, trained_groups
-from fedcart.model_export.statistics import check_head, triangle_size
+from fedcart.protocol.statistics import check_head, triangle_size
 from fedcart.protocol.terms import Norm, RoundTerms, Task, TermsError
 from fedcart.secagg.policy import ClientPolicy
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedcart.model_export import baselines
-from fedcart.model_export.evaluation import Metrics, Split, evaluate
+from fedcart.data import baselines
+from fedcart.data.evaluation import Metrics, Split, evaluate
 from fedcart.model_export.model import Neighbours, Weights
-from fedcart.model_export.train import TrainConfig, model_scorer, train_central
+from fedcart.simulation.central_training import TrainConfig, model_scorer, train_central
 
 __all__ = ["EASE_LAMBDA", "Row", "baseline_notes", "baseline_rows", "central_rows"]
 

@@ -26,14 +26,14 @@ from fedcart import __version__
 from fedcart.aggregator.config import Preset
 from fedcart.aggregator.privacy import default_delta
 from fedcart.aggregator.statedir import StateDir
-from fedcart.model_export.cli_options import data_options, load_split, validation_option
-from fedcart.model_export.evaluation import Split
+from fedcart.data.cli_options import data_options, load_split, validation_option
+from fedcart.data.evaluation import Split
 from fedcart.model_export.keys import load_or_create_signing_key
 from fedcart.model_export.model import TENSOR_NAMES, n_parameters, trained_groups
-from fedcart.model_export.statistics import MAX_HEAD
-from fedcart.model_export.train import TrainConfig
-from fedcart.model_export.update import TRAIN
+from fedcart.protocol.statistics import MAX_HEAD
+from fedcart.protocol.update import TRAIN
 from fedcart.simulation.central import Row, baseline_rows, central_rows
+from fedcart.simulation.central_training import TrainConfig
 from fedcart.simulation.federated import (
     FederatedSettings,
     RoundRecord,

@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 
 from fedcart.aggregator.config import AggregatorConfig, Preset, Tuning
+from fedcart.aggregator.item_item import StatisticsSettings
 from fedcart.aggregator.privacy import default_delta
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import RoundRow, Store
+from fedcart.data.evaluation import Split, evaluate
 from fedcart.model_export.bundle import read_bundle
-from fedcart.model_export.evaluation import Split, evaluate
-from fedcart.model_export.item_item import StatisticsSettings
 from fedcart.model_export.model import HISTORY_DECAY
-from fedcart.model_export.train import model_scorer
-from fedcart.model_export.update import TRAIN
+from fedcart.protocol.update import TRAIN
+from fedcart.simulation.central_training import model_scorer
 from fedcart.simulation.devices import Shard, worker_main
 
 __all__ = ["FederatedSettings", "RoundRecord", "RunResult", "run_federated"]

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from fedcart.atomic_write import write_atomically
-from fedcart.model_export.evaluation import HiddenItem
+from fedcart.data.evaluation import HiddenItem
 from fedcart.protocol.terms import Task
 
 __all__ = ["N_DELTA_CAP", "PLOTS", "PRIVACY_PLOTS", "BudgetSplit", "budget_splits", "delta_warning",

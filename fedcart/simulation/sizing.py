@@ -29,10 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedcart.model_export.evaluation import SCORES_BUDGET, Split
-from fedcart.model_export.memory import available_bytes, gigabytes
+from fedcart.data.evaluation import SCORES_BUDGET, Split
+from fedcart.data.memory import available_bytes, gigabytes
 from fedcart.model_export.model import group_size, n_parameters
-from fedcart.model_export.update import UpdateFormat
+from fedcart.protocol.update import UpdateFormat
 from fedcart.simulation.central import baseline_notes
 from fedcart.simulation.devices import INPUTS_AT_ONCE
 from fedcart.simulation.federated import FederatedSettings

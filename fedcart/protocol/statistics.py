@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcart.model_export.update import clip
 from fedcart.protocol.terms import Norm, Task
+from fedcart.protocol.update import clip
 
 __all__ = ["COOCCURRENCE", "MAX_HEAD", "POPULARITY", "STATISTICS", "Contribution",
            "check_head", "contribution", "cooccurrence", "pair_index", "popularity",

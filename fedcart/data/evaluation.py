@@ -28,7 +28,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from fedcart.model_export.datasets import BasketData
+from fedcart.data.datasets import BasketData
 
 __all__ = ["HiddenItem", "Metrics", "Query", "Slice", "Split", "batch_size", "evaluate",
            "make_split", "ranks_of_hidden"]

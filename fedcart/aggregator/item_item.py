@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg.lapack as lapack
 
+from fedcart.aggregator.name_neighbours import with_names
 from fedcart.model_export.model import Neighbours, largest_per_row, mean_row_max
-from fedcart.model_export.name_neighbours import with_names
-from fedcart.model_export.statistics import (
+from fedcart.protocol.statistics import (
     COOCCURRENCE,
     POPULARITY,
     popularity_bias,
@@ -52,7 +52,7 @@ EASE_COPIES = 2
 @dataclass(frozen=True)
 class StatisticsSettings:
     """The statistics rounds and the table derived from them. Defaults: tuned on UCI's
-    validation split (fedcart/model_export/item_item.py's module doc gives the figures).
+    validation split (fedcart/aggregator/item_item.py's module doc gives the figures).
     ``sampling_rate`` and ``popularity_noise_ratio`` concern the federated rounds only:
     central training computes the statistics exactly."""
 

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from fedcart.model_export.evaluation import Split
+    from fedcart.data.evaluation import Split
 
 __all__ = ["data_options", "load_split", "validation_option"]
 
@@ -46,8 +46,8 @@ validation_option = click.option(
 def load_split(data_spec: str, user_col: str | None, item_col: str | None,
                time_col: str | None, basket_col: str | None, name_col: str | None,
                validation: bool = False) -> tuple[Split, dict[str, str], str]:
-    from fedcart.model_export.datasets import CsvColumns, DataError, load
-    from fedcart.model_export.evaluation import make_split, validation_data
+    from fedcart.data.datasets import CsvColumns, DataError, load
+    from fedcart.data.evaluation import make_split, validation_data
 
     columns = None
     if data_spec not in ("uci", "instacart"):

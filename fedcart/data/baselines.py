@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from fedcart.model_export.evaluation import Query, Scorer, Split
+from fedcart.aggregator.item_item import EASE_COPIES, ease_weights, head_items
+from fedcart.data.evaluation import Query, Scorer, Split
+from fedcart.data.memory import central_budget, gigabytes
 from fedcart.model_export.features import history_of
-from fedcart.model_export.item_item import EASE_COPIES, ease_weights, head_items
-from fedcart.model_export.memory import central_budget, gigabytes
 
 __all__ = [
     "Head", "basket_counts", "cooccurrence", "cooccurrence_head", "ease", "ease_head",

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedcart.model_export.evaluation import Query, Scorer, Split
+from fedcart.aggregator.item_item import StatisticsSettings, exact_statistics
+from fedcart.data.evaluation import Query, Scorer, Split
 from fedcart.model_export.features import ExampleSet, History, history_of
 from fedcart.model_export.graphs import recommend_graph, train_step_graph
-from fedcart.model_export.item_item import StatisticsSettings, exact_statistics
 from fedcart.model_export.model import (
     HISTORY_DECAY,
     Neighbours,
