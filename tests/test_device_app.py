@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 
 from fedcart.aggregator.process import AggregatorProcess
-from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
-from fedcart.data.evaluation import make_split
 from fedcart.edge_client import __all__ as PUBLIC_NAMES
 from fedcart.edge_client.device import Device, RoundReport
-from tests.conftest import SMALL_COHORTS, synthetic_data
 from tests.process_owner import ProcessOwner
-from tests.test_tls_cli import COHORT, CONFIG, PROJECT
+from tests.test_tls_cli import PROJECT, cohort_with_a_seat
 
 EXAMPLE = PROJECT / "examples" / "device_app.py"
 README = PROJECT / "README.md"
@@ -75,19 +72,8 @@ def test_the_api_reference_documents_every_public_name() -> None:
 @pytest.mark.slow
 def test_the_device_program_recommends_offline_and_completes_a_round(
         tmp_path: Path, processes: ProcessOwner) -> None:
-    data = synthetic_data(n_users=COHORT, n_items=30, seed=4)
-    split = make_split(data)
-    state = init_state(tmp_path / "agg", list(split.catalog),
-                       [data.name_of(i) for i in split.catalog], dim=8, seed=0)
-    state.config.write_text(CONFIG)
+    state, split, users, others = cohort_with_a_seat(tmp_path)
     server_key = bytes(state.signing_key().verify_key)
-    users = list(data.users.values())
-    others = []
-    for u, baskets in enumerate(users[1:]):
-        device = Device(tmp_path / f"device{u}", server_key, policy=SMALL_COHORTS)
-        for basket in baskets:
-            device.add_basket(basket)
-        others.append(device)
     store = Store(state.database)
     token = store.issue_token()  # the app's device enrolls itself with it
     store.enroll_many([d.identity.public for d in others])

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcart.aggregator.process import AGGREGATOR, AggregatorProcess
-from fedcart.aggregator.statedir import init_state
+from fedcart.aggregator.statedir import StateDir, init_state
 from fedcart.aggregator.store import Store
-from fedcart.data.evaluation import make_split
+from fedcart.data.evaluation import Split, make_split
 from fedcart.edge_client.cli import main as device_main
 from fedcart.edge_client.device import Device
 from tests.conftest import SMALL_COHORTS, synthetic_data
@@ -106,8 +106,10 @@ def assert_one_line_error(code: int, stderr: str, *expected: str) -> None:
         assert text in said[0], stderr
 
 
-def test_a_device_takes_part_over_tls_from_the_command_line(
-        tmp_path: Path, processes: ProcessOwner) -> None:
+def cohort_with_a_seat(tmp_path: Path) -> tuple[StateDir, Split, list, list[Device]]:
+    """An aggregator state serving CONFIG, its split, its users' baskets, and API devices
+    holding the baskets of every user but the first (enrolled by the caller, with the first
+    user's device under test): a round of COHORT."""
     data = synthetic_data(n_users=COHORT, n_items=30, seed=4)
     split = make_split(data)
     state = init_state(tmp_path / "agg", list(split.catalog),
@@ -115,6 +117,19 @@ def test_a_device_takes_part_over_tls_from_the_command_line(
     state.config.write_text(CONFIG)
     server_key = bytes(state.signing_key().verify_key)
     users = list(data.users.values())
+    others = []
+    for u, baskets in enumerate(users[1:]):
+        device = Device(tmp_path / f"device{u}", server_key, policy=SMALL_COHORTS)
+        for basket in baskets:
+            device.add_basket(basket)
+        others.append(device)
+    return state, split, users, others
+
+
+def test_a_device_takes_part_over_tls_from_the_command_line(
+        tmp_path: Path, processes: ProcessOwner) -> None:
+    state, _, users, others = cohort_with_a_seat(tmp_path)
+    server_key = bytes(state.signing_key().verify_key)
     # one device set up and run from the command line, the others through the API
     cli_state = tmp_path / "cli-device"
     init = CliRunner().invoke(device_main, ["init", "--state", str(cli_state),
@@ -124,12 +139,6 @@ def test_a_device_takes_part_over_tls_from_the_command_line(
         added = CliRunner().invoke(device_main, ["add-basket", "--state", str(cli_state),
                                                  "--items", ",".join(basket)])
         assert added.exit_code == 0, added.output
-    others = []
-    for u, baskets in enumerate(users[1:]):
-        device = Device(tmp_path / f"device{u}", server_key, policy=SMALL_COHORTS)
-        for basket in baskets:
-            device.add_basket(basket)
-        others.append(device)
     store = Store(state.database)
     for public in [bytes.fromhex(init.output.strip())] + [d.identity.public for d in others]:
         store.enroll(public)
