@@ -150,6 +150,27 @@ def test_a_preset_config_carries_its_tuned_values(preset: Preset, tmp_path: Path
     assert Preset.of(config.mechanism) is preset
 
 
+@pytest.mark.parametrize("preset", list(Preset))
+def test_init_and_the_simulation_deploy_the_same_tuned_values(preset: Preset) -> None:
+    """The simulation's aggregator runs with the preset init writes: every tuned value and
+    the model size agree."""
+    from fedcart.simulation.federated import FederatedSettings, aggregator_config
+
+    mechanism = NO_NOISE if preset is Preset.NO_DP else "gaussian"
+    settings = FederatedSettings(mechanism=mechanism,
+                                 epsilon=None if preset is Preset.NO_DP else 8.0).resolved()
+    simulated, deployed = aggregator_config(settings, 1000, 1e-5), preset.config()
+
+    def tuned(c: AggregatorConfig) -> tuple:
+        assert c.statistics is not None
+        return (c.train_groups, c.clip_norm, c.training_noise_ratio, c.lr_blend, c.lr_bias,
+                c.optimizer, c.optimizer_lr, c.statistics.head_items,
+                c.statistics.cooccurrence_clip, c.mechanism)
+
+    assert tuned(simulated) == tuned(deployed)
+    assert settings.dim == preset.value.dim == 0
+
+
 def test_presets_differ_from_the_generic_defaults_where_tuned() -> None:
     generic = AggregatorConfig()
     assert Preset.DP.config().train_groups == ("blend",) != generic.train_groups
