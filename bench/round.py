@@ -28,10 +28,14 @@ from fedcart.simulation.devices import POLICY
 CONFIG = """
 [round]
 sampling_rate = 1.0
-min_clients = {n}
+min_clients = 3
+min_connected = {n}     # the round waits for every device (a cohort of n splits into groups)
+population_wait = 300.0
 secagg_degree = 20
 phase_timeout = 300.0
 max_rounds = 1
+[training]
+train_groups = ["e_in", "e_out", "bias", "blend"]   # every parameter: uploads grow with d
 [statistics]
 enabled = false         # the benchmark times a training round
 [privacy]
