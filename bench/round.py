@@ -38,6 +38,8 @@ max_rounds = 1
 train_groups = ["e_in", "e_out", "bias", "blend"]   # every parameter: uploads grow with d
 [statistics]
 enabled = false         # the benchmark times a training round
+[evaluation]
+every = 0               # ... alone
 [privacy]
 mechanism = "gaussian"
 noise_multiplier = 1.0

@@ -42,6 +42,8 @@ mechanism = "gaussian"
 noise_multiplier = 1.5
 budget_epsilon = 100000.0
 delta = 1e-5
+[evaluation]
+every = 0
 """
 
 

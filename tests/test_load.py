@@ -41,8 +41,10 @@ def test_hundreds_of_devices_with_dropouts_at_random_phases(tmp_path: Path) -> N
                                  secagg_k=20, eval_every=3)
     result = run_federated(split, {}, settings, tmp_path)
     completed = [r for r in result.rounds if r.status == "completed"]
-    # the two statistics rounds take every device (q = 1), then three training rounds
-    assert [r.task for r in completed] == ["popularity", "cooccurrence", *["train"] * 3]
+    # the two statistics rounds take every device (q = 1), then three training rounds, with
+    # an evaluation of the statistics' model and of the last
+    assert [r.task for r in completed] == ["popularity", "cooccurrence", "evaluate",
+                                           *["train"] * 3, "evaluate"]
     assert completed[0].sampled == 400 and not result.interrupted
     for r in completed:
         assert r.dropped >= 1  # devices did vanish mid-round ...

@@ -1,6 +1,7 @@
 """The README's deployment by hand, pasted as written into a fresh shell, completes its
-rounds: the aggregator and 20 devices, each its own process, through both statistics rounds
-and three training rounds, then a recommendation, the status and the ledger.
+rounds: the aggregator and 20 devices, each its own process, through both statistics rounds,
+an evaluation round, three training rounds and another evaluation round; the first estimate
+read from /metrics, then a recommendation, the status with the estimates, and the ledger.
 
 The block runs with bash in a temporary directory that holds a ``.venv`` link to the venv
 running the tests (``. .venv/bin/activate`` then works as it does at the repository root),
@@ -26,7 +27,7 @@ README = Path(__file__).parent.parent / "README.md"
 SECTION = "## Running a deployment by hand"
 PORT = "8765"  # the README's
 DEVICES = 20
-ROUNDS = 5  # each device's: two statistics rounds, then three training rounds
+ROUNDS = 7  # each device's: two statistics, an evaluation, three training, an evaluation
 TIMEOUT = 300.0  # seconds: about two on 2 idle cores
 RANKED = re.compile(r"^\s*(\d+)\s+(\S+)\s+-?\d+\.\d+\s", re.MULTILINE)  # recommend's rows
 
@@ -94,13 +95,25 @@ def test_the_readme_deployment_by_hand_completes_its_rounds(
     status = json.loads(subprocess.run(
         [str(venv / "bin" / "fedcart-aggregator"), "status", "--state", str(work / "agg"),
          "--json"], capture_output=True, text=True, check=True, timeout=60).stdout)
-    assert status["enrolled"] == DEVICES and status["model_version"] == ROUNDS - 1
+    assert status["enrolled"] == DEVICES and status["model_version"] == 4
     assert [(r["detail"]["task"], r["status"], r["sampled"], r["survivors"])
             for r in status["rounds"]] == [
         ("popularity", "completed", DEVICES, DEVICES),
         ("cooccurrence", "completed", DEVICES, DEVICES),
-        *[("train", "completed", DEVICES, DEVICES)] * 3]
+        ("evaluate", "completed", DEVICES, DEVICES),
+        *[("train", "completed", DEVICES, DEVICES)] * 3,
+        ("evaluate", "completed", DEVICES, DEVICES)]
     assert 0 < status["epsilon"] <= 8.0 + 1e-6  # the plan's target, spent by its rounds
+    # the estimates of versions 1 and 4, each an interval around a HitRate@10 in [0, 1]
+    estimates = {e["model_version"]: e["hr"] for e in status["estimates"]}
+    assert sorted(estimates) == [1, 4]
+    assert all(0 <= e["low"] <= e["value"] <= e["high"] <= 1 for e in estimates.values())
+    # /metrics showed version 1's, as status has it
+    shown = dict(re.findall(r'bound="(\w+)",metric="hr10",model_version="1"\} (\S+)',
+                            (work / "hr10.txt").read_text()))
+    assert float(shown["estimate"]) == pytest.approx(estimates[1]["value"])
+    assert float(shown["low"]) == pytest.approx(estimates[1]["low"])
+    assert "federated evaluation" in output
     ranked = RANKED.findall(output)
     assert [int(rank) for rank, _ in ranked] == [1, 2, 3, 4, 5], output[-4000:]
     assert "20725" not in [item for _, item in ranked]  # the cart is not recommended

@@ -1,8 +1,9 @@
 """The simulation report, built from a synthetic run shaped exactly as ``fedcart-sim run``
-records one (the real FederatedSettings, RoundRecord, RunResult and aggregator
-configuration): statistics and training rounds kept apart, the privacy budget split, the
-deployable config.toml, and figures whose labels and legends are readable (no two text
-boxes overlap, no legend covers data)."""
+records one (the real FederatedSettings, RoundRecord, RunResult, Estimate and aggregator
+configuration): statistics, training and evaluation rounds kept apart, the privacy budget
+split, the federated estimates against the central figures, the deployable config.toml, and
+figures whose labels and legends are readable (no two text boxes overlap, no legend covers
+data)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from matplotlib.transforms import Bbox
 
 from fedcart.aggregator.config import load_config, render_config
 from fedcart.aggregator.privacy import default_delta
+from fedcart.protocol.evaluation import Estimate, Interval
 from fedcart.protocol.terms import Task
 from fedcart.simulation.federated import (
     FederatedSettings,
@@ -61,18 +63,58 @@ def _round(round_id: int, task: Task, epsilon: float, *, status: str = "complete
         bytes_down=None if status != "completed" else 60_000.0, values=values)
 
 
-def _run(settings: FederatedSettings, epsilons: list[float], *,
+@dataclasses.dataclass(frozen=True)
+class Evaluated:
+    """An evaluation round's estimate of HitRate@10 (NDCG@10: half of it, MRR: a third,
+    with a wider interval) and the central figure it is set against."""
+
+    version: int
+    hr: float
+    low: float
+    high: float
+    central: float
+
+
+# the model the statistics gave (round 3) and the last trained one (round 8): in the DP
+# run the latter's HitRate@10 and NDCG@10 intervals miss the central figure, its MRR's holds
+NO_DP_EVALUATIONS = (Evaluated(1, 0.130, 0.110, 0.150, 0.131),
+                     Evaluated(4, 0.146, 0.130, 0.160, 0.1449))
+DP_EVALUATIONS = (Evaluated(1, 0.125, 0.100, 0.150, 0.131),
+                  Evaluated(4, 0.160, 0.150, 0.170, 0.1449))
+
+
+def _evaluation(round_id: int, epsilon: float, evaluated: Evaluated) -> RoundRecord:
+    def interval(scale: float, widen: float = 0.0) -> Interval:
+        return Interval(evaluated.hr * scale, evaluated.low * scale - widen,
+                        evaluated.high * scale + widen)
+
+    hr = interval(1.0)
+    estimate = Estimate(evaluated.version, 27.3, hr, interval(0.5), interval(1 / 3, 0.02),
+                        hr, hr, noise_std=0.4, sampling_rate=0.15)
+    record = _round(round_id, Task.EVALUATE, epsilon, values=8)
+    record.model_version = evaluated.version
+    record.estimate = estimate.to_json()
+    record.central_estimate = {"hr": evaluated.central, "ndcg": evaluated.central / 2,
+                               "mrr": evaluated.central / 3, "repeat_hr": 0.4, "queries": 180}
+    return record
+
+
+def _run(settings: FederatedSettings, epsilons: list[float],
+         evaluations: tuple[Evaluated, Evaluated], *,
          config_file: str | None = None) -> dict[str, Any]:
-    """--rounds 3 with --eval-every 5: popularity, co-occurrence, a failed training round,
-    then the three training rounds asked for; evaluated after the statistics and at the
-    last round (two points)."""
+    """--rounds 3 with --eval-every 5: popularity, co-occurrence, an evaluation round, a
+    failed training round, then the three training rounds asked for and an evaluation
+    round; the published models evaluated centrally after the statistics and at the last
+    training round (two points)."""
     delta = default_delta(N)
     rounds = [_round(1, Task.POPULARITY, epsilons[0], values=CATALOG + 1),
               _round(2, Task.COOCCURRENCE, epsilons[1], hr=0.131, values=2_001_001),
-              _round(3, Task.TRAIN, epsilons[1], status="failed"),
-              _round(4, Task.TRAIN, epsilons[2]),
+              _evaluation(3, epsilons[2], evaluations[0]),
+              _round(4, Task.TRAIN, epsilons[2], status="failed"),
               _round(5, Task.TRAIN, epsilons[3]),
-              _round(6, Task.TRAIN, epsilons[4], hr=0.1449)]
+              _round(6, Task.TRAIN, epsilons[4]),
+              _round(7, Task.TRAIN, epsilons[5], hr=0.1449),
+              _evaluation(8, epsilons[6], evaluations[1])]
     settings = settings.resolved()  # as run_federated records them
     result = RunResult(settings, dataclasses.asdict(aggregator_config(settings, N, delta)),
                        N, delta, 1.2, rounds=rounds, seconds=40.0)
@@ -99,7 +141,8 @@ def _report(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 DP = FederatedSettings(rounds=3, mechanism="gaussian", epsilon=8.0, clients_per_round=30)
 NO_DP = FederatedSettings(rounds=3, clients_per_round=30)
-DP_EPSILONS = [5.1, 7.19, 7.6, 7.85, 7.999]  # after popularity, co-occurrence, 3 trainings
+# after popularity, co-occurrence, an evaluation, 3 trainings and an evaluation
+DP_EPSILONS = [5.1, 7.19, 7.3, 7.6, 7.85, 7.95, 7.999]
 
 
 CONFIG_FILES = {"config-no-dp.toml": NO_DP, "config-eps-8.toml": DP}
@@ -108,8 +151,8 @@ CONFIG_FILES = {"config-no-dp.toml": NO_DP, "config-eps-8.toml": DP}
 @pytest.fixture
 def sweep_report() -> dict[str, Any]:
     """A no-DP run and a DP run at epsilon 8 whose statistics rounds spend 7.19 of it."""
-    return _report([_run(NO_DP, [0.0] * 5, config_file="config-no-dp.toml"),
-                    _run(DP, DP_EPSILONS, config_file="config-eps-8.toml")])
+    return _report([_run(NO_DP, [0.0] * 7, NO_DP_EVALUATIONS, config_file="config-no-dp.toml"),
+                    _run(DP, DP_EPSILONS, DP_EVALUATIONS, config_file="config-eps-8.toml")])
 
 
 @pytest.fixture
@@ -269,20 +312,23 @@ def test_quality_plot_marks_the_statistics_rounds_and_sparse_evaluations(
 
 # --- the privacy budget --------------------------------------------------------------------
 
-def test_budget_split_charges_statistics_and_training(sweep_report: dict[str, Any]) -> None:
+def test_budget_split_charges_statistics_training_and_evaluation(
+        sweep_report: dict[str, Any]) -> None:
     (split,) = budget_splits(sweep_report)  # the no-DP run spends nothing and has no row
     assert split.budget == 8.0 and split.training_rounds == 3
+    assert split.evaluation_rounds == 2
     assert split.spent[Task.POPULARITY] == pytest.approx(5.1)
     assert split.spent[Task.COOCCURRENCE] == pytest.approx(2.09)
     assert split.statistics == pytest.approx(7.19)
-    assert split.spent[Task.TRAIN] == pytest.approx(7.999 - 7.19)  # the failed round: 0
+    assert split.spent[Task.TRAIN] == pytest.approx(7.95 - 7.3)  # the failed round: 0
+    assert split.spent[Task.EVALUATE] == pytest.approx((7.3 - 7.19) + (7.999 - 7.95))
     assert split.total == pytest.approx(7.999)
 
 
 def test_a_fixed_noise_multiplier_has_no_budget_line(tmp_path: Path) -> None:
     fixed = FederatedSettings(rounds=3, mechanism="gaussian", noise_multiplier=1.0,
                               clients_per_round=30)
-    report = _report([_run(fixed, DP_EPSILONS)])
+    report = _report([_run(fixed, DP_EPSILONS, DP_EVALUATIONS)])
     (split,) = budget_splits(report)
     assert split.budget is None
     drawn = figures(report)
@@ -306,7 +352,7 @@ def test_delta_warning_at_the_cap() -> None:
 
 
 def test_report_warns_about_a_large_delta(tmp_path: Path) -> None:
-    run = _run(DP, DP_EPSILONS)
+    run = _run(DP, DP_EPSILONS, DP_EVALUATIONS)
     run["delta"] = 1 / N ** 1.1  # the aggregator refuses it; a report of older metrics shows it
     report = _report([run])
     page = write_report(tmp_path, report).read_text()
@@ -322,14 +368,89 @@ def test_index_separates_statistics_from_training(written: Path) -> None:
     assert page.count('<table class="statistics">') == 2  # one per run
     assert page.count('<table class="training">') == 2
     assert "Statistics rounds (popularity, then co-occurrence): rounds 1-2" in page
-    assert "Training rounds (--rounds 3): rounds 3-6" in page
+    assert "Training rounds (--rounds 3): rounds 4-7" in page
     # training rounds numbered as --rounds counts them: the failed one is not one of them
-    training = page.split('<table class="training">')[2].split("</table>")[0]
-    firsts = [row.split("</td>")[:2] for row in training.split("<tr>")[2:]]
-    assert [[cell.replace("<td>", "") for cell in cells] for cells in firsts] == [
-        ["3", "-"], ["4", "1"], ["5", "2"], ["6", "3"]]
-    summary = "2 statistics rounds (rounds 1-2), then 3 training rounds (rounds 4-6)"
+    assert [row[:2] for row in _table_rows(page, "training", 1)] == [
+        ["4", "-"], ["5", "1"], ["6", "2"], ["7", "3"]]
+    # evaluation rounds by the version they scored, with the estimate and the central figure
+    assert page.count('<table class="evaluation">') == 2
+    assert [[row[1], row[5], row[6]] for row in _table_rows(page, "evaluation", 1)] == [
+        ["1", "0.1250 [0.1000, 0.1500]", "0.1310"], ["4", "0.1600 [0.1500, 0.1700]", "0.1449"]]
+    summary = ("2 statistics rounds (rounds 1-2), then 3 training rounds (rounds 5-7) and 2 "
+               "evaluation rounds (rounds 3-8)")
     assert summary in page and summary in (written / "report.md").read_text()
+
+
+def _table_rows(page: str, css: str, which: int = 0) -> list[list[str]]:
+    """The body cells of the ``which``-th table of class ``css`` on ``page``."""
+    table = page.split(f'<table class="{css}">')[which + 1].split("</table>")[0]
+    return [[cell.removeprefix("<td>") for cell in row.split("</td>")[:-1]]
+            for row in table.split("<tr>")[2:]]
+
+
+def test_estimates_are_set_against_the_central_figure(written: Path) -> None:
+    """The table says for each estimate whether its interval holds the central figure:
+    the DP run's last HitRate@10 and NDCG@10 intervals miss it, its MRR interval holds it."""
+    page = (written / "index.html").read_text()
+    rows = _table_rows(page, "federated-evaluation")
+    header = page.split('<table class="federated-evaluation">')[1].split("</thead>")[0]
+    assert header.count("<th>inside</th>") == 3
+    assert "federated HR@10 [95% interval]" in header and "central MRR" in header
+    inside = {(row[0], row[1]): (row[5], row[8], row[11]) for row in rows}
+    assert inside == {("federated, SecAgg, no DP", "1"): ("yes", "yes", "yes"),
+                      ("federated, SecAgg, no DP", "4"): ("yes", "yes", "yes"),
+                      ("federated, SecAgg, DP eps=8", "1"): ("yes", "yes", "yes"),
+                      ("federated, SecAgg, DP eps=8", "4"): ("no", "no", "yes")}
+    assert rows[0][2] == "27 of 180"  # the noised query count, of every device's
+    sentence = ("federated, SecAgg, DP eps=8: 1 of 2 estimates hold the central figure within "
+                "their 95% interval for HitRate@10 (1 of 2 for NDCG@10, 2 of 2 for MRR).")
+    markdown = (written / "report.md").read_text()
+    for text in (page, markdown):
+        assert sentence in text
+        assert "2 of 2 estimates hold the central figure" in text  # the no-DP run
+        assert "federated_evaluation.png" in text
+    assert "## Federated evaluation against central evaluation" in markdown
+    assert "| federated, SecAgg, DP eps=8 | 4 | 27 of 180 | 0.1600 [0.1500, 0.1700] | " \
+           "0.1449 | no |" in markdown
+
+
+def test_the_evaluation_plot_has_a_panel_per_run_with_intervals(
+        sweep_report: dict[str, Any]) -> None:
+    drawn = figures(sweep_report)
+    try:
+        fig = drawn["federated_evaluation.png"]
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles == ["federated, SecAgg, no DP: 2 of 2 intervals hold the central figure",
+                          "federated, SecAgg, DP eps=8: 1 of 2 intervals hold the central "
+                          "figure"]
+        suptitle = fig.get_suptitle()
+        assert "uci" in suptitle and "95% intervals" in suptitle
+        ax = fig.axes[1]
+        legend = ax.get_legend()
+        assert legend is not None
+        assert {t.get_text() for t in legend.get_texts()} == {
+            "federated estimate (95% interval)", "central figure (every device's query)"}
+        (central,) = [line for line in ax.get_lines() if line.get_marker() == "D"]
+        # the DP run's central figures: the first in its interval, the second below it
+        assert np.asarray(central.get_xydata()).tolist() == [[1.0, 0.131], [4.0, 0.1449]]
+    finally:
+        for fig in drawn.values():
+            plt.close(fig)
+
+
+def test_no_evaluation_rounds_no_evaluation_section(tmp_path: Path,
+                                                   sweep_report: dict[str, Any]) -> None:
+    """A report of runs without evaluation rounds (--eval-every 0 or an older metrics.json)
+    draws no evaluation plot and has no comparison table."""
+    for run in sweep_report["runs"]:
+        run["rounds"] = [r for r in run["rounds"] if r["task"] != Task.EVALUATE]
+    drawn = figures(sweep_report)
+    for fig in drawn.values():
+        plt.close(fig)
+    assert "federated_evaluation.png" not in drawn
+    page = write_report(tmp_path, sweep_report).read_text()
+    assert "federated-evaluation" not in page and '<table class="evaluation">' not in page
+    assert "Federated evaluation against central evaluation" not in page
 
 
 def test_index_has_the_budget_split(written: Path) -> None:

@@ -51,6 +51,8 @@ delta = 1e-5
 lr_embeddings = 2.0
 [statistics]
 enabled = {statistics}
+[evaluation]
+every = 0
 """
 
 

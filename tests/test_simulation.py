@@ -5,6 +5,7 @@ browser (headless Chromium, driven over the DevTools protocol with websockets)."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import subprocess
@@ -60,8 +61,10 @@ def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
     (run,) = metrics["runs"]
     completed = [r for r in run["rounds"] if r["status"] == "completed"]
     assert not run["interrupted"]
-    # the two statistics rounds, then the three training rounds asked for
-    assert [r["task"] for r in completed] == ["popularity", "cooccurrence", *["train"] * 3]
+    # the two statistics rounds, then the three training rounds asked for, the model the
+    # statistics gave and the last trained one evaluated on the devices
+    assert [r["task"] for r in completed] == ["popularity", "cooccurrence", "evaluate",
+                                              *["train"] * 3, "evaluate"]
     for r in completed:
         assert 3 <= r["survivors"] <= r["sampled"]
         assert set(r["phase_seconds"]) >= {"ADVERTISE", "SHARE", "MASKED", "UNMASK"}
@@ -69,15 +72,30 @@ def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
     # and the trained groups' values (under DP by default the blend's four), each plus the
     # weight word
     catalog, head = metrics["data"]["catalog"], run["settings"]["head_items"]
-    popularity, cooccurrence, *training = completed
+    popularity, cooccurrence = completed[:2]
+    training = [r for r in completed if r["task"] == "train"]
+    evaluations = [r for r in completed if r["task"] == "evaluate"]
     assert 4 * (catalog + 1) < popularity["bytes_up"] < 4 * (catalog + 1) + 20_000
     assert cooccurrence["bytes_up"] > 4 * (min(head, catalog) * (min(head, catalog) + 1) // 2)
     trained = group_size(run["settings"]["train_groups"], catalog, run["settings"]["dim"])
     assert all(4 * trained < r["bytes_up"] < 4 * trained + 20_000 for r in training)
+    assert all(4 * 8 < r["bytes_up"] < 4 * 8 + 20_000 for r in evaluations)
     assert popularity["model_version"] == 0 and cooccurrence["model_version"] == 1
-    # the ledger charges every round, the statistics included, and spends at most the target
+    # the ledger charges every round, the statistics and evaluations included, and spends at
+    # most the target
     epsilons = [r["epsilon"] for r in completed]
-    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] < epsilons[3] < epsilons[4] <= 4.004
+    assert epsilons[0] > 0 and all(a < b for a, b in itertools.pairwise(epsilons))
+    assert epsilons[-1] <= 4.004
+    # an evaluation round publishes nothing; its estimate, of the version it scored, has an
+    # interval around it, and the central figure of the same quantity is beside it
+    assert [r["model_version"] for r in evaluations] == [1, training[-1]["model_version"]]
+    for r in evaluations:
+        assert r["estimate"]["model_version"] == r["model_version"]
+        for metric in ("hr", "ndcg", "mrr"):
+            interval = r["estimate"][metric]
+            assert interval["low"] <= interval["value"] <= interval["high"], (metric, r)
+            assert 0 <= r["central_estimate"][metric] <= 1
+        assert 0 < r["central_estimate"]["queries"] <= 60
     assert run["noise_multiplier"] > 0 and run["delta"] == default_delta(60)
     assert 60 * run["delta"] <= 0.01
     # the model the statistics gave is evaluated, and the last trained one
@@ -88,6 +106,30 @@ def test_a_run_on_a_csv_goes_through_secagg_and_dp(csv_report: Path) -> None:
     # the configuration the aggregator ran with, so the run can be repeated
     assert run["aggregator_config"]["mechanism"] == "gaussian"
     assert run["aggregator_config"]["population"] == 60
+
+
+def test_without_sampling_or_noise_the_estimate_is_the_central_figure(basket_csv: Path,
+                                                                     tmp_path: Path) -> None:
+    """No DP, q = 1, no dropout: every device scores every evaluated version, and each
+    estimate is the central figure computed from the same baskets."""
+    report = tmp_path / "exact"
+    run_cli("run", "--data", str(basket_csv), *CSV_OPTS, "--no-dp", "--q", "1", "--dropout",
+            "0", "--rounds", "1", "--eval-every", "1", "--no-statistics", "--dim", "8",
+            "--secagg-k", "20", "--no-baselines", "--no-central", "--report", str(report))
+    (run,) = json.loads((report / "metrics.json").read_text())["runs"]
+    evaluations = [r for r in run["rounds"] if r["task"] == "evaluate"]
+    assert [(r["status"], r["model_version"]) for r in evaluations] == [("completed", 0),
+                                                                       ("completed", 1)]
+    for r in evaluations:
+        estimate, central = r["estimate"], r["central_estimate"]
+        assert estimate["queries"] == pytest.approx(central["queries"], abs=1e-6)
+        # exact up to the fixed-point rounding, which the interval (a few 1e-6 wide) counts
+        for metric in ("hr", "repeat_hr", "ndcg", "mrr"):
+            interval = estimate[metric]
+            assert interval["value"] == pytest.approx(central[metric], abs=1e-6), metric
+            assert interval["high"] - interval["low"] < 1e-4
+    assert ("2 of 2 estimates hold the central figure within their 95% interval for "
+            "HitRate@10 (2 of 2 for NDCG@10, 2 of 2 for MRR)") in (report / "report.md").read_text()
 
 
 def test_report_files_and_tables(csv_report: Path) -> None:

@@ -43,6 +43,8 @@ noise_multiplier = 1.5
 budget_epsilon = 1000.0
 [statistics]
 enabled = false
+[evaluation]
+every = 0
 """
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from fedcart.aggregator.config import AggregatorConfig, Preset
     from fedcart.aggregator.statedir import StateDir
     from fedcart.model_export.model import Neighbours
+    from fedcart.protocol.evaluation import Estimate
 
 out = Console()
 err = Console(stderr=True)
@@ -338,16 +339,20 @@ def _budget_line(state: StateDir, config: AggregatorConfig) -> str:
 @state_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(state_dir: Path, as_json: bool) -> None:
-    """Rounds, model versions and privacy spent so far."""
+    """Rounds, model versions, their federated evaluation estimates and privacy spent so
+    far."""
     from fedcart.aggregator.privacy import epsilon_spent
     from fedcart.aggregator.store import Store
 
     state = _state(state_dir)
     config = _config(state)
     store = Store(state.database)
-    rounds, models = store.rounds(), store.models()
+    rounds, models, estimates = store.rounds(), store.models(), store.estimates()
+    serving = store.serving_version()
     eps = epsilon_spent(store.ledger(), config.delta)
     body = {"enrolled": store.enrolled(), "model_version": models[-1].version,
+            "serving_version": serving,
+            "estimates": [e.to_json() for e in estimates],
             "epsilon": eps, "delta": config.delta, "budget_epsilon": config.budget_epsilon,
             "rounds": [dataclasses.asdict(r) for r in rounds],
             "models": [{"version": m.version, "round_id": m.round_id,
@@ -369,6 +374,23 @@ def status(state_dir: Path, as_json: bool) -> None:
                       str(r.survivors if r.survivors is not None else "-"), seconds,
                       r.secagg())
     out.print(table)
+    if estimates:
+        out.print(_estimates_table(estimates, serving))
+
+
+def _estimates_table(estimates: list[Estimate], serving: int | None) -> Table:
+    """The federated evaluation of each model version, with its intervals."""
+    from fedcart.protocol.evaluation import CONFIDENCE
+
+    table = Table(title=f"federated evaluation ({round(100 * CONFIDENCE)}% intervals; the "
+                        f"serving version is marked *)")
+    for column in ("model", "queries", "HitRate@10", "NDCG@10", "MRR", "repeat", "explore"):
+        table.add_column(column, justify="right")
+    for e in estimates:
+        table.add_row(f"{e.model_version}{' *' if e.model_version == serving else ''}",
+                      f"{e.queries:.0f}", str(e.hr), str(e.ndcg), str(e.mrr),
+                      f"{e.repeat_hr.value:.4f}", f"{e.explore_hr.value:.4f}")
+    return table
 
 
 @main.command()

@@ -27,8 +27,8 @@ from fedcart.aggregator.privacy import check_accountable
 from fedcart.model_export.model import TENSOR_NAMES, learning_rates, trained_groups
 from fedcart.secagg.policy import ClientPolicy
 
-__all__ = ["NO_NOISE", "AggregatorConfig", "ConfigError", "Key", "Preset", "Section", "Tuning",
-           "load_config", "render_config"]
+__all__ = ["NO_NOISE", "AggregatorConfig", "ConfigError", "Key", "Preset", "Publish", "Section",
+           "Tuning", "load_config", "render_config"]
 
 NO_NOISE: Final = "none"  # privacy.mechanism of a deployment without differential privacy
 _KEY: Final = "key"  # the metadata entry of an AggregatorConfig field that holds its Key
@@ -47,8 +47,17 @@ class Section(StrEnum):
     PACING = "pacing"
     TRAINING = "training"
     STATISTICS = "statistics"  # its keys are StatisticsSettings' fields, and "enabled"
+    EVALUATION = "evaluation"
     PRIVACY = "privacy"
     OPTIMIZER = "optimizer"
+
+
+class Publish(StrEnum):
+    """Which model versions go to every device that follows the model (a training round's
+    cohort always gets the version it trains)."""
+
+    ALWAYS = "always"  # each new version, as it is published
+    NOT_WORSE = "not_worse"  # a version once its evaluation estimate is not worse
 
 
 _SECTION_COMMENTS: Final = {
@@ -56,6 +65,8 @@ _SECTION_COMMENTS: Final = {
                     "come back",
     Section.TRAINING: "what devices do locally each round",
     Section.STATISTICS: "before training: secure sums of the devices' basket statistics",
+    Section.EVALUATION: "devices score the model on their own newest basket; only the noised "
+                        "sum of their scores is seen",
 }
 
 # The comments of [statistics]: its defaults are StatisticsSettings' (item_item.py)
@@ -159,6 +170,23 @@ class AggregatorConfig:
         metadata={_KEY: Key(Section.STATISTICS, "a popularity round, then a co-occurrence "
                                                 "round over the head items (false: none)",
                             _ENABLED)})
+    evaluate_every: int = _setting(
+        5, Section.EVALUATION, "an evaluation round scores the model after the statistics "
+                               "rounds and after every this many training rounds (0: never)",
+        "every")
+    evaluation_sampling_rate: float = _setting(0.5, Section.EVALUATION,
+                                               "q of evaluation rounds", "sampling_rate")
+    evaluation_noise_ratio: float = _setting(
+        4.0, Section.EVALUATION, "noise multiplier of evaluation rounds / co-occurrence's",
+        "noise_ratio")
+    publish: Publish = _setting(  # noqa: RUF009 (an enum member: immutable)
+        Publish.ALWAYS, Section.EVALUATION,
+        '"always": every new version goes to the devices that follow the model; '
+        '"not_worse": a version goes to them once its HitRate@10 estimate is at least the '
+        "serving version's less tolerance (the first estimated version always does)")
+    publish_tolerance: float = _setting(0.0, Section.EVALUATION,
+                                        "HitRate@10 a new version may lose and still go out",
+                                        "tolerance")
     mechanism: str = _setting(
         "gaussian", Section.PRIVACY, f'"gaussian", "laplace" (pure epsilon, L1 clip) or '
                                      f'"{NO_NOISE}"')
@@ -167,8 +195,8 @@ class AggregatorConfig:
     noise_multiplier: float = _setting(
         1.0, Section.PRIVACY, "z: noise std (or Laplace scale) = z * C; see target_epsilon")
     target_epsilon: float = _setting(
-        0.0, Section.PRIVACY, "> 0: calibrate z so that planned_rounds rounds spend this "
-                              "epsilon")
+        0.0, Section.PRIVACY, "> 0: calibrate z so that planned_rounds training rounds, "
+                              "with the statistics and evaluation rounds, spend this epsilon")
     planned_rounds: int = _setting(100, Section.PRIVACY,
                                    "training rounds target_epsilon is calibrated for")
     delta: float = _setting(1e-5, Section.PRIVACY, "the delta of (epsilon, delta)-DP")
@@ -214,6 +242,11 @@ class AggregatorConfig:
             (bool(self.tls_cert) == bool(self.tls_key), "give both tls_cert and tls_key"),
             (self.examples_per_round >= 1, "training.examples_per_round must be at least 1"),
             (self.training_noise_ratio > 0, "privacy.training_noise_ratio must be positive"),
+            (self.evaluate_every >= 0, "evaluation.every must not be negative"),
+            (0 < self.evaluation_sampling_rate <= 1,
+             "evaluation.sampling_rate must lie in (0, 1]"),
+            (self.evaluation_noise_ratio > 0, "evaluation.noise_ratio must be positive"),
+            (0 <= self.publish_tolerance <= 1, "evaluation.tolerance must lie in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -228,7 +261,8 @@ class AggregatorConfig:
             raise ConfigError(f"training.train_groups: {exc}") from exc
         if self.mechanism != NO_NOISE:
             rates = {self.sampling_rate} | ({self.statistics.sampling_rate}
-                                            if self.statistics is not None else set())
+                                            if self.statistics is not None else set()) | (
+                {self.evaluation_sampling_rate} if self.evaluate_every else set())
             for rate in sorted(rates):
                 try:
                     check_accountable(self.mechanism, rate, self.target_epsilon, self.delta)
@@ -317,6 +351,13 @@ def _checked(path: Path, where: str, value: Any, default: Any) -> Any:
     """``value`` as the type of ``default`` (an int may stand for a float, a TOML array of
     strings for a tuple), or ConfigError."""
     expected = type(default)
+    if isinstance(default, StrEnum) and isinstance(value, str):
+        try:
+            return expected(value)
+        except ValueError:
+            choices = ", ".join(f'"{c}"' for c in expected)
+            raise ConfigError(f"{path}: {where} must be one of {choices}, got {value!r}") \
+                from None
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is tuple and isinstance(value, list) and all(isinstance(v, str)
@@ -379,6 +420,8 @@ def _add(table: Table, key: str, value: Any, comment: str) -> None:
     """``key = value`` with ``comment`` on the lines above it."""
     for line in textwrap.wrap(comment, _WIDTH - 2):
         table.add(tomlkit.comment(line))
+    if isinstance(value, StrEnum):
+        value = value.value
     table.add(key, list(value) if isinstance(value, tuple) else value)
 
 

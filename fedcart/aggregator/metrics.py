@@ -16,12 +16,16 @@ from prometheus_client import (
 )
 
 from fedcart import __version__
+from fedcart.protocol.evaluation import Estimate
 
-__all__ = ["ROUND_SECONDS", "Metrics", "peak_resident_mb"]
+__all__ = ["ESTIMATED_VERSIONS", "ROUND_SECONDS", "Metrics", "peak_resident_mb"]
 
 # a round's duration from its start to its end (bounds in seconds): a training round of a
 # few devices takes seconds, a statistics round over thousands minutes
 ROUND_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# model versions whose evaluation estimates /metrics shows (the newest): a label set per
+# version, so the series stay few over a deployment's thousands of versions
+ESTIMATED_VERSIONS = 10
 
 
 class Metrics:
@@ -63,6 +67,15 @@ class Metrics:
                                registry=self.registry)
         self.model_version = Gauge("fedcart_model_version", "Published model version",
                                    registry=self.registry)
+        self.serving_version = Gauge("fedcart_serving_model_version", "The model version "
+                                     "every device that follows the model gets",
+                                     registry=self.registry)
+        self.estimate = Gauge("fedcart_evaluation", "Federated evaluation of a model version "
+                              "on the devices' newest baskets: the estimate and its "
+                              "confidence interval's bounds, and the queries it counts",
+                              ["model_version", "metric", "bound"], registry=self.registry)
+        # the (metric, bound) label pairs exported for each model version
+        self._estimated: dict[int, list[tuple[str, str]]] = {}
         self.check_ins = Counter("fedcart_check_ins", "Check-ins by what the server did: "
                                  "kept the device connected, sent it away to come back "
                                  "later (pacing), or refused it", ["decision"],
@@ -71,6 +84,21 @@ class Metrics:
                                 "lease, to make room for devices waiting to check in",
                                 registry=self.registry)
 
+    def show_estimate(self, estimate: Estimate) -> None:
+        """Export ``estimate``; only the ESTIMATED_VERSIONS newest versions stay."""
+        version = str(estimate.model_version)
+        values = {("queries", "estimate"): estimate.queries}
+        for metric, interval in (("hr10", estimate.hr), ("ndcg10", estimate.ndcg),
+                                 ("mrr", estimate.mrr), ("hr10_repeat", estimate.repeat_hr),
+                                 ("hr10_explore", estimate.explore_hr)):
+            values |= {(metric, "estimate"): interval.value, (metric, "low"): interval.low,
+                       (metric, "high"): interval.high}
+        for (metric, bound), value in values.items():
+            self.estimate.labels(version, metric, bound).set(value)
+        self._estimated[estimate.model_version] = list(values)
+        for old in sorted(self._estimated)[:-ESTIMATED_VERSIONS]:
+            for metric, bound in self._estimated.pop(old):
+                self.estimate.remove(str(old), metric, bound)
 
 def peak_resident_mb() -> float:
     """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss, it is not

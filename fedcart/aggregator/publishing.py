@@ -4,8 +4,8 @@
 Writing a version (exporting, signing, then reading it back and verifying it) takes seconds
 for a large model, so it runs in worker threads, off the service's event loop. The service
 holds the current version in memory as a :class:`Model`, framed once for every device it
-sends it to. Only the newest ``keep_bundles`` bundles stay on disk: devices only ever
-download the current one; the model history stays in the database.
+sends it to. Only the newest ``keep_bundles`` bundles and the serving one stay on disk:
+devices only download those; the model history stays in the database.
 """
 
 from __future__ import annotations
@@ -100,11 +100,13 @@ class Publisher:
                                         self.public_key)
         return row, model
 
-    async def prune(self, published: list[ModelRow], keep: int) -> None:
-        """Delete the bundles of all but the newest ``keep`` versions (in a worker thread):
-        devices only ever download the current one, and each version is megabytes. The
-        model history (versions, rounds, manifest hashes) stays in the database. ``keep``
-        0 keeps every bundle."""
+    async def prune(self, published: list[ModelRow], keep: int, serving: int) -> None:
+        """Delete the bundles of all but the newest ``keep`` versions and the ``serving``
+        one (in a worker thread): devices only download those, and each version is
+        megabytes. The model history (versions, rounds, manifest hashes) stays in the
+        database. ``keep`` 0 keeps every bundle."""
         for row in published[:-keep] if keep else []:
+            if row.version == serving:
+                continue
             await asyncio.to_thread(shutil.rmtree, self.state.root / row.bundle_dir,
                                     ignore_errors=True)

@@ -5,7 +5,10 @@ Each round has a task. With statistics enabled, the first two rounds sum the dev
 statistics (fedcart/protocol/statistics.py): a popularity round, whose noised sum names the head
 items, then a co-occurrence round over them, from whose noised sum the item-item table is
 derived (fedcart/aggregator/item_item.py) and published in a new model version. Every later round
-trains. All of them are charged to the same privacy ledger.
+trains, except the evaluation rounds: the model the statistics gave, and every
+``evaluation.every``-th trained one, is scored on the devices' own baskets
+(fedcart/protocol/evaluation.py) before training goes on. All of them are charged to the same
+privacy ledger.
 
 A round's cohort is split into groups of at most ``round.group_size`` devices
 (``secagg.groups``), each its own SecAgg+ round with the degree and threshold its size and
@@ -33,6 +36,7 @@ from fedcart.aggregator.config import AggregatorConfig
 from fedcart.aggregator.privacy import Mechanism
 from fedcart.model_export.model import Weights
 from fedcart.model_export.model import group_size as group_size_of
+from fedcart.protocol import evaluation
 from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, STATISTICS, triangle_size
 from fedcart.protocol.terms import Norm, RoundTerms, Task, TrainingPlan
 from fedcart.protocol.update import TRAIN, UpdateFormat
@@ -41,8 +45,8 @@ from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.params import SecAggParameters, choose, fixed
 from fedcart.secagg.server import ServerRound, ServerState
 
-__all__ = ["WAIT_LOG_INTERVAL", "Group", "Round", "Waits", "groups_for", "next_task",
-           "round_terms", "sample", "sampling_rate"]
+__all__ = ["WAIT_LOG_INTERVAL", "Group", "Round", "Waits", "evaluation_due", "groups_for",
+           "next_task", "planned_evaluations", "round_terms", "sample", "sampling_rate"]
 
 log = logging.getLogger("fedcart.aggregator")  # the service's logger: one name in the logs
 WAIT_LOG_INTERVAL = 60.0  # seconds between "round waits" messages while a wait lasts
@@ -115,20 +119,40 @@ class Round:
         return out
 
 
-def next_task(config: AggregatorConfig, released: Callable[[], set[str]]) -> str:
+def next_task(config: AggregatorConfig, released: Callable[[], set[str]],
+              evaluation_due: bool = False) -> str:
     """The statistics rounds first (each until it completes: ``released`` names those
-    that have), then training."""
+    that have), then training, with an evaluation round whenever one is due (until it
+    completes)."""
     if config.statistics is not None:
         done = released()
         for kind in STATISTICS:
             if kind not in done:
                 return kind
-    return TRAIN
+    return Task.EVALUATE if evaluation_due else TRAIN
+
+
+def evaluation_due(config: AggregatorConfig, trained: int, evaluated: bool,
+                   last: bool) -> bool:
+    """Whether the current model, ``trained`` training rounds in, is to be evaluated: not
+    yet ``evaluated``, evaluations on (``evaluation.every``), and it is every-th, or the
+    ``last`` the service trains (max_rounds reached)."""
+    every = config.evaluate_every
+    return bool(every) and not evaluated and (trained % every == 0 or last)
+
+
+def planned_evaluations(config: AggregatorConfig) -> int:
+    """How many evaluation rounds a plan of ``planned_rounds`` training rounds has: one
+    after the statistics, one every ``every``, and one after the last."""
+    every, planned = config.evaluate_every, config.planned_rounds
+    return planned // every + 1 + (planned % every > 0) if every else 0
 
 
 def sampling_rate(config: AggregatorConfig, task: str) -> float:
-    """q of a task's rounds: the statistics rounds have their own."""
+    """q of a task's rounds: the statistics and evaluation rounds have their own."""
     stats = config.statistics
+    if task == Task.EVALUATE:
+        return config.evaluation_sampling_rate
     return stats.sampling_rate if task in STATISTICS and stats else config.sampling_rate
 
 
@@ -205,13 +229,16 @@ def round_terms(config: AggregatorConfig, task: str, group_size: int, head: np.n
                 model_version: int) -> RoundTerms:
     """A round's terms: how its inputs are clipped and encoded (a training round's is
     the update of the ``trained`` groups, weighted; a statistics round's one clipped vector
-    per device), and what a training round's devices do."""
+    per device; an evaluation round's the scores of ``model_version``), and what a training
+    round's devices do."""
     cfg, stats = config, config.statistics
     dp = cfg.mechanism != "none"
     # a packed lane's carry moves the lane above it: a lying device could make one
     # honest input move the sum by twice its sensitivity, so DP rounds are not packed.
     # Under DP the scale is for the configured group size, a constant (see release.add_up).
-    packed = not dp and task != TRAIN and UpdateFormat.can_pack(group_size)
+    # An evaluation round's eight values are not packed: packing halves nothing worth
+    # halving, and its coarse scale would round each device's NDCG and reciprocal rank.
+    packed = not dp and task in STATISTICS and UpdateFormat.can_pack(group_size)
     group_size = cfg.group_size if dp else group_size
     terms = RoundTerms(
         Task.POPULARITY, vocabulary_sha256,
@@ -226,6 +253,9 @@ def round_terms(config: AggregatorConfig, task: str, group_size: int, head: np.n
                                    n_params=triangle_size(len(head)),
                                    clip_norm=stats.cooccurrence_clip,
                                    head=tuple(int(i) for i in head))
+    if task == Task.EVALUATE:
+        return dataclasses.replace(terms, task=Task.EVALUATE, n_params=evaluation.SLOTS,
+                                   clip_norm=evaluation.CLIP, model_version=model_version)
     plan = TrainingPlan(cfg.local_epochs, cfg.batch_size, tuple(cfg.learning_rates),
                         cfg.examples_per_round, tuple(trained))
     return dataclasses.replace(

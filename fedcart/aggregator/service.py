@@ -5,7 +5,8 @@ model bundle.
 The service is the coordinator: it holds the connections and runs the round loop. What a
 round is (its task, cohort, terms and groups) is in ``rounds.py``, what it releases (the
 sum, the noise, the optimizer step, the item-item table) in ``release.py``, how a model
-version is written and served in ``publishing.py``, what is measured in ``metrics.py``.
+version is written and served in ``publishing.py``, which version goes to every device in
+``serving.py``, what is measured in ``metrics.py``.
 
 The websocket code only moves bytes into and out of the sans-I/O ``ServerRound``s; a device
 whose bytes break the protocol is dropped from the round and disconnected, and the round
@@ -34,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from fedcart.aggregator import release, rounds
-from fedcart.aggregator.config import AggregatorConfig
+from fedcart.aggregator.config import AggregatorConfig, Publish
 from fedcart.aggregator.item_item import head_items
 from fedcart.aggregator.metrics import Metrics, peak_resident_mb
 from fedcart.aggregator.pacing import Pacer
@@ -50,11 +51,13 @@ from fedcart.aggregator.privacy import (
 )
 from fedcart.aggregator.publishing import Model, Publisher
 from fedcart.aggregator.rounds import Group, Round
+from fedcart.aggregator.serving import decide
 from fedcart.aggregator.statedir import StateDir
 from fedcart.aggregator.store import Statistic, Store
+from fedcart.model_export.bundle import BundleError
 from fedcart.model_export.model import Neighbours, Weights, trained_groups
 from fedcart.open_files import raise_open_file_limit
-from fedcart.protocol import channel
+from fedcart.protocol import channel, evaluation
 from fedcart.protocol.channel import checkin_statement
 from fedcart.protocol.control import (
     Challenge,
@@ -69,6 +72,7 @@ from fedcart.protocol.control import (
     expect,
 )
 from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, triangle_size
+from fedcart.protocol.terms import Task
 from fedcart.protocol.update import TRAIN, UpdateFormat
 from fedcart.secagg.client import PROTOCOL_MESSAGES
 from fedcart.secagg.crypto import IdentityKey, verify
@@ -136,6 +140,10 @@ class Aggregator:
         cfg, stats = self.config, self.config.statistics
         ratios = {TRAIN: cfg.training_noise_ratio}
         stages = [Stage(cfg.sampling_rate, cfg.training_noise_ratio, cfg.planned_rounds)]
+        if cfg.evaluate_every:
+            ratios[Task.EVALUATE] = cfg.evaluation_noise_ratio
+            stages.append(Stage(cfg.evaluation_sampling_rate, cfg.evaluation_noise_ratio,
+                                rounds.planned_evaluations(cfg)))
         if stats is not None:
             ratios |= {POPULARITY: stats.popularity_noise_ratio, COOCCURRENCE: 1.0}
             stages += [Stage(stats.sampling_rate, stats.popularity_noise_ratio),
@@ -161,14 +169,35 @@ class Aggregator:
         if latest is None:
             raise RuntimeError(f"{self.state.root} has no model: run fedcart-aggregator init")
         self._use(self.publisher.load(latest), latest.version)
+        self.trained = self.store.trained_rounds()
+        serving = self.store.serving_version()
+        if serving is None or serving == latest.version or \
+                self.config.publish is Publish.ALWAYS:
+            self._serve(self.latest, latest.version)
+        else:
+            row = next(m for m in self.store.models() if m.version == serving)
+            try:
+                self._serve(self.publisher.load(row), serving)
+            except (OSError, BundleError) as exc:
+                log.warning("serving version %d cannot be read (%s): version %d is served "
+                            "instead", serving, exc, latest.version)
+                self._serve(self.latest, latest.version)
+        for estimate in self.store.estimates():
+            self.metrics.show_estimate(estimate)
         self.metrics.epsilon.set(epsilon_spent(self.store.ledger(), self.config.delta))
 
     def _use(self, model: Model, version: int) -> None:
-        self.bundle, self.constant_files = model.bundle, model.constant_files
-        self.bundle_frame, self.update_frame = model.bundle_frame, model.update_frame
+        """Make ``model`` the latest version: the one rounds train and evaluate."""
+        self.latest, self.bundle = model, model.bundle
         self.weights, self.neighbours = model.bundle.weights(), model.bundle.neighbours()
         self.model_version = version
         self.metrics.model_version.set(version)
+
+    def _serve(self, model: Model, version: int) -> None:
+        """Make ``model`` the version every device that follows the model gets."""
+        self.serving, self.serving_version = model, version
+        self.store.serve(version)
+        self.metrics.serving_version.set(version)
 
     # -- serving -------------------------------------------------------------------------
     async def serve(self, ready: asyncio.Event | None = None) -> None:
@@ -324,7 +353,7 @@ class Aggregator:
                 del self.connections[client_id]
             raise
         if hello.follow_model:
-            await self._send_model(conn)
+            await self._send_model(conn, self.serving)
         return conn
 
     async def _send_away(self, ws: ServerConnection) -> None:
@@ -348,16 +377,15 @@ class Aggregator:
                 self.metrics.released.inc()
                 await self._send_away(conn.ws)
 
-    async def _send_model(self, conn: _Connection) -> None:
-        """Send the current bundle if the device is behind: without the files it already
+    async def _send_model(self, conn: _Connection, model: Model) -> None:
+        """Send ``model``'s bundle if the device is behind it: without the files it already
         holds. A send returns once the connection's buffer has drained, so the semaphore
         bounds how many bundles sit in buffers at once: without it, every device checking
         in at the same moment held a whole bundle (O(n * model) memory)."""
-        if conn.model_version >= self.model_version:
+        version, files = model.bundle.manifest.model_version, model.constant_files
+        if conn.model_version >= version:
             return
-        # taken together before any await: a version published meanwhile is not this one
-        version, files = self.model_version, self.constant_files
-        frame = self.update_frame if files <= conn.held_files else self.bundle_frame
+        frame = model.update_frame if files <= conn.held_files else model.bundle_frame
         with contextlib.suppress(Exception):
             async with self._bundle_sends:
                 await conn.ws.send(frame)
@@ -376,17 +404,29 @@ class Aggregator:
                 self.stop()
                 return
             await self._end_leases()
-            if outcome == "completed":  # a training round (statistics rounds do not count)
+            if outcome == "completed":  # a training round (the others do not count)
                 self.rounds_done += 1
-                if cfg.max_rounds and self.rounds_done >= cfg.max_rounds:
-                    log.info("completed %d rounds: stopping", self.rounds_done)
-                    self.stop()
-                    return
+                self.trained += 1
+            if outcome != "skipped" and self._max_rounds_done() and \
+                    not self._evaluation_due():
+                log.info("completed %d rounds: stopping", self.rounds_done)
+                self.stop()
+                return
             await asyncio.sleep(cfg.round_interval if outcome != "skipped" else 0.2)
+
+    def _max_rounds_done(self) -> bool:
+        return bool(self.config.max_rounds) and self.rounds_done >= self.config.max_rounds
+
+    def _evaluation_due(self) -> bool:
+        """Whether the latest version is to be evaluated before training goes on (or,
+        after the last training round, before the service stops)."""
+        return rounds.evaluation_due(self.config, self.trained,
+                                     self.store.estimate(self.model_version) is not None,
+                                     self._max_rounds_done())
 
     async def _run_round(self) -> str:
         cfg = self.config
-        task = rounds.next_task(cfg, self.store.released)
+        task = rounds.next_task(cfg, self.store.released, self._evaluation_due())
         sampling_rate = rounds.sampling_rate(cfg, task)
         if not self.waits.population_ready(task, sampling_rate, len(self.connections),
                                            self.store.enrolled):
@@ -454,18 +494,22 @@ class Aggregator:
         sums = self._sum(groups, fmt, detail)
         if task == TRAIN:
             await self._apply(current, fmt, sums, charge, detail)
+        elif task == Task.EVALUATE:
+            await self._apply_evaluation(current, fmt, sums, charge, detail)
         else:
             await self._apply_statistic(current, fmt, sums, charge, detail)
         await self._announce(current, Outcome.COMPLETED)
         self.metrics.round_seconds.labels(task, "completed").observe(time.monotonic() - started)
-        return "completed" if task == TRAIN else "statistic"
+        if task == TRAIN:
+            return "completed"
+        return "evaluated" if task == Task.EVALUATE else "statistic"
 
     async def _notify(self, current: Round) -> None:
-        """Send a training round's cohort the model if they are behind, then every member
-        its round notice: the round's id and the device's id in it (the terms come signed,
-        in the round config)."""
-        if current.task == TRAIN:
-            await asyncio.gather(*(self._send_model(self.connections[cid])
+        """Send a training or evaluation round's cohort the latest model if they are behind,
+        then every member its round notice: the round's id and the device's id in it (the
+        terms come signed, in the round config)."""
+        if current.task in (TRAIN, Task.EVALUATE):
+            await asyncio.gather(*(self._send_model(self.connections[cid], self.latest)
                                    for cid in current.cohort if cid in self.connections))
         await asyncio.gather(*(self._send(cid, RoundNotice(current.round_id, cid).to_frame())
                                for cid in current.cohort))
@@ -502,7 +546,8 @@ class Aggregator:
         or dropped) or time out, send what the group queued (a disconnect can end a phase
         as well as a message), and unmask in a worker thread."""
         server = group.server
-        server.start()
+        with contextlib.suppress(RoundFailed):  # every member gone before it started
+            server.start()
         await self._flush(group)
         while server.state not in (ServerState.DONE, ServerState.FAILED):
             phase, started = server.state, time.monotonic()
@@ -688,6 +733,43 @@ class Aggregator:
                  "std %.3g)", current.round_id, len(head), survivors, noise_std)
         await self._publish(current, new, table, {}, detail, released)
 
+    async def _apply_evaluation(self, current: Round, fmt: UpdateFormat, sums: np.ndarray,
+                                charge: RoundCharge | None, detail: dict) -> None:
+        """An evaluation round: charge, noise, and keep the latest version's estimate with
+        its interval; under the publishing policy ``not_worse``, send the version to every
+        device that follows the model if the estimate is not worse than the serving one's."""
+        cfg = self.config
+        totals, noise_std = await self._noised(current, sums, fmt, charge, detail)
+        # each device's values were rounded to the format's steps, each by less than one
+        estimate = evaluation.estimate(self.model_version, totals, noise_std,
+                                       rounds.sampling_rate(cfg, Task.EVALUATE),
+                                       rounding=current.survivors / fmt.scale)
+        decision = decide(estimate, self.store.estimate(self.serving_version),
+                          self.serving_version, cfg.publish, cfg.publish_tolerance)
+        detail["estimate"] = estimate.to_json()
+        detail["epsilon"] = epsilon_spent(self.store.ledger(), cfg.delta)
+        if decision is not None:
+            detail["publish"] = {"sent": decision.publish, "reason": decision.reason}
+        self.store.record_estimate(estimate, current.round_id, current.survivors, detail)
+        self.metrics.rounds.labels("completed").inc()
+        self.metrics.epsilon.set(detail["epsilon"])
+        self.metrics.show_estimate(estimate)
+        log.info("round %d: model version %d scores HitRate@10 %s, NDCG@10 %s, MRR %s on "
+                 "%.0f queries (%d%% intervals)", current.round_id, self.model_version,
+                 estimate.hr, estimate.ndcg, estimate.mrr, estimate.queries,
+                 round(100 * evaluation.CONFIDENCE))
+        if decision is not None:
+            log.info("%s", decision.reason)
+            if decision.publish:
+                await self._serve_followers(self.latest, self.model_version)
+
+    async def _serve_followers(self, model: Model, version: int) -> None:
+        """Make ``model`` the serving version and send it to the devices that follow."""
+        self._serve(model, version)
+        for conn in list(self.connections.values()):
+            if conn.follow_model:
+                await self._send_model(conn, model)
+
     async def _publish(self, current: Round, weights: Weights, neighbours: Neighbours,
                        optimizer_state: dict[str, np.ndarray], detail: dict,
                        statistic: Statistic | None = None) -> None:
@@ -707,7 +789,7 @@ class Aggregator:
         self.metrics.epsilon.set(detail["epsilon"])
         log.info("round %d: %d survivors, model version %d, epsilon %.4g", current.round_id,
                  survivors, version, detail["epsilon"])
-        await self.publisher.prune(self.store.models(), cfg.keep_bundles)
-        for conn in list(self.connections.values()):
-            if conn.follow_model:
-                await self._send_model(conn)
+        if cfg.publish is Publish.ALWAYS:
+            await self._serve_followers(model, version)
+        await self.publisher.prune(self.store.models(), cfg.keep_bundles,
+                                   self.serving_version)

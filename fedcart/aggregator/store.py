@@ -10,7 +10,9 @@ Order of writes in a round, so that a crash at any point is safe:
 A crash after 1 over-counts the ledger by one round (never under-counts); a crash before 3
 leaves a bundle directory no row points at, which is never served and is swept at start.
 A statistics round stores its released (noised) sum in ``statistics`` in the transaction that
-completes it; the co-occurrence sum goes in with the model version derived from it.
+completes it; the co-occurrence sum goes in with the model version derived from it. An
+evaluation round's estimate goes in with its round's completion; ``serving`` lists the
+versions sent to every device that follows the model, in turn.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcart.aggregator.privacy import Mechanism, RoundCharge
+from fedcart.protocol.evaluation import Estimate
 
 __all__ = ["ModelRow", "RoundRow", "Statistic", "Store"]
 
@@ -73,6 +76,15 @@ CREATE TABLE IF NOT EXISTS statistics (
     head        BLOB NOT NULL,
     total       BLOB NOT NULL,
     noise_std   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS estimates (
+    model_version INTEGER PRIMARY KEY,
+    round_id      INTEGER NOT NULL,
+    estimate      TEXT NOT NULL  -- protocol.evaluation.Estimate as JSON
+);
+CREATE TABLE IF NOT EXISTS serving (
+    version   INTEGER PRIMARY KEY,
+    served_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS optimizer_state (
     version INTEGER NOT NULL,
@@ -288,6 +300,42 @@ class Store:
             return None
         return Statistic(kind, int(row[0]), np.frombuffer(row[1], "<i8").copy(),
                          np.frombuffer(row[2], "<f8").copy(), float(row[3]))
+
+    # -- evaluation ------------------------------------------------------------------------
+    def record_estimate(self, estimate: Estimate, round_id: int, survivors: int,
+                        detail: dict) -> None:
+        """Store an evaluation round's estimate and complete the round, in one transaction."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO estimates (model_version, round_id, estimate) "
+                       "VALUES (?, ?, ?)", (estimate.model_version, round_id,
+                                            json.dumps(estimate.to_json())))
+            self._complete_round(db, round_id, survivors, detail)
+
+    def estimates(self) -> list[Estimate]:
+        """Every estimate, by model version."""
+        return [Estimate.from_json(json.loads(raw)) for (raw,) in self.db.execute(
+            "SELECT estimate FROM estimates ORDER BY model_version")]
+
+    def estimate(self, version: int) -> Estimate | None:
+        row = self.db.execute("SELECT estimate FROM estimates WHERE model_version = ?",
+                              (version,)).fetchone()
+        return None if row is None else Estimate.from_json(json.loads(row[0]))
+
+    def trained_rounds(self) -> int:
+        """How many training rounds have completed (reads every round: the service counts
+        once, at start)."""
+        return sum(1 for r in self.rounds()
+                   if r.status == "completed" and r.detail.get("task") == "train")
+
+    def serve(self, version: int) -> None:
+        """Record that ``version`` goes to every device that follows the model."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO serving (version, served_at) VALUES (?, ?)",
+                       (version, time.time()))
+
+    def serving_version(self) -> int | None:
+        row = self.db.execute("SELECT MAX(version) FROM serving").fetchone()
+        return None if row[0] is None else int(row[0])
 
     # -- models ----------------------------------------------------------------------------
     @staticmethod

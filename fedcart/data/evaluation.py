@@ -29,11 +29,11 @@ from enum import StrEnum
 import numpy as np
 
 from fedcart.data.datasets import BasketData
+from fedcart.protocol.evaluation import metric_values, rank_of_hidden
 
 __all__ = ["HiddenItem", "Metrics", "Query", "Slice", "Split", "batch_size", "evaluate",
            "make_split", "ranks_of_hidden"]
 
-TOP_K = 10
 SPLIT_SEED = 0
 # queries scored at once: at most MAX_BATCH, and at most what keeps one [B, V] float64 score
 # matrix within SCORES_BUDGET (a scorer and the ranking hold a few of them): 256 up to
@@ -183,15 +183,10 @@ def _slices(split: Split, queries: list[Query], hit: np.ndarray) -> dict[HiddenI
 
 def ranks_of_hidden(scores: np.ndarray, queries: list[Query] | tuple[Query, ...]) -> np.ndarray:
     """1-based rank of each hidden item among the non-cart items, ties in its favour;
-    ``inf`` where the scorer gave the hidden item no score (-inf)."""
-    scores = np.array(scores, dtype=np.float64, copy=True)
-    ranks = np.empty(len(queries), dtype=np.float64)
-    for row, query in enumerate(queries):
-        scores[row, query.cart] = -np.inf
-        target = scores[row, query.hidden]
-        ranks[row] = (np.inf if target == -np.inf
-                      else 1 + int(np.count_nonzero(scores[row] > target)))
-    return ranks
+    ``inf`` where the scorer gave the hidden item no score (-inf): the rule a device
+    applies to its own query (protocol.evaluation.rank_of_hidden)."""
+    return np.array([rank_of_hidden(scores[row], q.cart, q.hidden)
+                     for row, q in enumerate(queries)], np.float64)
 
 
 Scorer = Callable[[list[Query]], np.ndarray]
@@ -213,11 +208,6 @@ def evaluate(scorer: Scorer, split: Split, batch: int | None = None) -> Metrics:
         ranks_of_hidden(scorer(queries[i:i + batch]), queries[i:i + batch])
         for i in range(0, len(queries), batch)
     ])
-    hit = ranks <= TOP_K
-    return Metrics(
-        hr=float(hit.mean()),
-        ndcg=float((hit / np.log2(np.where(hit, ranks, 1.0) + 1.0)).mean()),
-        mrr=float((1.0 / ranks).mean()),
-        queries=len(queries),
-        by_hidden=_slices(split, queries, hit),
-    )
+    hit, ndcg, rr = metric_values(ranks)
+    return Metrics(hr=float(hit.mean()), ndcg=float(ndcg.mean()), mrr=float(rr.mean()),
+                   queries=len(queries), by_hidden=_slices(split, queries, hit.astype(bool)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from fedcart.model_export.bundle import Manifest
 from fedcart.model_export.model import group_size, trained_groups
+from fedcart.protocol.evaluation import SLOTS
 from fedcart.protocol.statistics import check_head, triangle_size
 from fedcart.protocol.terms import Norm, RoundTerms, Task, TermsError
 from fedcart.secagg.policy import ClientPolicy
@@ -41,13 +42,14 @@ class DevicePolicy:
             raise TermsError(f"this device does not clip in the {terms.norm.value} norm")
         if terms.vocabulary_sha256 != manifest.vocabulary_sha256:
             raise TermsError("the round is for another catalog")
+        if terms.task in (Task.TRAIN, Task.EVALUATE) and \
+                terms.model_version != manifest.model_version:
+            raise TermsError(f"the round is for model {terms.model_version}, this "
+                             f"device has {manifest.model_version}")
         if terms.task is Task.TRAIN:
             assert terms.training is not None
             if terms.packed:
                 raise TermsError("a training update cannot be packed")
-            if terms.model_version != manifest.model_version:
-                raise TermsError(f"the round is for model {terms.model_version}, this "
-                                 f"device has {manifest.model_version}")
             try:
                 groups = trained_groups(terms.training.groups)
             except ValueError as exc:
@@ -55,6 +57,8 @@ class DevicePolicy:
             expected = group_size(groups, manifest.n_items, manifest.dim)
         elif terms.task is Task.POPULARITY:
             expected = manifest.n_items
+        elif terms.task is Task.EVALUATE:
+            expected = SLOTS
         else:
             try:
                 check_head(list(terms.head), manifest.n_items)

@@ -26,11 +26,13 @@ MAX_TERMS = 64 << 10  # the longest terms a device decodes (a head of 4,096 ids 
 
 
 class Task(StrEnum):
-    """What a round computes: a training step, or one of the statistics rounds."""
+    """What a round computes: a training step, one of the statistics rounds, or the
+    current model's quality on the devices' own baskets."""
 
     TRAIN = "train"
     POPULARITY = "popularity"
     COOCCURRENCE = "cooccurrence"
+    EVALUATE = "evaluate"
 
 
 class Norm(StrEnum):
@@ -64,7 +66,8 @@ class TrainingPlan:
 class RoundTerms:
     """One round's terms. ``group_size``: the largest group's device count, which fixes the
     fixed-point scale; ``head``: a co-occurrence round's item ids; ``training``: a training
-    round's plan; ``model_version``: the model a training round updates."""
+    round's plan; ``model_version``: the model a training round updates or an evaluation round
+    scores."""
 
     task: Task
     vocabulary_sha256: str

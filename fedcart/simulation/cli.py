@@ -31,6 +31,7 @@ from fedcart.data.evaluation import Split
 from fedcart.model_export.keys import load_or_create_signing_key
 from fedcart.model_export.model import TENSOR_NAMES, n_parameters, trained_groups
 from fedcart.protocol.statistics import MAX_HEAD
+from fedcart.protocol.terms import Task
 from fedcart.protocol.update import TRAIN
 from fedcart.simulation.central import Row, baseline_rows, central_rows
 from fedcart.simulation.central_training import TrainConfig
@@ -184,8 +185,9 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--rounds", type=click.IntRange(1), default=d.rounds, show_default=True,
                      help="Training rounds to complete. They follow the statistics rounds "
-                          "(popularity, then co-occurrence; see --statistics), so --rounds 3 "
-                          "completes 5 rounds, numbered 1 to 5 by the aggregator (more if a "
+                          "(popularity, then co-occurrence; see --statistics), and evaluation "
+                          "rounds run between them (see --eval-every), so --rounds 3 "
+                          "completes 7 rounds, numbered 1 to 7 by the aggregator (more if a "
                           "round fails)."),
         click.option("--clients-per-round", type=click.FloatRange(min=1), default=None,
                      help=f"Expected cohort M; each device joins a round with probability "
@@ -214,6 +216,19 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--statistics/--no-statistics", default=True, show_default=True,
                      help="Begin with the statistics rounds (popularity, then co-occurrence "
                           "over the head items) that give the model its item-item table."),
+        click.option("--statistics-q", "statistics_sampling_rate",
+                     type=click.FloatRange(0, 1, min_open=True),
+                     default=d.statistics_sampling_rate, show_default=True,
+                     help="q of the statistics rounds: below 1 each is over a Poisson sample "
+                          "of the devices, and the accountant grants the amplification."),
+        click.option("--popularity-noise-ratio", type=click.FloatRange(min=0, min_open=True),
+                     default=d.popularity_noise_ratio, show_default=True,
+                     help="The popularity round's noise multiplier over the co-occurrence "
+                          "round's: how the budget is split between them."),
+        click.option("--training-noise-ratio", type=click.FloatRange(min=0, min_open=True),
+                     help="The training rounds' noise multiplier over the co-occurrence "
+                          f"round's. Default {Preset.DP.value.training_noise_ratio:g} "
+                          "with DP."),
         click.option("--head-items", type=click.IntRange(2, MAX_HEAD),
                      help="M: the co-occurrence round covers the M most popular items "
                           f"(M(M+1)/2 values per device). Default "
@@ -234,7 +249,10 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Processes the simulated devices run in."),
         click.option("--eval-every", type=click.IntRange(1), default=d.eval_every,
                      show_default=True, help="Evaluate every n-th trained model, the "
-                                             "model the statistics rounds give, and the last."),
+                                             "model the statistics rounds give, and the last: "
+                                             "in a federated evaluation round (on the devices' "
+                                             "own baskets, at q of at least 0.5), and "
+                                             "centrally on the test baskets."),
         click.option("--seed", type=int, default=d.seed, show_default=True,
                      help="Seeds model v0 and the dropout draws (sampling and masks use "
                           "the OS CSPRNG, as in production)."),
@@ -283,8 +301,16 @@ def _reference_rows(split: Split, dim: int, with_baselines: bool,
 
 
 def _round_line(run: str, record: RoundRecord) -> str:
-    """One round as a line of a log: what ran, how it ended, how long, and its quality."""
+    """One round as a line of a log: what ran, how it ended, how long, and its quality (an
+    evaluation round's: its estimate, and the central figure of the same quantity)."""
     quality = f", HR@10 {record.hr:.4f}" if record.hr is not None else ""
+    if record.estimate is not None:
+        hr = record.estimate["hr"]
+        central = (f" (central {record.central_estimate['hr']:.4f})"
+                   if record.central_estimate and record.central_estimate["hr"] is not None
+                   else "")
+        quality = (f", version {record.model_version} federated HR@10 {hr['value']:.4f} "
+                   f"[{hr['low']:.4f}, {hr['high']:.4f}]{central}")
     spent = f", epsilon {record.epsilon:.2f}" if record.epsilon else ""
     return (f"{run}: round {record.round} ({record.task}) {record.status}, "
             f"{record.survivors}/{record.sampled} devices, {record.seconds:.0f} s"
@@ -310,7 +336,9 @@ def _run_with_progress(split: Split, names: dict[str, str], settings: FederatedS
             fields: dict[str, Any] = {"survivors": f"{record.survivors}/{record.sampled}",
                                       "status": "" if record.status == "completed"
                                       else f"(round {record.round} {record.status})"}
-            if record.task != TRAIN:
+            if record.task == Task.EVALUATE:
+                fields["status"] = f"evaluation {record.status}"
+            elif record.task != TRAIN:
                 fields["status"] = f"{record.task} statistic {record.status}"
             if record.status == "completed" and record.task == TRAIN:
                 progress.advance(task)

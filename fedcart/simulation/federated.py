@@ -5,7 +5,9 @@ DESIGN.md section 6 as it appears.
 
 Only the baskets before each user's last one go to the devices; the test baskets stay with
 the evaluator. The evaluator reads the aggregator's published bundles and round records from
-its state directory, as an operator's dashboard would.
+its state directory, as an operator's dashboard would. The aggregator's own evaluation
+rounds score a version on the devices' training baskets; beside each estimate goes the
+central figure of the same quantity (federated_evaluation.py).
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ from fedcart.aggregator.store import RoundRow, Store
 from fedcart.data.evaluation import Split, evaluate
 from fedcart.model_export.bundle import read_bundle
 from fedcart.model_export.model import HISTORY_DECAY
+from fedcart.protocol.evaluation import Query
+from fedcart.protocol.terms import Task
 from fedcart.protocol.update import TRAIN
 from fedcart.simulation.central_training import model_scorer
 from fedcart.simulation.devices import Shard, worker_main
+from fedcart.simulation.federated_evaluation import central_estimate, device_queries
 
 __all__ = ["FederatedSettings", "RoundRecord", "RunResult", "run_federated"]
 
 POLL_SECONDS = 0.2
+PUBLISHING_TASKS = frozenset({Task.COOCCURRENCE, Task.TRAIN})  # a completed one publishes
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class FederatedSettings:
     head_items: int | None = None
     cooccurrence_clip: float | None = None
     training_noise_ratio: float | None = None
+    statistics_sampling_rate: float = 1.0  # q of the statistics rounds
+    popularity_noise_ratio: float = StatisticsSettings.popularity_noise_ratio
     optimizer: str = Tuning.optimizer
     optimizer_lr: float = Tuning.optimizer_lr
     dim: int = Tuning.dim
@@ -126,7 +134,7 @@ class RoundRecord:
     """One round as the report shows it."""
 
     round: int
-    task: str  # "popularity", "cooccurrence" or "train"
+    task: str  # a protocol.terms.Task: "popularity", "cooccurrence", "train" or "evaluate"
     status: str
     model_version: int
     sampled: int
@@ -148,6 +156,10 @@ class RoundRecord:
     bytes_down: float | None = None
     values: int | None = None  # the length of the round's masked vector
     groups: str = "-"  # its SecAgg+ groups, k, t and failure bound (RoundRow.secagg)
+    # an evaluation round's: its estimate (protocol.evaluation.Estimate as JSON), and the
+    # central figure of the same quantity on the same version (federated_evaluation)
+    estimate: dict[str, Any] | None = None
+    central_estimate: dict[str, Any] | None = None
 
 
 @dataclass
@@ -192,11 +204,17 @@ def aggregator_config(settings: FederatedSettings, n_devices: int,
     dp = settings.mechanism != "none"
     assert settings.head_items and settings.cooccurrence_clip and settings.train_groups
     statistics = (StatisticsSettings(head_items=settings.head_items,
-                                     cooccurrence_clip=settings.cooccurrence_clip)
+                                     cooccurrence_clip=settings.cooccurrence_clip,
+                                     sampling_rate=settings.statistics_sampling_rate,
+                                     popularity_noise_ratio=settings.popularity_noise_ratio)
                   if settings.statistics else None)
     return AggregatorConfig(
         host="127.0.0.1", sampling_rate=q, min_clients=3, min_connected=n_devices,
         keep_bundles=0,  # the simulation evaluates published versions after the fact
+        # evaluation at the training rounds' q, but at least the aggregator's default: a
+        # cohort of 200 gives intervals of +-0.1, for a few percent of the budget
+        evaluate_every=settings.eval_every,
+        evaluation_sampling_rate=max(q, AggregatorConfig.evaluation_sampling_rate),
         secagg_degree=settings.secagg_k, group_size=settings.group_size,
         # a device can drop out even where the simulation removes none (a phase deadline
         # under load): k and t are chosen for at least 5%
@@ -359,6 +377,7 @@ def _follow(store: Store, root: Path, server_key: bytes, split: Split,
             on_round: Callable[[RoundRecord], None] | None,
             stop: threading.Event | None) -> None:
     """Record rounds as the aggregator finishes them, until it stops."""
+    queries = device_queries(split)
     seen: set[int] = set()
     first_start: float | None = None
     while True:
@@ -378,6 +397,9 @@ def _follow(store: Store, root: Path, server_key: bytes, split: Split,
             if published and (record.task != TRAIN or trained >= settings.rounds
                               or trained % settings.eval_every == 0):
                 _evaluate(record, root, server_key, store, row, split)
+            if record.estimate is not None:
+                record.central_estimate = _central_estimate(
+                    int(record.estimate["model_version"]), root, server_key, store, queries)
             result.rounds.append(record)
             if on_round is not None:
                 on_round(record)
@@ -392,7 +414,7 @@ def _follow(store: Store, root: Path, server_key: bytes, split: Split,
 def _record(row: RoundRow, first_start: float) -> RoundRecord:
     detail = row.detail
     task = str(detail.get("task", TRAIN))
-    publishes = row.status == "completed" and task != "popularity"
+    publishes = row.status == "completed" and task in PUBLISHING_TASKS
     return RoundRecord(
         round=row.round_id, task=task, status=row.status,
         model_version=row.model_version + 1 if publishes else row.model_version,
@@ -401,7 +423,7 @@ def _record(row: RoundRow, first_start: float) -> RoundRecord:
         seconds=float((row.finished_at or row.started_at) - row.started_at),
         phase_seconds=dict(detail.get("phase_seconds", {})),
         epsilon=float(detail.get("epsilon", 0.0)), values=detail.get("values"),
-        groups=row.secagg(),
+        groups=row.secagg(), estimate=detail.get("estimate"),
         elapsed=float((row.finished_at or row.started_at) - first_start))
 
 
@@ -417,6 +439,13 @@ def _evaluate(record: RoundRecord, root: Path, server_key: bytes, store: Store,
     record.by_hidden = with_history.hidden_json()
     record.hr_global, record.ndcg_global, record.mrr_global = (
         global_only.hr, global_only.ndcg, global_only.mrr)
+
+
+def _central_estimate(version: int, root: Path, server_key: bytes, store: Store,
+                      queries: list[Query]) -> dict[str, Any]:
+    """The central figure of what an evaluation round of ``version`` estimated."""
+    model = next(m for m in store.models() if m.version == version)
+    return central_estimate(read_bundle(root / model.bundle_dir, server_key), queries)
 
 
 def _add_bytes(result: RunResult, reports: list[tuple[int, str, int, int]]) -> None:

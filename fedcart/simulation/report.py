@@ -6,9 +6,11 @@ the aggregator configuration the run served with, as an operator would deploy it
 copies it in; the report links it).
 
 A run begins with the statistics rounds (popularity, then co-occurrence over the head
-items) and then trains: ``--rounds N`` counts the training rounds only. The report keeps
-the two kinds apart everywhere (tables, shaded spans in the plots, the privacy budget
-split), because they cost and deliver different things.
+items) and then trains: ``--rounds N`` counts the training rounds only. Evaluation rounds
+score the model the statistics gave, every ``--eval-every``-th trained one and the last on
+the devices' own baskets; the report sets each noised estimate beside the central figure
+of the same quantity. The report keeps the kinds apart everywhere (tables, shaded spans in
+the plots, the privacy budget split), because they cost and deliver different things.
 
 Everything is written from one JSON-able dict (see ``fedcart-sim run``), first to a
 temporary name and then renamed, so a report directory never holds a half-written file.
@@ -38,8 +40,8 @@ from fedcart.atomic_write import write_atomically
 from fedcart.data.evaluation import HiddenItem
 from fedcart.protocol.terms import Task
 
-__all__ = ["N_DELTA_CAP", "PLOTS", "PRIVACY_PLOTS", "BudgetSplit", "budget_splits", "delta_warning",
-           "figures", "privacy_utility_rows", "write_report"]
+__all__ = ["N_DELTA_CAP", "PLOTS", "PRIVACY_PLOTS", "BudgetSplit",
+           "budget_splits", "delta_warning", "figures", "privacy_utility_rows", "write_report"]
 
 PLOTS = {
     "quality.png": "HitRate@10 of each published model, against the central baselines; "
@@ -47,7 +49,11 @@ PLOTS = {
     "epsilon.png": "Cumulative epsilon after each round, against each run's budget "
                    "(dashed); the shaded span is the statistics rounds",
     "budget.png": "The privacy budget split: epsilon spent by the statistics rounds "
-                  "(popularity, co-occurrence) and by the training rounds",
+                  "(popularity, co-occurrence), by the training rounds and by the "
+                  "evaluation rounds",
+    "federated_evaluation.png": "HitRate@10 of each evaluated model version: the federated "
+                                "estimate with its 95% interval, and the central figure of "
+                                "the same quantity, one panel per run",
     "time.png": "Seconds per round by protocol phase, one panel per run",
     "bytes.png": "Bytes per device per round (log scale), one panel per run",
 }
@@ -61,10 +67,12 @@ class RoundStatus(StrEnum):
 
 
 PRIVACY_PLOTS = frozenset({"epsilon.png", "budget.png"})  # drawn when a run adds noise
+EVALUATION_PLOTS = frozenset({"federated_evaluation.png"})  # drawn when a run has estimates
 NO_DP = "none"  # FederatedSettings.mechanism of a run without DP noise
 STATISTICS_TASKS = (Task.POPULARITY, Task.COOCCURRENCE)  # the order they run in
+SPENDING_TASKS = (*STATISTICS_TASKS, Task.TRAIN, Task.EVALUATE)  # the budget split's parts
 TASK_LABELS = {Task.POPULARITY: "popularity", Task.COOCCURRENCE: "co-occurrence",
-               Task.TRAIN: "training"}
+               Task.TRAIN: "training", Task.EVALUATE: "evaluation"}
 # N delta is the chance that some user's guarantee fails outright: the default delta,
 # 1 / (100 N), and the aggregator's configuration keep it at 1%.
 N_DELTA_CAP = 0.01
@@ -72,7 +80,7 @@ STATISTICS_SPAN = "statistics rounds (popularity, co-occurrence)"
 BASELINE_STYLES = ["--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1))]
 BASELINE_GREYS = ["dimgrey", "grey", "darkgrey"]
 SPLIT_COLOURS = {Task.POPULARITY: "#9ecae1", Task.COOCCURRENCE: "#3182bd",
-                 Task.TRAIN: "#e6550d"}
+                 Task.TRAIN: "#e6550d", Task.EVALUATE: "#31a354"}
 MIN_LINE_POINTS = 3  # fewer evaluations are drawn as markers, not a line
 DPI = 110
 LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0,
@@ -83,8 +91,16 @@ def _completed(run: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in run["rounds"] if r["status"] == RoundStatus.COMPLETED]
 
 
+def _task(record: dict[str, Any]) -> Task:
+    return Task(record.get("task", Task.TRAIN))
+
+
 def _is_statistics(record: dict[str, Any]) -> bool:
-    return record.get("task", Task.TRAIN) in STATISTICS_TASKS
+    return _task(record) in STATISTICS_TASKS
+
+
+def _is_training(record: dict[str, Any]) -> bool:
+    return _task(record) is Task.TRAIN
 
 
 def _is_dp(run: dict[str, Any]) -> bool:
@@ -103,7 +119,7 @@ def privacy_utility_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         if not evaluated:
             continue
         last = evaluated[-1]
-        completed = sum(1 for r in _completed(run) if not _is_statistics(r))
+        completed = sum(1 for r in _completed(run) if _is_training(r))
         rows.append({"name": run["name"], "hr": last["hr"], "ndcg": last["ndcg"],
                      "mrr": last["mrr"], "hr_global": last["hr_global"],
                      "epsilon": last["epsilon"] if _is_dp(run) else None,
@@ -120,8 +136,9 @@ class BudgetSplit:
 
     name: str
     budget: float | None  # the target epsilon (None: a fixed noise multiplier, no target)
-    spent: dict[Task, float]  # per task, popularity and co-occurrence first
+    spent: dict[Task, float]  # per task, in SPENDING_TASKS order
     training_rounds: int
+    evaluation_rounds: int
     delta: float
     population: int
 
@@ -146,14 +163,15 @@ def budget_splits(report: dict[str, Any]) -> list[BudgetSplit]:
     for run in report["runs"]:
         if not _is_dp(run):
             continue
-        spent = {task: 0.0 for task in (*STATISTICS_TASKS, Task.TRAIN)}
+        spent = dict.fromkeys(SPENDING_TASKS, 0.0)
         before = 0.0
         for record in _completed(run):
-            spent[Task(record.get("task", Task.TRAIN))] += record["epsilon"] - before
+            spent[_task(record)] += record["epsilon"] - before
             before = record["epsilon"]
         splits.append(BudgetSplit(
             name=run["name"], budget=run["settings"].get("epsilon"), spent=spent,
-            training_rounds=sum(1 for r in _completed(run) if not _is_statistics(r)),
+            training_rounds=sum(1 for r in _completed(run) if _is_training(r)),
+            evaluation_rounds=sum(1 for r in _completed(run) if _task(r) is Task.EVALUATE),
             delta=run["delta"], population=run["devices"]))
     return splits
 
@@ -213,9 +231,110 @@ def _hidden_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] |
     return header, [[name, *(_fmt(split[c]["hr"]) for c in classes)] for name, split in rows]
 
 
+class Metric(StrEnum):
+    """What an evaluation round estimates, by its key in the estimate's JSON
+    (protocol.evaluation.Estimate) and in the central figure's (federated_evaluation)."""
+
+    HR = "hr"
+    NDCG = "ndcg"
+    MRR = "mrr"
+
+
+METRIC_LABELS = {Metric.HR: "HR@10", Metric.NDCG: "NDCG@10", Metric.MRR: "MRR"}
+EVALUATION_HEADING = "Federated evaluation against central evaluation"
+EVALUATION_NOTE = ("In an evaluation round the sampled devices score the model version on a "
+                   "query from their own newest training basket (one item hidden, the rest "
+                   "as the cart, the earlier baskets as the history); only the noised sum of "
+                   "their scores is released. The estimate's 95% interval allows for the "
+                   "sampling and the noise. The central figure is the same quantity over "
+                   "every device's query, computed here from the same baskets: the interval "
+                   "should hold it about 95% of the time.")
+
+
+def _estimated(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's completed evaluation rounds with their estimate."""
+    return [r for r in _completed(run) if r.get("estimate")]
+
+
+def _estimate(record: dict[str, Any], metric: Metric) -> dict[str, float] | None:
+    """The estimate's ``{"value", "low", "high"}`` of ``metric`` (None: none, or NaN, an
+    estimate over no query)."""
+    interval = (record.get("estimate") or {}).get(metric)
+    return interval if interval and math.isfinite(interval["value"]) else None
+
+
+def _central(record: dict[str, Any], metric: Metric) -> float | None:
+    return (record.get("central_estimate") or {}).get(metric)
+
+
+def _interval(record: dict[str, Any], metric: Metric) -> str:
+    interval = _estimate(record, metric)
+    return "-" if interval is None else (f"{interval['value']:.4f} [{interval['low']:.4f}, "
+                                         f"{interval['high']:.4f}]")
+
+
+def _holds(record: dict[str, Any], metric: Metric) -> bool | None:
+    """Whether the estimate's interval holds the central figure (None: one is missing)."""
+    interval, central = _estimate(record, metric), _central(record, metric)
+    if interval is None or central is None:
+        return None
+    return interval["low"] <= central <= interval["high"]
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else "yes" if value else "no"
+
+
+def _queries(record: dict[str, Any]) -> str:
+    """The estimate's (noised) query count, of the central figure's."""
+    central = (record.get("central_estimate") or {}).get("queries")
+    estimated = f"{record['estimate']['queries']:,.0f}"
+    return estimated if central is None else f"{estimated} of {central:,}"
+
+
+def _evaluation_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Every estimate beside the central figure, per run and model version; None when no
+    run has an estimate (no evaluation rounds, or an older metrics.json)."""
+    rows = [(run["name"], r) for run in report["runs"] for r in _estimated(run)]
+    if not rows:
+        return None
+    header = ["run", "model version", "queries (noised, of all)"]
+    for metric in Metric:
+        label = METRIC_LABELS[metric]
+        header += [f"federated {label} [95% interval]", f"central {label}", "inside"]
+    body = [[name, str(r["model_version"]), _queries(r),
+             *(cell for metric in Metric for cell in (
+                 _interval(r, metric), _fmt(_central(r, metric)), _yes_no(_holds(r, metric))))]
+            for name, r in rows]
+    return header, body
+
+
+def _holding(rounds: Sequence[dict[str, Any]], metric: Metric) -> tuple[int, int]:
+    """(how many of ``rounds``' estimates of ``metric`` hold the central figure, how many
+    can be compared)."""
+    held = [h for r in rounds if (h := _holds(r, metric)) is not None]
+    return sum(held), len(held)
+
+
+def _evaluation_sentences(report: dict[str, Any]) -> list[str]:
+    """One line per run with estimates to compare: how many intervals hold the figure."""
+    lines = []
+    for run in report["runs"]:
+        rounds = _estimated(run)
+        held, compared = _holding(rounds, Metric.HR)
+        if not compared:
+            continue
+        others = ", ".join(f"{h} of {n} for {METRIC_LABELS[m]}"
+                           for m in (Metric.NDCG, Metric.MRR)
+                           for h, n in [_holding(rounds, m)])
+        lines.append(f"{run['name']}: {held} of {compared} estimates hold the central figure "
+                     f"within their 95% interval for HitRate@10 ({others}).")
+    return lines
+
+
 def _budget_table(splits: Sequence[BudgetSplit]) -> tuple[list[str], list[list[str]]]:
     header = ["run", "budget (target epsilon)", "popularity", "co-occurrence",
-              "statistics rounds", "training rounds", "total spent",
+              "statistics rounds", "training rounds", "evaluation rounds", "total spent",
               "statistics share of the budget", "delta", "N delta"]
     body = []
     for s in splits:
@@ -224,6 +343,7 @@ def _budget_table(splits: Sequence[BudgetSplit]) -> tuple[list[str], list[list[s
         body.append([s.name, _fmt(s.budget, 2), _fmt(s.spent[Task.POPULARITY], 3),
                      _fmt(s.spent[Task.COOCCURRENCE], 3), _fmt(s.statistics, 3),
                      f"{s.spent[Task.TRAIN]:.3f} ({s.training_rounds} rounds)",
+                     f"{s.spent[Task.EVALUATE]:.3f} ({s.evaluation_rounds} rounds)",
                      _fmt(s.total, 3), share,
                      f"{s.delta:.2e}", f"{s.n_delta:.2g}"])
     return header, body
@@ -234,31 +354,56 @@ def _budget_sentence(split: BudgetSplit) -> str:
     return (f"{split.name}: the statistics rounds spent epsilon {split.statistics:.2f}{of} "
             f"(popularity {split.spent[Task.POPULARITY]:.2f}, co-occurrence "
             f"{split.spent[Task.COOCCURRENCE]:.2f}); the {split.training_rounds} training "
-            f"rounds then spent {split.spent[Task.TRAIN]:.2f}, "
+            f"rounds then spent {split.spent[Task.TRAIN]:.2f} and the "
+            f"{split.evaluation_rounds} evaluation rounds {split.spent[Task.EVALUATE]:.2f}, "
             f"{split.total:.2f} in all (delta {split.delta:.2e}).")
 
 
+class RoundKind(StrEnum):
+    """The rounds a run's tables keep apart; each value is its table's CSS class."""
+
+    STATISTICS = "statistics"
+    TRAINING = "training"
+    EVALUATION = "evaluation"
+
+
+def _kind(record: dict[str, Any]) -> RoundKind:
+    if _is_statistics(record):
+        return RoundKind.STATISTICS
+    return RoundKind.TRAINING if _is_training(record) else RoundKind.EVALUATION
+
+
 def _round_table(rounds: Sequence[dict[str, Any]],
-                 statistics: bool) -> tuple[list[str], list[list[str]]]:
+                 kind: RoundKind) -> tuple[list[str], list[list[str]]]:
     """The rounds of one kind: statistics rounds by task, training rounds numbered as
-    ``--rounds`` counts them (completed ones only) beside the aggregator's round id."""
-    first = ["round", "task"] if statistics else ["round", "training round"]
-    header = [*first, "status", "sampled", "survivors", "HR@10", "HR@10 global",
-              "epsilon", "seconds", "kB up/device", "kB down/device", "SecAgg+ groups"]
+    ``--rounds`` counts them (completed ones only) beside the aggregator's round id,
+    evaluation rounds by the model version they scored, with the estimate's HitRate@10 and
+    the central figure in place of the published model's quality."""
+    second, quality = {
+        RoundKind.STATISTICS: ("task", ["HR@10", "HR@10 global"]),
+        RoundKind.TRAINING: ("training round", ["HR@10", "HR@10 global"]),
+        RoundKind.EVALUATION: ("model version", ["federated HR@10 [95% interval]",
+                                                 "central HR@10"]),
+    }[kind]
+    header = ["round", second, "status", "sampled", "survivors", *quality, "epsilon",
+              "seconds", "kB up/device", "kB down/device", "SecAgg+ groups"]
     body, trained = [], 0
     for r in rounds:
-        if statistics:
-            second = TASK_LABELS[Task(r["task"])]
+        if kind is RoundKind.STATISTICS:
+            label = TASK_LABELS[_task(r)]
+        elif kind is RoundKind.EVALUATION:
+            label = str(r["model_version"])
         elif r["status"] == RoundStatus.COMPLETED:
             trained += 1
-            second = str(trained)
+            label = str(trained)
         else:
-            second = "-"
-        body.append([str(r["round"]), second, r["status"], str(r["sampled"]),
-                     "-" if r["survivors"] is None else str(r["survivors"]),
-                     _fmt(r["hr"]), _fmt(r["hr_global"]), _fmt(r["epsilon"], 3),
-                     f"{r['seconds']:.2f}", _kb(r["bytes_up"]), _kb(r["bytes_down"]),
-                     r.get("groups", "-")])
+            label = "-"
+        scores = ([_interval(r, Metric.HR), _fmt(_central(r, Metric.HR))]
+                  if kind is RoundKind.EVALUATION else [_fmt(r["hr"]), _fmt(r["hr_global"])])
+        body.append([str(r["round"]), label, r["status"], str(r["sampled"]),
+                     "-" if r["survivors"] is None else str(r["survivors"]), *scores,
+                     _fmt(r["epsilon"], 3), f"{r['seconds']:.2f}", _kb(r["bytes_up"]),
+                     _kb(r["bytes_down"]), r.get("groups", "-")])
     return header, body
 
 
@@ -273,17 +418,17 @@ Section = tuple[str, str, tuple[list[str], list[list[str]]]]
 
 
 def _round_sections(run: dict[str, Any]) -> list[Section]:
-    """(CSS class, heading, table) for the statistics rounds, then the training rounds, of
-    one run: the page shades the statistics table."""
-    stats = [r for r in run["rounds"] if _is_statistics(r)]
-    train = [r for r in run["rounds"] if not _is_statistics(r)]
-    sections = []
-    if stats:
-        sections.append(("statistics", f"Statistics rounds (popularity, then co-occurrence): "
-                         f"{_span(stats)}", _round_table(stats, True)))
-    sections.append(("training", f"Training rounds (--rounds {run['settings']['rounds']}): "
-                     f"{_span(train)}", _round_table(train, False)))
-    return sections
+    """(CSS class, heading, table) for the statistics rounds, the training rounds and the
+    evaluation rounds of one run: the page shades the statistics table."""
+    by_kind = {kind: [r for r in run["rounds"] if _kind(r) is kind] for kind in RoundKind}
+    headings = {
+        RoundKind.STATISTICS: "Statistics rounds (popularity, then co-occurrence)",
+        RoundKind.TRAINING: f"Training rounds (--rounds {run['settings']['rounds']})",
+        RoundKind.EVALUATION: "Evaluation rounds (each scores the latest model version)",
+    }
+    # a run always has a training table, even one stopped before its first training round
+    return [(kind.value, f"{headings[kind]}: {_span(rounds)}", _round_table(rounds, kind))
+            for kind, rounds in by_kind.items() if rounds or kind is RoundKind.TRAINING]
 
 
 # --- plots -------------------------------------------------------------------------------
@@ -374,7 +519,7 @@ def _budget_figure(report: dict[str, Any]) -> Figure:
     fig, ax = plt.subplots(figsize=(9, 1.6 + 0.7 * len(splits)), layout="constrained")
     ys = list(range(len(splits)))
     left = [0.0] * len(splits)
-    for task in (*STATISTICS_TASKS, Task.TRAIN):
+    for task in SPENDING_TASKS:
         widths = [s.spent[task] for s in splits]
         ax.barh(ys, widths, left=left, height=0.6, color=SPLIT_COLOURS[task],
                 label=f"{TASK_LABELS[task]} rounds")
@@ -388,9 +533,41 @@ def _budget_figure(report: dict[str, Any]) -> Figure:
     ax.invert_yaxis()  # the first run on top, as in the table
     ax.set_xlim(left=0)
     ax.set_xlabel("epsilon (each part: how far the cumulative epsilon rose)")
-    ax.set_title("Privacy budget split: statistics rounds against training rounds")
+    ax.set_title("Privacy budget split: statistics, training and evaluation rounds")
     _legend_outside(ax)
     ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def _evaluation_figure(report: dict[str, Any]) -> Figure:
+    """One panel per run with estimates: each evaluated version's HitRate@10 estimate with
+    its 95% interval, and the central figure of the same quantity."""
+    runs = [run for run in report["runs"] if _estimated(run)]
+    fig, axes = _panels(runs, 2.8)
+    for ax, run in zip(axes, runs, strict=True):
+        estimated = [(r, i) for r in _estimated(run)
+                     if (i := _estimate(r, Metric.HR)) is not None]
+        rounds = [r for r, _ in estimated]
+        ax.errorbar([r["model_version"] for r in rounds], [i["value"] for _, i in estimated],
+                    yerr=[[i["value"] - i["low"] for _, i in estimated],
+                          [i["high"] - i["value"] for _, i in estimated]],
+                    fmt="o", markersize=5, capsize=4, label="federated estimate (95% interval)")
+        central = [(r["model_version"], c) for r in rounds
+                   if (c := _central(r, Metric.HR)) is not None]
+        if central:
+            ax.plot(*zip(*central, strict=True), marker="D", markersize=8, linestyle="none",
+                    markerfacecolor="none", markeredgecolor="black",
+                    label="central figure (every device's query)")
+        held, compared = _holding(rounds, Metric.HR)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("model version evaluated")
+        ax.set_ylabel("HitRate@10")
+        ax.set_title(f"{run['name']}: " + (f"{held} of {compared} intervals hold the central "
+                                           "figure" if compared else "estimates"), fontsize=10)
+        _legend_outside(ax, reverse=True)  # the estimate (drawn first, listed last) on top
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['data']['name']}: federated evaluation against central evaluation "
+                 "(95% intervals)", fontsize=11)
     return fig
 
 
@@ -473,17 +650,20 @@ def _bytes_figure(report: dict[str, Any]) -> Figure:
 
 FIGURES: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "quality.png": _quality_figure, "epsilon.png": _epsilon_figure,
-    "budget.png": _budget_figure, "time.png": _time_figure, "bytes.png": _bytes_figure,
+    "budget.png": _budget_figure, "federated_evaluation.png": _evaluation_figure,
+    "time.png": _time_figure, "bytes.png": _bytes_figure,
 }
 
 
 def figures(report: dict[str, Any]) -> dict[str, Figure]:
-    """The report's figures by file name, in PLOTS order: none without a run, and the
-    privacy plots only when a run adds DP noise. The caller closes them."""
+    """The report's figures by file name, in PLOTS order: none without a run, the privacy
+    plots only when a run adds DP noise, the evaluation plot only when a run has estimates.
+    The caller closes them."""
     if not report["runs"]:
         return {}
-    dp = any(_is_dp(run) for run in report["runs"])
-    return {name: FIGURES[name](report) for name in PLOTS if dp or name not in PRIVACY_PLOTS}
+    left_out = (set() if any(_is_dp(run) for run in report["runs"]) else PRIVACY_PLOTS) | (
+        set() if any(_estimated(run) for run in report["runs"]) else EVALUATION_PLOTS)
+    return {name: FIGURES[name](report) for name in PLOTS if name not in left_out}
 
 
 # --- pages -------------------------------------------------------------------------------
@@ -503,13 +683,16 @@ def _html_table(header: list[str], body: list[list[str]], css: str = "") -> str:
 
 
 def _rounds_note(report: dict[str, Any]) -> str:
-    return ("--rounds N counts training rounds: the aggregator first runs the statistics "
+    records = [r for run in report["runs"] for r in run["rounds"]]
+    note = ("--rounds N counts training rounds: the aggregator first runs the statistics "
             "rounds (a secure sum of popularity, then of co-occurrence over the head items, "
             "which give the model its item-item table), then N training rounds; it numbers "
-            "all of them from 1, so with both statistics rounds, training round 1 is "
-            "aggregator round 3." if any(_is_statistics(r) for run in report["runs"]
-                                         for r in run["rounds"])
+            "all of them from 1." if any(_is_statistics(r) for r in records)
             else "--rounds N counts training rounds; these runs had no statistics rounds.")
+    if any(_task(r) is Task.EVALUATE for r in records):
+        note += (" Between them run the evaluation rounds, which publish no model: the "
+                 f"latest version is {_evaluation_note(report['runs'])}.")
+    return note
 
 
 def _summary(report: dict[str, Any]) -> list[str]:
@@ -522,13 +705,16 @@ def _summary(report: dict[str, Any]) -> list[str]:
     for run in report["runs"]:
         done = _completed(run)
         stats = [r for r in done if _is_statistics(r)]
-        trained = [r for r in done if not _is_statistics(r)]
+        trained = [r for r in done if _is_training(r)]
+        evaluations = [r for r in done if _task(r) is Task.EVALUATE]
+        evaluated = (f" and {len(evaluations)} evaluation rounds ({_span(evaluations)})"
+                     if evaluations else "")
         note = " (stopped early: report of the rounds done)" if run["interrupted"] else ""
         noise = ", ".join(f"{TASK_LABELS[Task(task)]} z = {z:.3f}"
                           for task, z in run.get("noise_multipliers", {}).items())
         lines.append(f"{run['name']}: {len(stats)} statistics rounds ({_span(stats)}), then "
-                     f"{len(trained)} training rounds ({_span(trained)}) completed in "
-                     f"{run['seconds']:.0f} s{note}; delta {run['delta']:.2e}"
+                     f"{len(trained)} training rounds ({_span(trained)}){evaluated} "
+                     f"completed in {run['seconds']:.0f} s{note}; delta {run['delta']:.2e}"
                      + (f"; noise multipliers {noise}" if noise else "") + ".")
     lines.append(f"Repeat with: {report['command']}")
     return lines
@@ -579,7 +765,9 @@ def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
     warnings = _warnings(report)
     configs = _configs(report_dir, report)
     privacy_figures = [n for n in drawn if n in PRIVACY_PLOTS]
-    other_figures = [n for n in drawn if n not in PRIVACY_PLOTS]
+    evaluation_figures = [n for n in drawn if n in EVALUATION_PLOTS]
+    other_figures = [n for n in drawn if n not in PRIVACY_PLOTS | EVALUATION_PLOTS]
+    evaluation = _evaluation_table(report)
 
     md = [f"# {title}", "", *[f"- {line}" for line in _summary(report)], "",
           *[f"> **Warning:** {w}\n" for w in warnings],
@@ -591,6 +779,11 @@ def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
         md += ["### HitRate@10 by hidden item", "", HIDDEN_NOTE, "", _markdown_table(*hidden),
                ""]
     md += [f"![{PLOTS[name]}]({name})\n" for name in other_figures[:1]]
+    if evaluation is not None:
+        md += [f"## {EVALUATION_HEADING}", "",
+               *[f"- {line}" for line in _evaluation_sentences(report)], "", EVALUATION_NOTE,
+               "", _markdown_table(*evaluation), ""]
+        md += [f"![{PLOTS[name]}]({name})\n" for name in evaluation_figures]
     md += ["## Privacy budget split", ""]
     if splits:
         md += [*[f"- {_budget_sentence(s)}" for s in splits], "", SPLIT_NOTE, "",
@@ -626,6 +819,12 @@ def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
     summary = "".join(f"<li>{html.escape(line)}</li>" for line in _summary(report))
     warning_html = "".join(f'<p class="warning"><strong>Warning:</strong> {html.escape(w)}'
                            "</p>" for w in warnings)
+    evaluation_html = "" if evaluation is None else (
+        f"<h2>{html.escape(EVALUATION_HEADING)}</h2><ul>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in _evaluation_sentences(report))
+        + f"</ul><p>{html.escape(EVALUATION_NOTE)}</p>"
+        + _html_table(*evaluation, css="federated-evaluation")
+        + figure_html(evaluation_figures))
     if splits:
         budget_html = ("<ul>" + "".join(f"<li>{html.escape(_budget_sentence(s))}</li>"
                                         for s in splits) + "</ul>"
@@ -662,6 +861,7 @@ only" leaves out the on-device history blend.</p>
 {"" if hidden is None else "<h3>HitRate@10 by hidden item</h3><p>" + html.escape(HIDDEN_NOTE)
  + "</p>" + _html_table(*hidden, css="hidden")}
 {figure_html(other_figures[:1])}
+{evaluation_html}
 <h2 id="budget">Privacy budget split</h2>
 {budget_html}
 {figure_html(other_figures[1:])}
