@@ -12,7 +12,7 @@ import pytest
 
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.model_export.bundle import read_bundle
-from fedcart.protocol.terms import RoundTerms
+from fedcart.protocol.terms import RoundTerms, Task
 from tests.test_service import CONFIG, cli, make_world
 
 pytestmark = pytest.mark.reliability
@@ -56,3 +56,39 @@ def test_a_lying_device_moves_the_model_no_further_than_the_clip(world) -> None:
     # FedAvg at rate 1: the step is the mean, whose norm is at most one device's bound
     # (clip 1, times 1 + SLACK, plus a step of rounding and float32's)
     assert np.linalg.norm(after - before) <= 1.0 * (1 + 1 / 32) * 1.001
+
+
+def test_a_lying_device_in_an_evaluation_round_is_folded_into_the_honest_range(world) -> None:
+    """A liar masks int32's largest word in every entry of each evaluation round: the
+    rounds complete, and each estimate stays within what the group could honestly send
+    (at most one query, and one hit, a device): bounded, not prevented (docs/security.md)."""
+    state, devices = world
+    state.config.write_text(CONFIG.format(statistics="false", timeout=10.0, rounds=1)
+                            .replace('mechanism = "gaussian"', 'mechanism = "none"')
+                            .replace("every = 0", "every = 1\nsampling_rate = 1.0"))
+    liar = devices[0]
+    honest_input = liar.round_input
+
+    def lie(terms: RoundTerms, history: object = None) -> tuple[np.ndarray, int]:
+        if terms.task is not Task.EVALUATE:
+            return honest_input(terms, history)  # type: ignore[arg-type]
+        return np.full(terms.n_params, 0x7FFF_FFFF, np.uint32), 1
+
+    liar.round_input = lie  # type: ignore[method-assign]
+    server = AggregatorProcess(state.root)
+
+    async def everyone() -> list:
+        return await asyncio.gather(*(d.participate(server.url, rounds=3, timeout=120)
+                                      for d in devices))
+
+    reports = asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    assert [r.status for r in reports[0]] == ["completed"] * 3  # the liar was in every sum
+    status = json.loads(cli("status", "--state", str(state.root), "--json"))
+    assert [(r["detail"]["task"], r["status"]) for r in status["rounds"]] == [
+        ("evaluate", "completed"), ("train", "completed"), ("evaluate", "completed")]
+    assert len(status["estimates"]) == 2
+    for estimate in status["estimates"]:
+        assert 0 <= estimate["queries"] <= len(devices) + 1e-6
+        for metric in ("hr", "ndcg", "mrr", "repeat_hr"):
+            assert 0 <= estimate[metric]["low"] <= estimate[metric]["high"] <= 1
