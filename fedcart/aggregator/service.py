@@ -407,8 +407,10 @@ class Aggregator:
             if outcome == "completed":  # a training round (the others do not count)
                 self.rounds_done += 1
                 self.trained += 1
+            # after the last training round, the evaluation due then (once: a failed one
+            # is not retried)
             if outcome != "skipped" and self._max_rounds_done() and \
-                    not self._evaluation_due():
+                    (outcome == "failed" or not self._evaluation_due()):
                 log.info("completed %d rounds: stopping", self.rounds_done)
                 self.stop()
                 return
@@ -740,10 +742,11 @@ class Aggregator:
         device that follows the model if the estimate is not worse than the serving one's."""
         cfg = self.config
         totals, noise_std = await self._noised(current, sums, fmt, charge, detail)
-        # each device's values were rounded to the format's steps, each by less than one
+        # each input's values were rounded to the format's steps, each by less than one
+        # (under DP, for the bound on the inputs that depends on no one's participation)
         estimate = evaluation.estimate(self.model_version, totals, noise_std,
                                        rounds.sampling_rate(cfg, Task.EVALUATE),
-                                       rounding=current.survivors / fmt.scale)
+                                       rounding=self._inputs_bound(current) / fmt.scale)
         decision = decide(estimate, self.store.estimate(self.serving_version),
                           self.serving_version, cfg.publish, cfg.publish_tolerance)
         detail["estimate"] = estimate.to_json()
