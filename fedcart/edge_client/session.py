@@ -186,7 +186,7 @@ class Session:
                 elif kind == channel.SECAGG:
                     await self.on_secagg(payload)  # type: ignore[arg-type]
                 else:
-                    self.on_bundle(payload)  # type: ignore[arg-type]
+                    await self.on_bundle(payload)  # type: ignore[arg-type]
         except websockets.ConnectionClosed:
             pass
         finally:
@@ -331,11 +331,14 @@ class Session:
         self.finish("left")
         await self.ws.close(1001, "going offline")
 
-    def on_bundle(self, data: bytes) -> None:
+    async def on_bundle(self, data: bytes) -> None:
         """Install a model the server sent; a bundle that does not verify is refused and the
-        current one keeps serving."""
+        current one keeps serving. Verifying and storing it takes a worker thread, not the
+        event loop: the connection's keepalives, and in a simulation's worker the other
+        devices' sessions, go on meanwhile. The next frame waits for it (a round's terms
+        are checked against the installed model)."""
         try:
-            self.device.install(data)
+            await asyncio.to_thread(self.device.install, data)
         except BundleError as exc:
             log.warning("refused a bundle: %s", exc)
 
