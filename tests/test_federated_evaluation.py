@@ -5,6 +5,7 @@ through a real aggregator whose estimates equal the central figure on the same b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcart.aggregator.config import Publish
+from fedcart.aggregator import rounds
+from fedcart.aggregator.config import AggregatorConfig, Publish
 from fedcart.aggregator.process import AggregatorProcess
 from fedcart.aggregator.serving import decide
 from fedcart.edge_client.training import catalog_baskets
@@ -243,3 +245,13 @@ def test_evaluation_rounds_report_the_central_figure_and_drive_publishing(
         assert any(m.startswith(line) and float(m.split()[-1]) == pytest.approx(est.hr.value)
                    for m in metrics.splitlines()), metrics
     assert f"fedcart_serving_model_version {serving}.0" in metrics
+
+
+def test_evaluation_rounds_sample_as_training_does_unless_told() -> None:
+    """A deployment whose training rounds take every device evaluates with every device
+    too, not at a rate whose cohorts its min_clients would refuse; its own q wins."""
+    config = AggregatorConfig(sampling_rate=1.0)
+    assert rounds.sampling_rate(config, Task.EVALUATE) == 1.0
+    assert rounds.sampling_rate(dataclasses.replace(config, evaluation_sampling_rate=0.2),
+                                Task.EVALUATE) == 0.2
+    assert rounds.sampling_rate(config, Task.TRAIN) == 1.0

@@ -174,8 +174,9 @@ class AggregatorConfig:
         5, Section.EVALUATION, "an evaluation round scores the model after the statistics "
                                "rounds and after every this many training rounds (0: never)",
         "every")
-    evaluation_sampling_rate: float = _setting(0.5, Section.EVALUATION,
-                                               "q of evaluation rounds", "sampling_rate")
+    evaluation_sampling_rate: float = _setting(
+        0.0, Section.EVALUATION, "q of evaluation rounds (0: round.sampling_rate, the "
+                                 "training rounds' q)", "sampling_rate")
     evaluation_noise_ratio: float = _setting(
         4.0, Section.EVALUATION, "noise multiplier of evaluation rounds / co-occurrence's",
         "noise_ratio")
@@ -243,8 +244,8 @@ class AggregatorConfig:
             (self.examples_per_round >= 1, "training.examples_per_round must be at least 1"),
             (self.training_noise_ratio > 0, "privacy.training_noise_ratio must be positive"),
             (self.evaluate_every >= 0, "evaluation.every must not be negative"),
-            (0 < self.evaluation_sampling_rate <= 1,
-             "evaluation.sampling_rate must lie in (0, 1]"),
+            (0 <= self.evaluation_sampling_rate <= 1,
+             "evaluation.sampling_rate must lie in [0, 1]"),
             (self.evaluation_noise_ratio > 0, "evaluation.noise_ratio must be positive"),
             (0 <= self.publish_tolerance <= 1, "evaluation.tolerance must lie in [0, 1]"),
         ]
@@ -262,7 +263,7 @@ class AggregatorConfig:
         if self.mechanism != NO_NOISE:
             rates = {self.sampling_rate} | ({self.statistics.sampling_rate}
                                             if self.statistics is not None else set()) | (
-                {self.evaluation_sampling_rate} if self.evaluate_every else set())
+                {self.evaluation_q} if self.evaluate_every else set())
             for rate in sorted(rates):
                 try:
                     check_accountable(self.mechanism, rate, self.target_epsilon, self.delta)
@@ -273,6 +274,13 @@ class AggregatorConfig:
         """The pacing settings for a process that may open ``open_files`` files."""
         return Pacing(self.capacity or max(open_files - FD_MARGIN, 1), self.pace_rate,
                       self.min_delay, self.lease, self.jitter)
+
+    @property
+    def evaluation_q(self) -> float:
+        """q of the evaluation rounds: their own, or the training rounds'. A deployment
+        whose training rounds take every device then evaluates with every device too,
+        rather than waiting for cohorts its min_clients refuses."""
+        return self.evaluation_sampling_rate or self.sampling_rate
 
     @property
     def learning_rates(self) -> tuple[float, float, float, float]:

@@ -152,7 +152,7 @@ def sampling_rate(config: AggregatorConfig, task: str) -> float:
     """q of a task's rounds: the statistics and evaluation rounds have their own."""
     stats = config.statistics
     if task == Task.EVALUATE:
-        return config.evaluation_sampling_rate
+        return config.evaluation_q
     return stats.sampling_rate if task in STATISTICS and stats else config.sampling_rate
 
 

@@ -142,7 +142,7 @@ class Aggregator:
         stages = [Stage(cfg.sampling_rate, cfg.training_noise_ratio, cfg.planned_rounds)]
         if cfg.evaluate_every:
             ratios[Task.EVALUATE] = cfg.evaluation_noise_ratio
-            stages.append(Stage(cfg.evaluation_sampling_rate, cfg.evaluation_noise_ratio,
+            stages.append(Stage(cfg.evaluation_q, cfg.evaluation_noise_ratio,
                                 rounds.planned_evaluations(cfg)))
         if stats is not None:
             ratios |= {POPULARITY: stats.popularity_noise_ratio, COOCCURRENCE: 1.0}
