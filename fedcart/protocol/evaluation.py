@@ -188,8 +188,7 @@ def estimate(model_version: int, totals: np.ndarray, noise_std: float,
         return _ratio(t[total], t[squares], t[count], noise_std, sampling_rate, rounding)
 
     count, repeats = float(t[Slot.COUNT]), float(t[Slot.REPEAT])
-    explore = t.copy()
-    explore[Slot.HIT] -= t[Slot.REPEAT_HIT]
+    explore_hits = float(t[Slot.HIT] - t[Slot.REPEAT_HIT])
     return Estimate(
         model_version, count,
         hr=ratio(Slot.HIT, Slot.HIT, Slot.COUNT),
@@ -197,6 +196,6 @@ def estimate(model_version: int, totals: np.ndarray, noise_std: float,
         mrr=ratio(Slot.RR, Slot.RR_SQUARED, Slot.COUNT),
         repeat_hr=ratio(Slot.REPEAT_HIT, Slot.REPEAT_HIT, Slot.REPEAT),
         # the explore split's sums are differences of two noised sums: twice the variance
-        explore_hr=_ratio(explore[Slot.HIT], explore[Slot.HIT], count - repeats,
+        explore_hr=_ratio(explore_hits, explore_hits, count - repeats,
                           noise_std * math.sqrt(2), sampling_rate, 2 * rounding),
         noise_std=noise_std, sampling_rate=sampling_rate)
