@@ -38,7 +38,8 @@ def test_idle_devices_hold_no_files(tmp_path: Path) -> None:
     key = state.signing_key()
     server_key = bytes(key.verify_key)
     shard = Shard(worker=0, root=tmp_path, server_key=server_key, users=tuple(users),
-                  dropout=0.0, seed=0, initial_bundle=state.bundles / "v00000000")
+                  dropout=0.0, seed=0, initial_bundle=state.bundles / "v00000000",
+                  connections=DEVICES, workers=1)
 
     before = _open_fds()
     devices = _make_devices(shard)
@@ -60,8 +61,9 @@ def test_idle_devices_hold_no_files(tmp_path: Path) -> None:
 
 
 def test_a_worker_checks_its_open_file_limit_first() -> None:
-    """Every device of a worker stays checked in, a socket each: a shard that cannot fit
-    under the hard limit is refused before any device is made, saying what to do."""
+    """A worker's devices that the aggregator may hold at once have a socket each: a
+    shard whose share cannot fit under the hard limit is refused before any device is
+    made, saying what to do."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     _raise_fd_limit(100)
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard

@@ -1,23 +1,30 @@
 """Large catalogs and populations: the O(V^2) baselines run over the most popular items that
 fit and say so, a federated run that cannot fit is refused before it starts with the
-figure and the flag that fits, and the synthetic generator's output loads and has the
-shape it claims."""
+figure and the flag that fits, the settings a run leaves unset follow its size, and the
+synthetic generator's output loads and has the shape it claims."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fedcart.aggregator.item_item import EASE_COPIES
+from fedcart.aggregator.config import AggregatorConfig
+from fedcart.aggregator.item_item import EASE_COPIES, StatisticsSettings
+from fedcart.aggregator.rounds import Waits
+from fedcart.protocol.statistics import POPULARITY, triangle_size
 from fedcart.data import baselines
 from fedcart.data.datasets import CsvColumns, load_csv
 from fedcart.data.evaluation import Split, evaluate, make_split
 from fedcart.data.memory import AVAILABLE_ENV
 from fedcart.simulation.central import baseline_rows
+from fedcart.simulation import derived
 from fedcart.simulation.cli import main as sim_main
+from fedcart.simulation.derived import STATISTICS_BYTES, STATISTICS_COHORT, derive
 from fedcart.simulation.federated import FederatedSettings
 from fedcart.simulation.sizing import TooLarge, check_run, needs
 from fedcart.simulation.synth import COLUMNS, Profile, generate
@@ -186,3 +193,57 @@ def test_evaluation_batches_stay_within_their_budget(split: Split) -> None:
     assert 8 * 50_000 * batch_size(50_000) <= SCORES_BUDGET
     scorer = baselines.popularity(split)
     assert evaluate(scorer, split) == evaluate(scorer, split, batch=7)
+
+
+def test_a_bundled_size_keeps_the_tuned_settings() -> None:
+    """UCI's size (4,335 devices, 3,644 items): statistics over every device, the tuned
+    head, evaluation at half the devices."""
+    chosen = derive(FederatedSettings(), 4335, 3644)
+    assert (chosen.settings.statistics_sampling_rate, chosen.settings.head_items,
+            chosen.settings.evaluation_sampling_rate) == (1.0, 2000, 0.5)
+    assert [c.option for c in chosen.choices] == ["--statistics-q", "--head-items", "--eval-q"]
+    assert derive(FederatedSettings(), 100, 30).settings.head_items == 30  # at most V
+
+
+@pytest.mark.parametrize("mechanism", ["none", "gaussian"])
+def test_a_large_population_samples_its_statistics_and_sizes_its_head(
+        monkeypatch: pytest.MonkeyPatch, mechanism: str) -> None:
+    """100,000 devices of which the aggregator holds 19,744: the statistics rounds sample
+    an expected STATISTICS_COHORT of them, and the head is the largest whose co-occurrence
+    round stays within STATISTICS_BYTES (two values a word without DP)."""
+    monkeypatch.setattr(derived, "connections", lambda n: min(n, 19_744))
+    settings = FederatedSettings(mechanism=mechanism,
+                                 epsilon=8.0 if mechanism == "gaussian" else None)
+    chosen = derive(settings, 100_000, 50_000).settings
+    assert chosen.statistics_sampling_rate == pytest.approx(STATISTICS_COHORT / 19_744)
+    per_value = 2 if mechanism == "none" else 4  # bytes
+    head = chosen.head_items
+    assert head is not None
+    cost = STATISTICS_COHORT * triangle_size(head) * per_value
+    tuned = settings.resolved().head_items
+    assert tuned is not None
+    if STATISTICS_COHORT * triangle_size(tuned) * per_value <= STATISTICS_BYTES:
+        assert head == tuned
+    else:
+        assert cost <= STATISTICS_BYTES * 1.0001 < STATISTICS_COHORT * triangle_size(
+            head + 1) * per_value
+    assert chosen.evaluation_sampling_rate == pytest.approx(2500 / 19_744)
+    given = FederatedSettings(head_items=3000, statistics_sampling_rate=0.2,
+                              evaluation_sampling_rate=0.3)
+    kept = derive(given, 100_000, 50_000)
+    assert (kept.settings.head_items, kept.settings.statistics_sampling_rate,
+            kept.settings.evaluation_sampling_rate, kept.choices) == (3000, 0.2, 0.3, ())
+
+
+def test_a_whole_population_round_beyond_capacity_says_it_cannot_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """population_share of the enrolled devices above the connections the aggregator holds:
+    the round does not start, and the log says it never can and what to change."""
+    config = AggregatorConfig(statistics=StatisticsSettings(sampling_rate=1.0),
+                              population_share=0.9)
+    waits = Waits(config, capacity=100)
+    with caplog.at_level(logging.ERROR, logger="fedcart.aggregator"):
+        assert not waits.population_ready(POPULARITY, 1.0, 100, lambda: 1000)
+    assert "needs 900 connections" in caplog.text and "cannot start" in caplog.text
+    assert "sampling_rate below 1" in caplog.text
+    assert Waits(config, capacity=1000).population_ready(POPULARITY, 1.0, 900, lambda: 1000)

@@ -168,8 +168,9 @@ class Waits:
     """Whether the next round may start, and saying why not, but not at every tick of the
     round loop."""
 
-    def __init__(self, config: AggregatorConfig) -> None:
+    def __init__(self, config: AggregatorConfig, capacity: int) -> None:
         self.config = config
+        self.capacity = capacity  # connections the aggregator holds at once (pacing)
         self._waiting_since: float | None = None
         # when the last "round waits" for min_clients was logged (None: not waiting)
         self._short_logged: float | None = None
@@ -181,8 +182,10 @@ class Waits:
         then simply not sampled). A statistics round over the whole population (q = 1: its
         sums name the head items and build the table every device gets) also needs
         ``population_share`` of the ``enrolled`` devices checked in, and does not start
-        without them, saying why once every ``population_wait``. (A training round is one
-        step of many: with q = 1 it still takes whoever is there.)"""
+        without them, saying why once every ``population_wait``; when that share is more
+        than the ``capacity`` of connections it holds, it says that the round never can.
+        (A training round is one step of many: with q = 1 it still takes whoever is
+        there.)"""
         cfg, now = self.config, time.monotonic()
         self._waiting_since = self._waiting_since or now
         waited = now - self._waiting_since
@@ -190,7 +193,16 @@ class Waits:
             total = enrolled()
             need = math.ceil(cfg.population_share * total)
             if connected < need:
-                if waited >= cfg.population_wait:
+                if need > self.capacity:
+                    if self._waiting_since == now or waited >= cfg.population_wait:
+                        self._waiting_since = now
+                        log.error("a statistics round over the whole population needs %d "
+                                  "connections (round.population_share %g of %d enrolled), "
+                                  "more than the %d this aggregator holds at once ([pacing] "
+                                  "capacity): it cannot start; sample it ([statistics] "
+                                  "sampling_rate below 1) or lower population_share",
+                                  need, cfg.population_share, total, self.capacity)
+                elif waited >= cfg.population_wait:
                     log.warning("round waits: %d of %d enrolled devices are checked in, a "
                                 "round over the whole population needs %d "
                                 "(round.population_share %g)", connected, total, need,

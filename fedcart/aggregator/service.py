@@ -122,11 +122,11 @@ class Aggregator:
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
         self._bundle_sends = asyncio.Semaphore(BUNDLE_SENDS)
-        self.waits = rounds.Waits(config)
         self.rounds_done = 0
         # why the service stopped itself, when the privacy accounting refused a round
         self.stop_reason: BudgetExceeded | CannotCharge | None = None
         self.pacer = Pacer(config.pacing(open_files=raise_open_file_limit()))
+        self.waits = rounds.Waits(config, self.pacer.pacing.capacity)
         log.info("holding at most %d connections; devices beyond them come back at %g "
                  "check-ins per second", self.pacer.pacing.capacity, self.pacer.pacing.rate)
         self.groups = trained_groups(config.train_groups)

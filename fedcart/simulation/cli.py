@@ -42,6 +42,13 @@ from fedcart.simulation.federated import (
     run_federated,
 )
 from fedcart.simulation.report import NO_DP, delta_warning, privacy_utility_rows, write_report
+from fedcart.simulation.derived import (
+    EVALUATION_COHORT,
+    EVALUATION_Q,
+    STATISTICS_BYTES,
+    STATISTICS_COHORT,
+    derive,
+)
 from fedcart.simulation.sizing import check_run
 from fedcart.simulation.synth import Profile, generate
 
@@ -218,9 +225,16 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "over the head items) that give the model its item-item table."),
         click.option("--statistics-q", "statistics_sampling_rate",
                      type=click.FloatRange(0, 1, min_open=True),
-                     default=d.statistics_sampling_rate, show_default=True,
                      help="q of the statistics rounds: below 1 each is over a Poisson sample "
-                          "of the devices, and the accountant grants the amplification."),
+                          "of the connected devices, and the accountant grants the "
+                          f"amplification. Default: 1 up to {STATISTICS_COHORT:,} devices, "
+                          f"beyond an expected {STATISTICS_COHORT:,} (README, 'Sizing a "
+                          "run')."),
+        click.option("--eval-q", "evaluation_sampling_rate",
+                     type=click.FloatRange(0, 1, min_open=True),
+                     help="q of the evaluation rounds. Default: the training rounds' q, "
+                          f"raised to an expected min({EVALUATION_Q:g} x the connected "
+                          f"devices, {EVALUATION_COHORT:,})."),
         click.option("--popularity-noise-ratio", type=click.FloatRange(min=0, min_open=True),
                      default=d.popularity_noise_ratio, show_default=True,
                      help="The popularity round's noise multiplier over the co-occurrence "
@@ -233,7 +247,8 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="M: the co-occurrence round covers the M most popular items "
                           f"(M(M+1)/2 values per device). Default "
                           f"{Preset.NO_DP.value.head_items} without DP, "
-                          f"{Preset.DP.value.head_items} with."),
+                          f"{Preset.DP.value.head_items} with, at most V and at most what "
+                          f"keeps the round's uploads within {STATISTICS_BYTES / 1e9:g} GB."),
         click.option("--train-groups", callback=_groups, metavar="NAME,...",
                      help="Parameter groups training rounds train and upload, of "
                           f"{','.join(TENSOR_NAMES)}. Default "
@@ -251,8 +266,8 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Evaluate every n-th trained model, the "
                                              "model the statistics rounds give, and the last: "
                                              "in a federated evaluation round (on the devices' "
-                                             "own baskets, at q of at least 0.5), and "
-                                             "centrally on the test baskets."),
+                                             "own baskets, see --eval-q), and centrally on "
+                                             "the test baskets."),
         click.option("--seed", type=int, default=d.seed, show_default=True,
                      help="Seeds model v0 and the dropout draws (sampling and masks use "
                           "the OS CSPRNG, as in production)."),
@@ -384,6 +399,14 @@ def _slug(settings: FederatedSettings) -> str:
     return "no-dp" if settings.mechanism == NO_DP else f"eps-{settings.epsilon:g}"
 
 
+def _say_derived(split: Split, settings: FederatedSettings) -> None:
+    """Say, before the run, the values derived from the data (derived.py) that it will
+    use; the report lists them again."""
+    devices = sum(1 for baskets in split.train if baskets)
+    for choice in derive(settings, devices, split.n_items).choices:
+        console.print(f"derived {choice}", soft_wrap=True, highlight=False)
+
+
 def _warn_delta(split: Split, settings: FederatedSettings) -> None:
     """Say on stderr, before anything runs, when the run's DP delta is too large for its
     population (the report says it again)."""
@@ -459,6 +482,7 @@ def run(epsilon: float | None, delta: float | None, noise_multiplier: float | No
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
                                       name_col, validation)
     check_run(split, [settings], console.print, with_baselines)
+    _say_derived(split, settings)
     _warn_delta(split, settings)
     base, central = _reference_rows(split, settings.dim, with_baselines, with_central)
     result = _run_with_progress(split, names, settings, "", report_dir / "model",
@@ -498,6 +522,7 @@ def sweep(epsilons: str, dp_rounds: int | None, report_dir: Path, json_path: Pat
     split, names, digest = load_split(data_spec, user_col, item_col, time_col, basket_col,
                                       name_col, validation)
     check_run(split, plans, console.print, with_baselines)
+    _say_derived(split, plans[0])
     base, central = _reference_rows(split, plans[0].dim, with_baselines, with_central)
     results: list[RunResult] = []
     config_files: list[str] = []

@@ -1,8 +1,13 @@
 """Simulated devices in worker processes: each worker holds a shard of the population, every
 device with its own state directory (SQLite cart store, identity key) and only its own
 baskets, and runs them as asyncio tasks against the aggregator over loopback websockets.
-An idle device holds no file open (edge_client.store), only its connection: a worker's
-descriptors are one socket a device plus a margin (``_raise_fd_limit`` checks that first).
+An idle device holds no file open (edge_client.store), only its connection while the
+aggregator keeps it: a population beyond the connections the aggregator holds takes turns
+(it sends the others away to come back later, pacing.py), so a worker's descriptors are a
+socket per connected device, at most the aggregator's ``connections``, plus a margin
+(``_raise_fd_limit`` checks that first). The devices first check in at CHECK_IN_RATE a
+second in all, not at once: a storm of a whole population's check-ins is what pacing is
+there to prevent.
 
 This is the seam where a cluster backend (Ray, as DESIGN.md section 9 plans) would place the
 shards on other machines: a worker needs only its shard, the server's public key and URL,
@@ -42,6 +47,9 @@ __all__ = ["Shard", "worker_main"]
 RECONNECT_DELAY = 0.1  # doubled after each session without a round, up to MAX_DELAY
 MAX_DELAY = 5.0
 GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up
+# first check-ins a second, all workers together: under the check-ins an aggregator serves
+# a second on these 2 cores while the devices' own processes run (bench scale: 681)
+CHECK_IN_RATE = 300.0
 
 
 # Devices of one worker that hold a round's input at once (SessionHooks.input_gate): a
@@ -66,6 +74,8 @@ class Shard:
     dropout: float
     seed: int
     initial_bundle: Path  # model version 0, which the app ships with
+    connections: int  # that the aggregator holds at once, of all workers' devices
+    workers: int  # how many share the population
 
 
 # Descriptors a worker uses besides its devices' sockets, about 25: 9 at rest (stdio, its
@@ -75,18 +85,18 @@ class Shard:
 FD_MARGIN = 64
 
 
-def _raise_fd_limit(devices: int) -> None:
-    """Raise the soft limit on open files to the hard one, then check that ``devices``
-    sockets (every device of the shard stays checked in: _live reconnects it whenever its
-    connection ends, and the server samples cohorts among the connected) fit with
-    FD_MARGIN; raise RuntimeError saying so before any device is created if not."""
+def _raise_fd_limit(connected: int) -> None:
+    """Raise the soft limit on open files to the hard one, then check that ``connected``
+    sockets (the shard's devices the aggregator may hold at once: _live reconnects a device
+    whenever its connection ends, and the server samples cohorts among the connected) fit
+    with FD_MARGIN; raise RuntimeError saying so before any device is created if not."""
     soft = raise_open_file_limit()
-    need = devices + FD_MARGIN
+    need = connected + FD_MARGIN
     if need > soft:
         raise RuntimeError(
-            f"a worker of {devices:,} devices needs {need:,} open files (a socket each, "
-            f"plus {FD_MARGIN}), and the limit is {soft:,}: use more workers (at most "
-            f"{max(soft - FD_MARGIN, 0):,} devices each) or raise the hard limit "
+            f"a worker of {connected:,} connected devices needs {need:,} open files (a "
+            f"socket each, plus {FD_MARGIN}), and the limit is {soft:,}: use more workers "
+            f"(at most {max(soft - FD_MARGIN, 0):,} devices each) or raise the hard limit "
             "(ulimit -Hn)")
 
 
@@ -111,7 +121,7 @@ def _make_devices(shard: Shard) -> list[Device]:
 
 
 async def _live(device: Device, url: str, rng: random.Random, dropout: float,
-                pipe: Connection, gate: asyncio.Semaphore) -> None:
+                pipe: Connection, gate: asyncio.Semaphore, start: float) -> None:
     """Keep the device checked in until the server goes away: it reconnects whenever its
     connection ends (it dropped out of a round, as a phone going offline does, or a busy
     server timed its check-in out or its handshake, after which it backs off), and stops
@@ -123,6 +133,7 @@ async def _live(device: Device, url: str, rng: random.Random, dropout: float,
         return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
 
     hooks = SessionHooks(leave=leave, input_gate=gate)
+    await asyncio.sleep(start)
     delay, last_round = RECONNECT_DELAY, time.monotonic()
     while time.monotonic() - last_round < GIVE_UP_SECONDS:
         try:
@@ -147,15 +158,17 @@ async def _live(device: Device, url: str, rng: random.Random, dropout: float,
 async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) -> None:
     master = random.Random(shard.seed * 1_000_003 + shard.worker)
     gate = asyncio.Semaphore(INPUTS_AT_ONCE)
+    interval = shard.workers / CHECK_IN_RATE
     await asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
-                                 shard.dropout, pipe, gate) for d in devices))
+                                 shard.dropout, pipe, gate, i * interval)
+                           for i, d in enumerate(devices)))
 
 
 def worker_main(shard: Shard, pipe: Connection) -> None:
     """Entry point of a worker process."""
     logging.basicConfig(level=logging.ERROR)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    _raise_fd_limit(len(shard.users))
+    _raise_fd_limit(min(len(shard.users), shard.connections))
     devices = _make_devices(shard)
     pipe.send(("keys", [d.identity.public for d in devices]))
     command, url = pipe.recv()

@@ -39,13 +39,13 @@ from fedcart.protocol.evaluation import Query
 from fedcart.protocol.terms import Task
 from fedcart.protocol.update import TRAIN
 from fedcart.simulation.central_training import model_scorer
+from fedcart.simulation.derived import connections, derive
 from fedcart.simulation.devices import Shard, worker_main
 from fedcart.simulation.federated_evaluation import central_estimate, device_queries
 
 __all__ = ["FederatedSettings", "RoundRecord", "RunResult", "run_federated"]
 
 POLL_SECONDS = 0.2
-EVALUATION_Q = 0.5  # the least q of the simulation's evaluation rounds
 PUBLISHING_TASKS = frozenset({Task.COOCCURRENCE, Task.TRAIN})  # a completed one publishes
 
 
@@ -54,7 +54,8 @@ class FederatedSettings:
     """What ``fedcart-sim run`` sets; the defaults are the demo's no-DP run (UCI, about 5
     minutes on 2 cores). They mirror AggregatorConfig where they feed it (aggregator_config).
     A field left None takes the value of the run's privacy regime's :class:`Preset`
-    (``resolved``), the values ``fedcart-aggregator init`` writes."""
+    (``resolved``), the values ``fedcart-aggregator init`` writes, or one derived from the
+    data (derived.py: the statistics and evaluation rounds' q, the head)."""
 
     rounds: int = 40  # training rounds (the two statistics rounds come first)
     clients_per_round: float | None = 200.0  # expected cohort M; q = M / N
@@ -79,7 +80,8 @@ class FederatedSettings:
     head_items: int | None = None
     cooccurrence_clip: float | None = None
     training_noise_ratio: float | None = None
-    statistics_sampling_rate: float = 1.0  # q of the statistics rounds
+    statistics_sampling_rate: float | None = None  # q of the statistics rounds
+    evaluation_sampling_rate: float | None = None  # q of the evaluation rounds
     popularity_noise_ratio: float = StatisticsSettings.popularity_noise_ratio
     optimizer: str = Tuning.optimizer
     optimizer_lr: float = Tuning.optimizer_lr
@@ -119,6 +121,12 @@ class FederatedSettings:
         if self.weight_cap is None:
             filled["weight_cap"] = float(self.examples_per_round)
         return dataclasses.replace(self, **filled)
+
+    def training_q(self, n_devices: int) -> float:
+        """q of the training rounds over ``n_devices``."""
+        if self.sampling_rate is not None:
+            return self.sampling_rate
+        return min(1.0, float(self.clients_per_round or 0) / n_devices)
 
     def name(self) -> str:
         if self.label:
@@ -176,6 +184,7 @@ class RunResult:
     seconds: float = 0.0
     setup_seconds: float = 0.0
     server_peak_mb: float | None = None
+    derived: list[dict[str, Any]] = field(default_factory=list)  # derived.Choice's fields
 
     def final(self) -> RoundRecord | None:
         evaluated = [r for r in self.rounds if r.hr is not None]
@@ -188,6 +197,7 @@ class RunResult:
                 "noise_multipliers": self.noise_multipliers,
                 "interrupted": self.interrupted, "seconds": self.seconds,
                 "setup_seconds": self.setup_seconds, "server_peak_mb": self.server_peak_mb,
+                "derived": self.derived,
                 "rounds": [dataclasses.asdict(r) for r in self.rounds]}
 
 
@@ -199,23 +209,24 @@ def population(split: Split) -> list[tuple[str, tuple[tuple[str, ...], ...]]]:
 
 def aggregator_config(settings: FederatedSettings, n_devices: int,
                       delta: float) -> AggregatorConfig:
-    settings = settings.resolved()
-    q = (settings.sampling_rate if settings.sampling_rate is not None
-         else min(1.0, float(settings.clients_per_round or 0) / n_devices))
+    """The aggregator's config for a run of ``settings`` (derived: derived.derive) over
+    ``n_devices``."""
+    q = settings.training_q(n_devices)
     dp = settings.mechanism != "none"
     assert settings.head_items and settings.cooccurrence_clip and settings.train_groups
+    assert settings.statistics_sampling_rate and settings.evaluation_sampling_rate
     statistics = (StatisticsSettings(head_items=settings.head_items,
                                      cooccurrence_clip=settings.cooccurrence_clip,
                                      sampling_rate=settings.statistics_sampling_rate,
                                      popularity_noise_ratio=settings.popularity_noise_ratio)
                   if settings.statistics else None)
     return AggregatorConfig(
-        host="127.0.0.1", sampling_rate=q, min_clients=3, min_connected=n_devices,
+        host="127.0.0.1", sampling_rate=q, min_clients=3,
+        # a population beyond the connections the aggregator holds takes turns (pacing)
+        min_connected=connections(n_devices),
         keep_bundles=0,  # the simulation evaluates published versions after the fact
-        # evaluation at the training rounds' q, but at least EVALUATION_Q: a cohort of 200
-        # gives intervals of +-0.1 (UCI at q 0.5: +-0.016), for a few percent of the budget
         evaluate_every=settings.eval_every,
-        evaluation_sampling_rate=max(q, EVALUATION_Q),
+        evaluation_sampling_rate=settings.evaluation_sampling_rate,
         secagg_degree=settings.secagg_k, group_size=settings.group_size,
         # a device can drop out even where the simulation removes none (a phase deadline
         # under load): k and t are chosen for at least 5%
@@ -296,7 +307,8 @@ def _shards(root: Path, server_key: bytes, settings: FederatedSettings,
             initial_bundle: Path) -> list[Shard]:
     n = min(settings.workers, len(users))
     return [Shard(worker=w, root=root, server_key=server_key, users=tuple(users[w::n]),
-                  dropout=settings.dropout, seed=settings.seed, initial_bundle=initial_bundle)
+                  dropout=settings.dropout, seed=settings.seed, initial_bundle=initial_bundle,
+                  connections=connections(len(users)), workers=n)
             for w in range(n)]
 
 
@@ -310,8 +322,9 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
     last published bundle there (``bundle/`` and the aggregator's ``signing.pub``)."""
     status = on_status or (lambda _: None)
     started = time.monotonic()
-    settings = settings.resolved()
     users = population(split)
+    derived = derive(settings, len(users), split.n_items)
+    settings = derived.settings
     if len(users) < 3:
         raise ValueError(f"{split.name}: only {len(users)} users have training baskets; a "
                          "federated round needs at least 3 devices")
@@ -321,7 +334,8 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
                        [names.get(i, i) for i in split.catalog], dim=settings.dim,
                        seed=settings.seed, config=config)
     server_key = bytes(state.signing_key().verify_key)
-    result = RunResult(settings, dataclasses.asdict(config), len(users), delta, None)
+    result = RunResult(settings, dataclasses.asdict(config), len(users), delta, None,
+                       derived=[dataclasses.asdict(c) for c in derived.choices])
 
     status(f"creating {len(users):,} devices in {settings.workers} worker processes")
     store = Store(state.database)

@@ -746,6 +746,18 @@ DEPLOY_NOTE = ("The aggregator configuration each run served with, as written to
                "population.")
 
 
+SIZING_NOTE = ("Values the simulation derived from the data's N devices and V items, and "
+               "from this machine, for the options the command left unset (README, "
+               "'Sizing a run').")
+
+
+def _sizing_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of the derived settings of every run (derived.Choice), or None."""
+    rows = [[run["name"], choice["option"], f"{choice['value']:g}", choice["why"]]
+            for run in report["runs"] for choice in run.get("derived", [])]
+    return (["run", "option", "value", "why"], rows) if rows else None
+
+
 def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
     """Write every file of the report; returns the path of index.html. A run's
     ``config_file`` (a name in ``report_dir``) is linked and shown when the file is there."""
@@ -796,6 +808,9 @@ def write_report(report_dir: Path, report: dict[str, Any]) -> Path:
         md += [f"## Rounds: {run['name']}", ""]
         for _, heading, section in _round_sections(run):
             md += [f"### {heading}", "", _markdown_table(*section), ""]
+    sizing = _sizing_table(report)
+    if sizing is not None:
+        md += ["## Sizing", "", SIZING_NOTE, "", _markdown_table(*sizing), ""]
     md += ["## Configuration", ""]
     if configs:
         md += [DEPLOY_NOTE, ""]
@@ -866,6 +881,8 @@ only" leaves out the on-device history blend.</p>
 {budget_html}
 {figure_html(other_figures[1:])}
 {rounds}
+{"" if sizing is None else "<h2>Sizing</h2><p>" + html.escape(SIZING_NOTE) + "</p>"
+ + _html_table(*sizing, css="sizing")}
 <h2>Configuration</h2>
 {config_html}
 <p>Everything, with per-round figures and the simulation's settings, is in

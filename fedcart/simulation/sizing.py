@@ -1,24 +1,27 @@
 """Pre-flight check of a federated simulation: whether this machine can hold the run, said
 before anything starts, with the figure and the flag that fits.
 
-The estimate, for N devices, a catalog of V items, embedding size d, w worker processes,
-an expected cohort c in G = ceil(c / --group-size) SecAgg+ groups, and a co-occurrence
-head of M items (L = M (M + 1) / 2 values; 4-byte words, two values a word when the round
-is packed); n is the longest round vector (L, V, or a training update's parameters):
+The estimate, for N devices of which the aggregator holds C connected at once
+(derived.connections), a catalog of V items, embedding size d, w worker processes, a
+statistics round's expected cohort c in G = ceil(c / --group-size) SecAgg+ groups, and a
+co-occurrence head of M items (L = M (M + 1) / 2 values; 4-byte words, two values a word
+when the round is packed); n is the longest round vector (L, V, or a training update's
+parameters):
 
-- aggregator: AGGREGATOR_BASE, plus AGGREGATOR_PER_DEVICE per connected device (every
-  device stays connected), plus a round's G group sums and the masked inputs in flight
-  (at most w * INPUTS_AT_ONCE, as the workers send them) as words, plus three n-long
-  64-bit vectors (the decoded group sums, their total, the noised release) and the item
-  table derived from the co-occurrence sum (TABLE_COPIES dense M x M float64 arrays);
+- aggregator: AGGREGATOR_BASE, plus AGGREGATOR_PER_DEVICE per connected device, plus a
+  round's G group sums and the masked inputs in flight (at most w * INPUTS_AT_ONCE, as the
+  workers send them) as words, plus three n-long 64-bit vectors (the decoded group sums,
+  their total, the noised release) and the item table derived from the co-occurrence sum
+  (TABLE_COPIES dense M x M float64 arrays);
 - workers: WORKER_BASE each, DEVICE_BYTES per device, and INPUTS_AT_ONCE devices per
   worker holding a round's input at once, INPUT_COPIES times its words each;
 - this process, evaluating the published models: EVALUATION_BYTES.
 
-The peak is the sum, against memory.available_bytes(). Open files: the aggregator holds a
-socket per device under this process's soft limit (it inherits it), and a worker, which
-raises its soft limit to the hard one, holds DEVICE_FILES per device. The figures are
-upper bounds built from the code's own constants, not measurements of a run.
+The peak is the sum, against memory.available_bytes(). Open files: the aggregator never
+holds more than C connections (pacing sends the others away), so only a worker can run out:
+it raises its soft limit to the hard one and holds DEVICE_FILES per connected device of its
+shard, at most min(N / w, C), plus SPARE_FILES. The figures are upper bounds built from the
+code's own constants, not measurements of a run.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fedcart.data.memory import available_bytes, gigabytes
 from fedcart.model_export.model import group_size, n_parameters
 from fedcart.protocol.update import UpdateFormat
 from fedcart.simulation.central import baseline_notes
+from fedcart.simulation.derived import connections, derive
 from fedcart.simulation.devices import INPUTS_AT_ONCE
 from fedcart.simulation.federated import FederatedSettings
 
@@ -62,7 +66,6 @@ class Needs:
     """A run's estimated peak (see module doc)."""
 
     memory: int  # bytes, all processes together
-    aggregator_files: int
     worker_files: int  # of the busiest worker
 
 
@@ -81,14 +84,16 @@ def _vector(settings: FederatedSettings, n_items: int, cohort: float) -> tuple[i
 
 
 def needs(settings: FederatedSettings, n_devices: int, n_items: int) -> Needs:
-    """The peak of a run of ``settings`` (resolved) over ``n_devices`` and ``n_items``."""
-    cohort = (settings.sampling_rate * n_devices if settings.sampling_rate is not None
-              else min(float(settings.clients_per_round or 0), n_devices))
+    """The peak of a run of ``settings`` (derived: derived.derive) over ``n_devices`` and
+    ``n_items``."""
+    connected = connections(n_devices)
+    cohort = max((settings.statistics_sampling_rate or 1.0) * connected,
+                 settings.training_q(n_devices) * connected)
     groups = math.ceil(max(cohort, 1) / settings.group_size)
     workers = max(1, min(settings.workers, n_devices))
     values, words = _vector(settings, n_items, cohort)
     head = _head(settings, n_items)
-    aggregator = (AGGREGATOR_BASE + AGGREGATOR_PER_DEVICE * n_devices
+    aggregator = (AGGREGATOR_BASE + AGGREGATOR_PER_DEVICE * connected
                   + 4 * words * (groups + workers * INPUTS_AT_ONCE) + 3 * 8 * values
                   + TABLE_COPIES * 8 * head * head)
     held = min(INPUTS_AT_ONCE, math.ceil(n_devices / workers))
@@ -96,8 +101,8 @@ def needs(settings: FederatedSettings, n_devices: int, n_items: int) -> Needs:
                + workers * held * INPUT_COPIES * 4 * words)
     evaluation = EVALUATION_BYTES + 2 * 4 * n_parameters(n_items, settings.dim)
     return Needs(memory=aggregator + devices + evaluation,
-                 aggregator_files=n_devices + SPARE_FILES,
-                 worker_files=DEVICE_FILES * math.ceil(n_devices / workers) + SPARE_FILES)
+                 worker_files=DEVICE_FILES * min(math.ceil(n_devices / workers), connected)
+                 + SPARE_FILES)
 
 
 def _largest_fitting(settings: FederatedSettings, n_devices: int, n_items: int,
@@ -137,19 +142,12 @@ def _check_memory(settings: FederatedSettings, n_devices: int, n_items: int,
 
 
 def _check_files(n_devices: int, workers: int, need: Needs) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    unlimited = resource.RLIM_INFINITY
-    if soft != unlimited and need.aggregator_files > soft:
-        raise TooLarge(f"the aggregator holds a connection per device: {n_devices:,} devices "
-                       f"need {need.aggregator_files:,} open files, the limit is {soft:,}: "
-                       f"raise it (ulimit -n {need.aggregator_files})"
-                       + ("" if hard == unlimited or hard >= need.aggregator_files
-                          else f" after the hard limit {hard:,} (ulimit -Hn, as root)"))
-    if hard != unlimited and need.worker_files > hard:
-        fitting = math.ceil(DEVICE_FILES * n_devices / max(1, hard - SPARE_FILES))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and need.worker_files > hard:
+        per_worker = max(1, hard - SPARE_FILES) // DEVICE_FILES
         raise TooLarge(f"{n_devices:,} devices in {workers} workers need "
                        f"{need.worker_files:,} open files per worker, the hard limit is "
-                       f"{hard:,}: use --workers {fitting} or more")
+                       f"{hard:,}: use --workers {math.ceil(n_devices / per_worker)} or more")
 
 
 def check_run(split: Split, plans: Sequence[FederatedSettings], say: Callable[[str], None],
@@ -159,7 +157,7 @@ def check_run(split: Split, plans: Sequence[FederatedSettings], say: Callable[[s
     n_devices = sum(1 for baskets in split.train if baskets)  # federated.population
     memory = available_bytes()
     for plan in plans:
-        settings = plan.resolved()
+        settings = derive(plan, n_devices, split.n_items).settings
         _check_memory(settings, n_devices, split.n_items, memory)
         _check_files(n_devices, min(settings.workers, n_devices),
                      needs(settings, n_devices, split.n_items))
