@@ -178,3 +178,31 @@ def test_a_matrix_that_is_not_a_gram_matrix_gets_enough_ridge() -> None:
     row_max = table.weights.max(axis=1)
     assert np.isfinite(table.weights).all() and (row_max > 0).any()
     assert row_max[row_max > 0].mean() == pytest.approx(1.0)
+
+
+def test_a_large_ease_runs_lapack_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From SINGLE_THREAD_FROM items on, the Cholesky runs with BLAS on one thread (OpenBLAS's
+    threaded dpotrf died with a segmentation fault at 16,000 items), and B is still EASE's:
+    -P / diag(P) off the diagonal, P the inverse of gram + lambda I (numpy's reference)."""
+    from threadpoolctl import threadpool_info
+
+    from fedcart.aggregator import item_item
+
+    threads_seen: list[int] = []
+    real = item_item.lapack.dpotrf
+
+    def recording(*args: object, **kwargs: object) -> object:
+        threads_seen.extend(p["num_threads"] for p in threadpool_info()
+                            if p["user_api"] == "blas")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(item_item.lapack, "dpotrf", recording)
+    x = np.random.default_rng(4).random((40, 12))
+    gram = x.T @ x
+    monkeypatch.setattr(item_item, "SINGLE_THREAD_FROM", 12)
+    weights = ease_weights(gram, 0.5)
+    assert threads_seen and set(threads_seen) == {1}
+    p = np.linalg.inv(gram + 0.5 * np.eye(12))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(weights, expected, rtol=1e-8, atol=1e-10)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg.lapack as lapack
+from threadpoolctl import threadpool_limits
 
 from fedcart.aggregator.name_neighbours import with_names
 from fedcart.model_export.model import Neighbours, largest_per_row, mean_row_max
@@ -107,18 +108,27 @@ def unpack_triangle(packed: np.ndarray, m: int) -> np.ndarray:
     return out
 
 
+SINGLE_THREAD_FROM = 8192  # items; see ease_weights
+
+
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     """EASE's B for Gram matrix ``gram`` (float64, symmetric) and ridge ``lam``, diagonal 0.
     The inverse goes through a Cholesky factorization, half the work of a general one, and
-    every step works in one copy of ``gram``: EASE_COPIES dense M x M arrays at the peak."""
+    every step works in one copy of ``gram``: EASE_COPIES dense M x M arrays at the peak.
+    From SINGLE_THREAD_FROM items on, LAPACK runs on one thread: OpenBLAS's threaded dpotrf
+    (scipy's wheels, 2 cores) died with a segmentation fault at 16,000 items, and ran
+    single-threaded at 16,384."""
     # LAPACK works in place on a Fortran-ordered array: the transpose of a C-ordered copy,
     # which is the same matrix since the Gram matrix is symmetric
     work = np.array(gram, dtype=np.float64, copy=True)
     work[np.diag_indices_from(work)] += lam
-    chol, info = lapack.dpotrf(work.T, lower=False, overwrite_a=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"EASE Gram matrix not positive definite (info={info})")
-    p, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
+    threads = 1 if len(work) >= SINGLE_THREAD_FROM else None
+    with threadpool_limits(limits=threads, user_api="blas"):
+        chol, info = lapack.dpotrf(work.T, lower=False, overwrite_a=True)
+        if info != 0:
+            raise np.linalg.LinAlgError(
+                f"EASE Gram matrix not positive definite (info={info})")
+        p, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
     if info != 0:
         raise np.linalg.LinAlgError(f"EASE inverse failed (info={info})")
     _mirror_upper(p)
