@@ -154,11 +154,13 @@ def test_a_preset_config_carries_its_tuned_values(preset: Preset, tmp_path: Path
 def test_init_and_the_simulation_deploy_the_same_tuned_values(preset: Preset) -> None:
     """The simulation's aggregator runs with the preset init writes: every tuned value and
     the model size agree."""
+    from fedcart.simulation.derived import derive
     from fedcart.simulation.federated import FederatedSettings, aggregator_config
 
     mechanism = NO_NOISE if preset is Preset.NO_DP else "gaussian"
-    settings = FederatedSettings(mechanism=mechanism,
-                                 epsilon=None if preset is Preset.NO_DP else 8.0).resolved()
+    settings = derive(FederatedSettings(mechanism=mechanism,
+                                        epsilon=None if preset is Preset.NO_DP else 8.0),
+                      1000, 5000).settings
     simulated, deployed = aggregator_config(settings, 1000, 1e-5), preset.config()
 
     def tuned(c: AggregatorConfig) -> tuple:

@@ -27,6 +27,7 @@ from fedcart.aggregator.config import load_config, render_config
 from fedcart.aggregator.privacy import default_delta
 from fedcart.protocol.evaluation import Estimate, Interval
 from fedcart.protocol.terms import Task
+from fedcart.simulation.derived import derive
 from fedcart.simulation.federated import (
     FederatedSettings,
     RoundRecord,
@@ -115,9 +116,11 @@ def _run(settings: FederatedSettings, epsilons: list[float],
               _round(6, Task.TRAIN, epsilons[4]),
               _round(7, Task.TRAIN, epsilons[5], hr=0.1449),
               _evaluation(8, epsilons[6], evaluations[1])]
-    settings = settings.resolved()  # as run_federated records them
+    chosen = derive(settings, N, CATALOG)  # as run_federated records them
+    settings = chosen.settings
     result = RunResult(settings, dataclasses.asdict(aggregator_config(settings, N, delta)),
-                       N, delta, 1.2, rounds=rounds, seconds=40.0)
+                       N, delta, 1.2, rounds=rounds, seconds=40.0,
+                       derived=[dataclasses.asdict(c) for c in chosen.choices])
     run = result.as_json()
     if config_file is not None:
         run["config_file"] = config_file
@@ -160,7 +163,8 @@ def written(tmp_path: Path, sweep_report: dict[str, Any]) -> Path:
     """The report directory, with each run's config.toml as the CLI copies it in."""
     for name, settings in CONFIG_FILES.items():
         (tmp_path / name).write_text(
-            render_config(aggregator_config(settings, N, default_delta(N))))
+            render_config(aggregator_config(derive(settings, N, CATALOG).settings, N,
+                                            default_delta(N))))
     write_report(tmp_path, sweep_report)
     return tmp_path
 

@@ -143,6 +143,10 @@ def test_report_files_and_tables(csv_report: Path) -> None:
     for row in ("popularity", "co-occurrence (cosine)", "own history (device only)",
                 "federated, SecAgg, DP eps=4"):
         assert f"| {row} |" in md
+    # the values derived from the data's size (derived.py), each with its reason
+    sizing = md[md.index("## Sizing"):md.index("## Configuration")]
+    for option in ("--statistics-q | 1 | every device", "--eval-q |"):
+        assert f"| federated, SecAgg, DP eps=4 | {option}" in sizing
     repeat = next(line for line in md.splitlines() if "Repeat with:" in line)
     assert "fedcart-sim run --data" in repeat
     assert "--validation" not in repeat  # a flag left off is not in the command
