@@ -90,10 +90,12 @@ def test_recommend_matches_reference_and_excludes_cart(weights, nbrs, graphs, gr
     for row, cart in zip(ref, ctx, strict=True):
         row[cart[cart >= 0]] = -np.inf
     session = make_session(graphs[graph])
-    ids, got = session.run(None, {**weight_feeds(weights), **nbrs.tensors(), "cart": ctx,
-                                  "hist_ids": hist_ids, "hist_w": hist_w, "hist_co": hist_co,
-                                  "k": np.array([10])})
+    ids, got, every = session.run(None, {
+        **weight_feeds(weights), **nbrs.tensors(), "cart": ctx, "hist_ids": hist_ids,
+        "hist_w": hist_w, "hist_co": hist_co, "k": np.array([10])})
     assert ids.shape == (4, 10)
+    # every item's score, the cart's -inf, as the reference gives them
+    np.testing.assert_allclose(every, ref, rtol=1e-5, atol=1e-5)
     expected = np.sort(ref, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(ref, ids, 1), got, rtol=1e-5, atol=1e-5)
@@ -108,6 +110,10 @@ def test_k_larger_than_catalog_is_clamped(weights, nbrs, graphs) -> None:
     assert np.isneginf(got[0, -2:]).all() and np.isfinite(got[0, :-2]).all()
     with pytest.raises(ValueError, match="cart ids"):
         rec.top_k([[V]], k=3)
+    # all_scores reads the graph's scores output: the same as a full top-V, in item order
+    full = np.empty(V, np.float32)
+    full[ids[0]] = got[0]
+    np.testing.assert_array_equal(rec.all_scores([[1, 2]])[0], full)
 
 
 @pytest.mark.parametrize("graph", ["train_step.onnx", "train_step.ort"])

@@ -172,7 +172,8 @@ def _weight_inputs(n_items: int, dim: int) -> list[onnx.ValueInfoProto]:
 
 
 def recommend_graph(n_items: int, dim: int) -> onnx.ModelProto:
-    """Top-k recommendation; the weights are inputs."""
+    """Top-k recommendation, and every item's score (``scores``, cart items -inf: what an
+    evaluation ranks the hidden item in); the weights are inputs."""
     g = _Graph()
     _common_consts(g)
     g.const("n_items", np.array([n_items], np.int64))
@@ -181,7 +182,7 @@ def recommend_graph(n_items: int, dim: int) -> onnx.ModelProto:
     s = _scores(g, "cart", n_items, dim)
     exclusion = g.op("Where", s["valid"], "neg_inf", "pos_inf")
     ranked = g.op("ScatterElements", s["logits"], s["safe_ctx"], exclusion, axis=1,
-                  reduction="min")
+                  reduction="min", out="scores")
     k = g.op("Min", "k", "n_items")
     g.nodes.append(helper.make_node("TopK", [ranked, k], ["top_scores", "top_ids"],
                                     name="topk", axis=1, largest=1, sorted=1))
@@ -189,9 +190,10 @@ def recommend_graph(n_items: int, dim: int) -> onnx.ModelProto:
         "fedcart_recommend",
         [*_weight_inputs(n_items, dim), _io("cart", INT64, ["B", "L"]), *_history_inputs(),
          _io("k", INT64, [1])],
-        [_io("top_ids", INT64, ["B", "K"]), _io("top_scores", FLOAT, ["B", "K"])],
+        [_io("top_ids", INT64, ["B", "K"]), _io("top_scores", FLOAT, ["B", "K"]),
+         _io("scores", FLOAT, ["B", n_items])],
         "FedCart recommendation: top-k items for padded carts, blended with the user's "
-        "own history; cart items are excluded.",
+        "own history; cart items are excluded (score -inf).",
     )
 
 
