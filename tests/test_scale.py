@@ -5,9 +5,8 @@ synthetic generator's output loads and has the shape it claims."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +15,13 @@ from click.testing import CliRunner
 from fedcart.aggregator.config import AggregatorConfig
 from fedcart.aggregator.item_item import EASE_COPIES, StatisticsSettings
 from fedcart.aggregator.rounds import Waits
-from fedcart.protocol.statistics import POPULARITY, triangle_size
 from fedcart.data import baselines
 from fedcart.data.datasets import CsvColumns, load_csv
 from fedcart.data.evaluation import Split, evaluate, make_split
 from fedcart.data.memory import AVAILABLE_ENV
-from fedcart.simulation.central import baseline_rows
+from fedcart.protocol.statistics import POPULARITY, triangle_size
 from fedcart.simulation import derived
+from fedcart.simulation.central import baseline_rows
 from fedcart.simulation.cli import main as sim_main
 from fedcart.simulation.derived import STATISTICS_BYTES, STATISTICS_COHORT, derive
 from fedcart.simulation.federated import FederatedSettings

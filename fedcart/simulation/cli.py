@@ -35,13 +35,6 @@ from fedcart.protocol.terms import Task
 from fedcart.protocol.update import TRAIN
 from fedcart.simulation.central import Row, baseline_rows, central_rows
 from fedcart.simulation.central_training import TrainConfig
-from fedcart.simulation.federated import (
-    FederatedSettings,
-    RoundRecord,
-    RunResult,
-    run_federated,
-)
-from fedcart.simulation.report import NO_DP, delta_warning, privacy_utility_rows, write_report
 from fedcart.simulation.derived import (
     EVALUATION_COHORT,
     EVALUATION_Q,
@@ -49,6 +42,13 @@ from fedcart.simulation.derived import (
     STATISTICS_COHORT,
     derive,
 )
+from fedcart.simulation.federated import (
+    FederatedSettings,
+    RoundRecord,
+    RunResult,
+    run_federated,
+)
+from fedcart.simulation.report import NO_DP, delta_warning, privacy_utility_rows, write_report
 from fedcart.simulation.sizing import check_run
 from fedcart.simulation.synth import Profile, generate
 

@@ -30,7 +30,7 @@ import dataclasses
 import math
 import resource
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedcart.aggregator.config import AggregatorConfig
 from fedcart.protocol.statistics import triangle_size
@@ -39,8 +39,14 @@ from fedcart.protocol.update import UpdateFormat
 if TYPE_CHECKING:  # federated.py derives its settings here
     from fedcart.simulation.federated import FederatedSettings
 
-__all__ = ["Choice", "Derived", "STATISTICS_BYTES", "STATISTICS_COHORT", "connections",
-           "derive"]
+__all__ = [
+    "STATISTICS_BYTES",
+    "STATISTICS_COHORT",
+    "Choice",
+    "Derived",
+    "connections",
+    "derive",
+]
 
 STATISTICS_COHORT = 10_000  # devices a statistics round samples, at most, in expectation
 STATISTICS_BYTES = 24 * 10**9  # masked inputs of a co-occurrence round, at most
@@ -95,7 +101,7 @@ def derive(settings: FederatedSettings, n_devices: int, n_items: int) -> Derived
     resolved = settings.resolved()
     connected = connections(n_devices)
     choices: list[Choice] = []
-    changes: dict[str, float | int] = {}
+    changes: dict[str, Any] = {}
     statistics_q = resolved.statistics_sampling_rate
     if statistics_q is None:
         statistics_q = min(1.0, STATISTICS_COHORT / connected)
