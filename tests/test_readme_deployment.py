@@ -11,6 +11,7 @@ becomes a free one, since another run on this machine may hold 8765."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -104,14 +105,17 @@ def test_the_readme_deployment_by_hand_completes_its_rounds(
         *[("train", "completed", DEVICES, DEVICES)] * 3,
         ("evaluate", "completed", DEVICES, DEVICES)]
     assert 0 < status["epsilon"] <= 8.0 + 1e-6  # the plan's target, spent by its rounds
-    # the estimates of versions 1 and 4, each an interval around a HitRate@10 in [0, 1]
+    # the estimates of versions 1 and 4, each an interval around a HitRate@10 in [0, 1];
+    # or, when the noise left the count of 20 queries below one, none: NaN in [0, 1]
     estimates = {e["model_version"]: e["hr"] for e in status["estimates"]}
     assert sorted(estimates) == [1, 4]
-    assert all(0 <= e["low"] <= e["value"] <= e["high"] <= 1 for e in estimates.values())
+    assert all(0 <= e["low"] <= e["value"] <= e["high"] <= 1
+               or (math.isnan(e["value"]) and (e["low"], e["high"]) == (0, 1))
+               for e in estimates.values())
     # /metrics showed version 1's, as status has it
     shown = dict(re.findall(r'bound="(\w+)",metric="hr10",model_version="1"\} (\S+)',
                             (work / "hr10.txt").read_text()))
-    assert float(shown["estimate"]) == pytest.approx(estimates[1]["value"])
+    assert float(shown["estimate"]) == pytest.approx(estimates[1]["value"], nan_ok=True)
     assert float(shown["low"]) == pytest.approx(estimates[1]["low"])
     assert "federated evaluation" in output
     ranked = RANKED.findall(output)
