@@ -111,3 +111,40 @@ def test_a_full_aggregator_sends_devices_away_and_they_come_back_in_turn(
     assert 0 < max(held) <= 2
     came_back = [r for r in caplog.records if "checking in again in" in r.getMessage()]
     assert len(came_back) >= 4  # the devices sent away waited and came back
+
+
+@pytest.mark.reliability
+def test_a_full_aggregator_counts_check_ins_under_way_and_sheds_before_the_challenge(
+        tmp_path: Path) -> None:
+    """Capacity two: one device held and one connection whose check-in is under way (it
+    never answers its challenge) fill it, so a third connection is sent away at once, with
+    no challenge to answer: a storm of unanswered check-ins on a full server held a file
+    each and ran it out of them."""
+    from websockets.asyncio.client import connect
+
+    from fedcart.protocol import channel
+    from fedcart.protocol.control import Challenge, ComeBack
+    from tests.wire import check_in
+
+    state, devices = make_world(tmp_path, n_users=1)
+    state.config.write_text(
+        CONFIG.format(statistics="false", timeout=5.0, rounds=0).replace(
+            "min_clients = 3", "min_clients = 20")
+        + "[pacing]\ncapacity = 2\nrate = 20.0\nmin_delay = 0.5\njitter = 0.5\n")
+    server = AggregatorProcess(state.root)
+    server_key = bytes(state.signing_key().verify_key)
+
+    async def scenario() -> tuple[object, object, object]:
+        async with connect(server.url) as held, connect(server.url) as silent:
+            welcome = await check_in(held, devices[0].identity, server_key)
+            _, first = channel.parse(await silent.recv())  # its challenge, left unanswered
+            async with connect(server.url) as third:
+                _, answer = channel.parse(await third.recv())
+            return welcome, first, answer
+
+    welcome, first, answer = asyncio.run(scenario())
+    metrics = server.http("/metrics")
+    assert server.terminate() == 0
+    assert type(welcome).__name__ == "Welcome" and isinstance(first, Challenge)
+    assert isinstance(answer, ComeBack) and answer.after >= 0.5
+    assert _metric(metrics, 'fedcart_check_ins_total{decision="sent_away"}') == 1

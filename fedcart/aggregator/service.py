@@ -118,6 +118,7 @@ class Aggregator:
         self.identity = IdentityKey(bytes(signing_key))
         self.publisher = Publisher(state, signing_key, self.identity.public)
         self.connections: dict[int, _Connection] = {}
+        self._checking_in = 0  # connections opened whose check-in is under way (_handle)
         self.round: Round | None = None
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
@@ -272,11 +273,20 @@ class Aggregator:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
+        if len(self.connections) + self._checking_in >= self.pacer.pacing.capacity:
+            # full, counting the check-ins under way: each holds an open file until its
+            # device answers (up to CHECKIN_TIMEOUT), and a storm of them on a full server
+            # ran it out of files. Sent away before the challenge: nothing to verify.
+            await self._send_away(ws)
+            return
+        self._checking_in += 1
         try:
             conn = await self._check_in(ws)
         except ConnectionClosed as exc:  # gone before its check-in: routine too, one line
             log.info("a connection closed before its check-in: %s", exc)
             return
+        finally:
+            self._checking_in -= 1
         if conn is None:
             return
         try:

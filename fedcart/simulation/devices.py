@@ -49,7 +49,7 @@ MAX_DELAY = 5.0
 GIVE_UP_SECONDS = 1200.0  # without a round for this long, the device gives up
 # first check-ins a second, all workers together: under the check-ins an aggregator serves
 # a second on these 2 cores while the devices' own processes run (bench scale: 681)
-CHECK_IN_RATE = 300.0
+CHECK_IN_RATE = 200.0
 
 
 # Devices of one worker that hold a round's input at once (SessionHooks.input_gate): a
