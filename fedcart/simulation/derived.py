@@ -46,6 +46,7 @@ __all__ = [
     "Derived",
     "connections",
     "derive",
+    "packed",
 ]
 
 STATISTICS_COHORT = 10_000  # devices a statistics round samples, at most, in expectation
@@ -82,15 +83,22 @@ def connections(n_devices: int) -> int:
     return min(n_devices, AggregatorConfig().pacing(open_files=files).capacity)
 
 
-def _words(head: int, packed: bool) -> int:
+def packed(settings: FederatedSettings, cohort: float) -> bool:
+    """Whether a statistics round of ``settings`` over an expected ``cohort`` sends two
+    values a 4-byte word (no DP, and groups small enough for 16-bit lanes)."""
+    return settings.mechanism == "none" and UpdateFormat.can_pack(
+        min(settings.group_size, max(3, math.ceil(cohort))))
+
+
+def _words(head: int, two_a_word: bool) -> int:
     values = triangle_size(head)
-    return (values + 1) // 2 if packed else values
+    return (values + 1) // 2 if two_a_word else values
 
 
-def _largest_head(cap: int, cohort: float, packed: bool) -> int:
+def _largest_head(cap: int, cohort: float, two_a_word: bool) -> int:
     """The largest M <= cap whose co-occurrence round fits STATISTICS_BYTES."""
-    fits = math.isqrt(int(2 * STATISTICS_BYTES / (4 * cohort) * (2 if packed else 1)))
-    while fits > 2 and _words(fits, packed) * 4 * cohort > STATISTICS_BYTES:
+    fits = math.isqrt(int(2 * STATISTICS_BYTES / (4 * cohort) * (2 if two_a_word else 1)))
+    while fits > 2 and _words(fits, two_a_word) * 4 * cohort > STATISTICS_BYTES:
         fits -= 1
     return max(2, min(cap, fits))
 
@@ -113,16 +121,15 @@ def derive(settings: FederatedSettings, n_devices: int, n_items: int) -> Derived
         choices.append(Choice("--statistics-q", round(statistics_q, 4), why))
     if resolved.statistics and settings.head_items is None:
         cohort = statistics_q * connected
-        packed = resolved.mechanism == "none" and UpdateFormat.can_pack(
-            min(resolved.group_size, max(3, math.ceil(cohort))))
+        two_a_word = packed(resolved, cohort)
         tuned = resolved.head_items or 2
-        head = _largest_head(min(tuned, n_items), cohort, packed)
+        head = _largest_head(min(tuned, n_items), cohort, two_a_word)
         limit = ("the tuned value" if head == tuned else
                  f"all V = {n_items:,} items" if head == n_items else
-                 f"{cohort:,.0f} devices x {_words(head, packed) * 4 / 1e6:.1f} MB stay "
+                 f"{cohort:,.0f} devices x {_words(head, two_a_word) * 4 / 1e6:.1f} MB stay "
                  f"within the {STATISTICS_BYTES / 1e9:g} GB a co-occurrence round may move "
                  f"(the tuned {tuned:,} would move "
-                 f"{cohort * _words(tuned, packed) * 4 / 1e9:.0f} GB)")
+                 f"{cohort * _words(tuned, two_a_word) * 4 / 1e9:.0f} GB)")
         changes["head_items"] = head
         choices.append(Choice("--head-items", head, limit))
     if resolved.evaluation_sampling_rate is None:

@@ -35,9 +35,8 @@ from typing import Any
 from fedcart.data.evaluation import SCORES_BUDGET, Split
 from fedcart.data.memory import available_bytes, gigabytes
 from fedcart.model_export.model import group_size, n_parameters
-from fedcart.protocol.update import UpdateFormat
 from fedcart.simulation.central import baseline_notes
-from fedcart.simulation.derived import connections, derive
+from fedcart.simulation.derived import connections, derive, packed
 from fedcart.simulation.devices import INPUTS_AT_ONCE
 from fedcart.simulation.federated import FederatedSettings
 
@@ -77,10 +76,9 @@ def _vector(settings: FederatedSettings, n_items: int, cohort: float) -> tuple[i
     """(values, 4-byte words) of the run's longest round vector."""
     head = _head(settings, n_items)
     statistic = max(head * (head + 1) // 2, n_items) if settings.statistics else 0
-    packed = settings.mechanism == "none" and UpdateFormat.can_pack(
-        min(settings.group_size, max(3, math.ceil(cohort))))
     update = group_size(settings.train_groups or (), n_items, settings.dim)
-    return max(statistic, update), max((statistic + 1) // 2 if packed else statistic, update)
+    words = (statistic + 1) // 2 if packed(settings, cohort) else statistic
+    return max(statistic, update), max(words, update)
 
 
 def needs(settings: FederatedSettings, n_devices: int, n_items: int) -> Needs:
