@@ -6,6 +6,7 @@ synthetic generator's output loads and has the shape it claims."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,12 @@ from fedcart.protocol.statistics import POPULARITY, triangle_size
 from fedcart.simulation import derived
 from fedcart.simulation.central import baseline_rows
 from fedcart.simulation.cli import main as sim_main
-from fedcart.simulation.derived import STATISTICS_BYTES, STATISTICS_COHORT, derive
+from fedcart.simulation.derived import (
+    CONNECTED_SHARE,
+    STATISTICS_BYTES,
+    STATISTICS_COHORT,
+    derive,
+)
 from fedcart.simulation.federated import FederatedSettings
 from fedcart.simulation.sizing import TooLarge, check_run, needs
 from fedcart.simulation.synth import COLUMNS, Profile, generate
@@ -207,14 +213,15 @@ def test_a_bundled_size_keeps_the_tuned_settings() -> None:
 @pytest.mark.parametrize("mechanism", ["none", "gaussian"])
 def test_a_large_population_samples_its_statistics_and_sizes_its_head(
         monkeypatch: pytest.MonkeyPatch, mechanism: str) -> None:
-    """100,000 devices of which the aggregator holds 19,744: the statistics rounds sample
+    """100,000 devices of which the aggregator holds 25,000: the statistics rounds sample
     an expected STATISTICS_COHORT of them, and the head is the largest whose co-occurrence
     round stays within STATISTICS_BYTES (two values a word without DP)."""
-    monkeypatch.setattr(derived, "connections", lambda n: min(n, 19_744))
+    monkeypatch.setattr(derived, "connections", lambda n: min(n, 25_000))
+    assert STATISTICS_COHORT <= CONNECTED_SHARE * 25_000  # the cohort, not the share, binds
     settings = FederatedSettings(mechanism=mechanism,
                                  epsilon=8.0 if mechanism == "gaussian" else None)
     chosen = derive(settings, 100_000, 50_000).settings
-    assert chosen.statistics_sampling_rate == pytest.approx(STATISTICS_COHORT / 19_744)
+    assert chosen.statistics_sampling_rate == pytest.approx(STATISTICS_COHORT / 25_000)
     per_value = 2 if mechanism == "none" else 4  # bytes
     head = chosen.head_items
     assert head is not None
@@ -226,12 +233,27 @@ def test_a_large_population_samples_its_statistics_and_sizes_its_head(
     else:
         assert cost <= STATISTICS_BYTES * 1.0001 < STATISTICS_COHORT * triangle_size(
             head + 1) * per_value
-    assert chosen.evaluation_sampling_rate == pytest.approx(2500 / 19_744)
+    assert chosen.evaluation_sampling_rate == pytest.approx(2500 / 25_000)
     given = FederatedSettings(head_items=3000, statistics_sampling_rate=0.2,
                               evaluation_sampling_rate=0.3)
     kept = derive(given, 100_000, 50_000)
     assert (kept.settings.head_items, kept.settings.statistics_sampling_rate,
             kept.settings.evaluation_sampling_rate, kept.choices) == (3000, 0.2, 0.3, ())
+
+
+def test_a_population_beyond_the_connections_never_gets_a_whole_population_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """8,000 devices, fewer than STATISTICS_COHORT, of which the aggregator holds 5,000: a
+    statistics round at q = 1 could never start (rounds.Waits), so it samples half the
+    connected; and C is bounded by the machine's cores."""
+    monkeypatch.setattr(derived, "connections", lambda n: min(n, 5_000))
+    chosen = derive(FederatedSettings(), 8_000, 3_000).settings
+    assert chosen.statistics_sampling_rate == pytest.approx(CONNECTED_SHARE)
+    assert derive(FederatedSettings(), 5_000, 3_000).settings.statistics_sampling_rate == 1.0
+    monkeypatch.undo()
+    cores = os.cpu_count() or 1
+    assert derived.connections(10**7) <= derived.CONNECTIONS_PER_CORE * cores
+    assert derived.connections(100) == 100
 
 
 def test_a_whole_population_round_beyond_capacity_says_it_cannot_start(

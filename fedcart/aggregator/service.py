@@ -73,6 +73,7 @@ from fedcart.protocol.control import (
 )
 from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, triangle_size
 from fedcart.protocol.terms import Task
+from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT
 from fedcart.protocol.update import TRAIN, UpdateFormat
 from fedcart.secagg.client import PROTOCOL_MESSAGES
 from fedcart.secagg.crypto import IdentityKey, verify
@@ -218,8 +219,8 @@ class Aggregator:
         # CLOSE_TIMEOUT for the device's answer: a stop takes seconds, not one close
         # timeout per device in turn
         async with serve(self._handle, cfg.host, cfg.port, max_size=vector_bytes + (1 << 20),
-                         process_request=self._http, ssl=tls, ping_interval=20,
-                         ping_timeout=60, close_timeout=CLOSE_TIMEOUT,
+                         process_request=self._http, ssl=tls, ping_interval=PING_INTERVAL,
+                         ping_timeout=PING_TIMEOUT, close_timeout=CLOSE_TIMEOUT,
                          compression=None) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving on %s://%s:%d (model version %d)", "wss" if tls else "ws",
@@ -367,12 +368,15 @@ class Aggregator:
         return conn
 
     async def _send_away(self, ws: ServerConnection) -> None:
-        """Tell a device to come back at its slot of the pace (``pacing.Pacer``), and close."""
+        """Tell a device to come back at its slot of the pace (``pacing.Pacer``), and close
+        the connection at once: the ComeBack is flushed, but no close handshake is awaited,
+        since on a full server each connection waiting out its handshake held a file (up to
+        CLOSE_TIMEOUT) while more arrived."""
         after = self.pacer.send_away(time.monotonic())
         self.metrics.check_ins.labels("sent_away").inc()
         with contextlib.suppress(Exception):
             await ws.send(ComeBack(after, self.pacer.pacing.jitter).to_frame())
-            await ws.close(1000, "come back later")
+        ws.transport.close()
 
     async def _end_leases(self) -> None:
         """Between rounds, while devices wait to check in: send away the connections that

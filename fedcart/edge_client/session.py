@@ -37,6 +37,7 @@ from fedcart.protocol.control import (
     Welcome,
 )
 from fedcart.protocol.terms import RoundTerms
+from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT
 from fedcart.secagg.client import ClientRound
 from fedcart.secagg.errors import (
     LocalProtocolError,
@@ -103,7 +104,8 @@ async def participate(device: Device, url: str, rounds: int | None = 1,
     while True:
         left = None if deadline is None else max(deadline - loop.time(), 0.0)
         async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
-                           compression=None) as ws:  # masked vectors do not compress
+                           compression=None,  # masked vectors do not compress
+                           ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT) as ws:
             session = Session(device, ws, rounds, reports, follow_model, hooks)
             try:
                 await asyncio.wait_for(session.run(token), left)

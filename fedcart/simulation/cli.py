@@ -36,8 +36,8 @@ from fedcart.protocol.update import TRAIN
 from fedcart.simulation.central import Row, baseline_rows, central_rows
 from fedcart.simulation.central_training import TrainConfig
 from fedcart.simulation.derived import (
+    CONNECTED_SHARE,
     EVALUATION_COHORT,
-    EVALUATION_Q,
     STATISTICS_BYTES,
     STATISTICS_COHORT,
     derive,
@@ -227,13 +227,14 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.FloatRange(0, 1, min_open=True),
                      help="q of the statistics rounds: below 1 each is over a Poisson sample "
                           "of the connected devices, and the accountant grants the "
-                          f"amplification. Default: 1 up to {STATISTICS_COHORT:,} devices, "
-                          f"beyond an expected {STATISTICS_COHORT:,} (README, 'Sizing a "
-                          "run')."),
+                          f"amplification. Default: 1 up to {STATISTICS_COHORT:,} devices "
+                          "(when all can be connected), beyond an expected "
+                          f"min({STATISTICS_COHORT:,}, {CONNECTED_SHARE:g} x the connected "
+                          "devices) (README, 'Sizing a run')."),
         click.option("--eval-q", "evaluation_sampling_rate",
                      type=click.FloatRange(0, 1, min_open=True),
                      help="q of the evaluation rounds. Default: the training rounds' q, "
-                          f"raised to an expected min({EVALUATION_Q:g} x the connected "
+                          f"raised to an expected min({CONNECTED_SHARE:g} x the connected "
                           f"devices, {EVALUATION_COHORT:,})."),
         click.option("--popularity-noise-ratio", type=click.FloatRange(min=0, min_open=True),
                      default=d.popularity_noise_ratio, show_default=True,

@@ -4,20 +4,24 @@ of devices N and of items V, so constants tuned on the bundled sets would not do
 
 The rule (README, "Sizing a run"):
 
-- **Connections.** The aggregator holds at most C connections at once (pacing: its
-  open-file limit less ``pacing.FD_MARGIN``). A population larger than C takes turns: the
-  aggregator sends the others away to come back later, and a round samples among the
-  connected.
-- **Statistics rounds** cover every device (q = 1) while N <= STATISTICS_COHORT. Beyond,
-  each is a Poisson sample of an expected STATISTICS_COHORT devices of those connected,
-  q = STATISTICS_COHORT / min(N, C): the counts are then estimates from a sample as large
-  as the round's cost allows, and the accountant grants the amplification of q.
+- **Connections.** The aggregator holds at most C connections at once: its open-file limit
+  less ``pacing.FD_MARGIN``, and at most CONNECTIONS_PER_CORE for each of this machine's
+  cores, since every held connection is also a simulated device on the same cores (its
+  keepalive pings, its share of each round) and opening handshakes in flight need files
+  beyond C. A population larger than C takes turns: the aggregator sends the others away
+  to come back later, and a round samples among the connected.
+- **Statistics rounds** cover every device (q = 1) while N <= min(STATISTICS_COHORT, C).
+  Beyond, each is a Poisson sample of the connected devices, of an expected
+  min(STATISTICS_COHORT, CONNECTED_SHARE x C): q = that / min(N, C). The counts are then
+  estimates from a sample as large as the round's cost allows, and the accountant grants
+  the amplification of q. (A round over the whole population cannot start while fewer
+  than all of it can be connected: ``rounds.Waits``.)
 - **Head M** (the co-occurrence round's items): the regime's tuned M (``Preset``), but at
   most V, and at most what keeps the round's masked inputs within STATISTICS_BYTES
   (expected cohort x 4-byte words a device): the bytes through the aggregator, and each
   device's masking, grow as M^2.
 - **Evaluation rounds** sample at the training rounds' q, raised to an expected cohort of
-  min(EVALUATION_Q x min(N, C), EVALUATION_COHORT): enough devices for intervals of about
+  min(CONNECTED_SHARE x min(N, C), EVALUATION_COHORT): enough devices for intervals of about
   +-0.02 on HitRate@10, and no more, since each costs a round of SecAgg+.
 
 A value the user gave is kept as given; the sizing check (sizing.py) then says whether it
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import resource
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,8 +45,11 @@ if TYPE_CHECKING:  # federated.py derives its settings here
     from fedcart.simulation.federated import FederatedSettings
 
 __all__ = [
+    "CONNECTED_SHARE",
+    "CONNECTIONS_PER_CORE",
     "STATISTICS_BYTES",
     "STATISTICS_COHORT",
+    "EVALUATION_COHORT",
     "Choice",
     "Derived",
     "connections",
@@ -49,10 +57,11 @@ __all__ = [
     "packed",
 ]
 
+CONNECTIONS_PER_CORE = 5_000  # held connections a simulation's core serves, at most
 STATISTICS_COHORT = 10_000  # devices a statistics round samples, at most, in expectation
 STATISTICS_BYTES = 24 * 10**9  # masked inputs of a co-occurrence round, at most
-EVALUATION_Q = 0.5  # the share of connected devices an evaluation round samples ...
-EVALUATION_COHORT = 2_500  # ... up to this many, in expectation
+CONNECTED_SHARE = 0.5  # of the connected devices, what a derived sample takes at most
+EVALUATION_COHORT = 2_500  # devices an evaluation round samples, at most, in expectation
 
 
 @dataclass(frozen=True)
@@ -77,10 +86,12 @@ class Derived:
 
 def connections(n_devices: int) -> int:
     """C: the connections the simulation's aggregator holds at once, at most ``n_devices``
-    (its process raises its open-file limit to the hard one, which it inherits)."""
+    (its process raises its open-file limit to the hard one, which it inherits) and at most
+    CONNECTIONS_PER_CORE for each core."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     files = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    return min(n_devices, AggregatorConfig().pacing(open_files=files).capacity)
+    cores = CONNECTIONS_PER_CORE * (os.cpu_count() or 1)
+    return min(n_devices, cores, AggregatorConfig().pacing(open_files=files).capacity)
 
 
 def packed(settings: FederatedSettings, cohort: float) -> bool:
@@ -112,11 +123,16 @@ def derive(settings: FederatedSettings, n_devices: int, n_items: int) -> Derived
     changes: dict[str, Any] = {}
     statistics_q = resolved.statistics_sampling_rate
     if statistics_q is None:
-        statistics_q = min(1.0, STATISTICS_COHORT / connected)
-        why = (f"every device: N = {n_devices:,} is at most {STATISTICS_COHORT:,}"
-               if statistics_q == 1.0 else
-               f"an expected {STATISTICS_COHORT:,} of the {connected:,} connected devices "
-               f"(of N = {n_devices:,})")
+        if n_devices <= min(STATISTICS_COHORT, connected):
+            statistics_q = 1.0
+            why = (f"every device: N = {n_devices:,} is at most {STATISTICS_COHORT:,} and "
+                   "all can be connected at once")
+        else:
+            cohort = min(STATISTICS_COHORT, CONNECTED_SHARE * connected)
+            statistics_q = cohort / connected
+            why = (f"an expected {cohort:,.0f} of the {connected:,} connected devices (of "
+                   f"N = {n_devices:,}): min({STATISTICS_COHORT:,}, {CONNECTED_SHARE:g} of "
+                   "them)")
         changes["statistics_sampling_rate"] = statistics_q
         choices.append(Choice("--statistics-q", round(statistics_q, 4), why))
     if resolved.statistics and settings.head_items is None:
@@ -134,11 +150,11 @@ def derive(settings: FederatedSettings, n_devices: int, n_items: int) -> Derived
         choices.append(Choice("--head-items", head, limit))
     if resolved.evaluation_sampling_rate is None:
         q = resolved.training_q(n_devices)
-        floor = min(EVALUATION_Q * connected, EVALUATION_COHORT) / connected
+        floor = min(CONNECTED_SHARE * connected, EVALUATION_COHORT) / connected
         changes["evaluation_sampling_rate"] = max(q, floor)
         choices.append(Choice(
             "--eval-q", round(max(q, floor), 4),
             f"an expected {max(q, floor) * connected:,.0f} of the {connected:,} connected "
-            f"devices: min({EVALUATION_Q:g} of them, {EVALUATION_COHORT:,}), or the "
+            f"devices: min({CONNECTED_SHARE:g} of them, {EVALUATION_COHORT:,}), or the "
             "training rounds' q if higher"))
     return Derived(dataclasses.replace(resolved, **changes), tuple(choices))
