@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from fedcart.aggregator.config import AggregatorConfig
 from fedcart.aggregator.pacing import Pacer, Pacing, PacingError
 from fedcart.aggregator.process import AggregatorProcess
+from fedcart.aggregator.service import Aggregator
+from fedcart.aggregator.statedir import init_state
 from tests.test_service import CONFIG, make_world
 
 
@@ -148,3 +151,15 @@ def test_a_full_aggregator_counts_check_ins_under_way_and_sheds_before_the_chall
     assert type(welcome).__name__ == "Welcome" and isinstance(first, Challenge)
     assert isinstance(answer, ComeBack) and answer.after >= 0.5
     assert _metric(metrics, 'fedcart_check_ins_total{decision="sent_away"}') == 1
+
+
+@pytest.mark.parametrize(("population", "capacity", "among"), [(1000, 50, 50), (30, 50, 30)])
+def test_the_fixed_denominator_counts_no_more_devices_than_a_round_samples_among(
+        tmp_path: Path, population: int, capacity: int, among: int) -> None:
+    """Under DP a training step divides the noised sum by q*N. A round samples among the
+    connections the aggregator holds, so N is the population but at most the capacity:
+    with q*population, a population ten times the capacity shrank every step tenfold."""
+    items = [f"sku{i}" for i in range(5)]
+    state = init_state(tmp_path / "agg", items, items, dim=0, seed=0)
+    config = AggregatorConfig(capacity=capacity, population=population, delta=1e-7)
+    assert Aggregator(state, config)._sampled_among() == among

@@ -205,8 +205,8 @@ class AggregatorConfig:
                                      "rounds that would spend more are refused")
     weight_cap: float = _setting(8.0, Section.PRIVACY,
                                  "a device's weight is min(examples / weight_cap, 1)")
-    population: int = _setting(0, Section.PRIVACY,
-                               "N for the fixed denominator q*N (0: the number enrolled)")
+    population: int = _setting(0, Section.PRIVACY, "N for the fixed denominator q*N (0: the "
+                               "number enrolled; at most pacing.capacity)")
     training_noise_ratio: float = _setting(
         1.0, Section.PRIVACY, "noise multiplier of training rounds / co-occurrence's")
     optimizer: str = _setting("fedavg", Section.OPTIMIZER, '"fedavg" or "fedadam"', "name")

@@ -701,10 +701,16 @@ class Aggregator:
         (``release.inputs_bound``)."""
         if self.config.mechanism == "none":
             return current.survivors
-        cfg = self.config
-        expected = rounds.sampling_rate(cfg, current.task) * (cfg.population
-                                                              or self.store.enrolled())
+        expected = rounds.sampling_rate(self.config, current.task) * self._sampled_among()
         return release.inputs_bound(expected)
+
+    def _sampled_among(self) -> int:
+        """N of the fixed denominator q*N: the population (``privacy.population``, else the
+        enrolled count), but no more than the connections a round samples among (pacing
+        capacity): beyond it, q*N would overstate the expected cohort by N / capacity and
+        shrink every step. Neither depends on anyone's participation."""
+        population = self.config.population or self.store.enrolled()
+        return min(population, self.pacer.pacing.capacity)
 
     async def _apply(self, current: Round, fmt: UpdateFormat, sums: np.ndarray,
                      charge: RoundCharge | None, detail: dict) -> None:
@@ -713,7 +719,7 @@ class Aggregator:
         input sets it), sign and publish."""
         cfg = self.config
         noised, _ = await self._noised(current, sums, fmt, charge, detail)
-        denominator = (cfg.sampling_rate * (cfg.population or self.store.enrolled())
+        denominator = (cfg.sampling_rate * self._sampled_among()
                        if charge is not None else current.survivors)
         new, optimizer_state = release.training_step(
             self.weights, noised, denominator, self.groups, cfg.optimizer, cfg.optimizer_lr,

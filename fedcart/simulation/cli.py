@@ -198,7 +198,9 @@ def federated_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "round fails)."),
         click.option("--clients-per-round", type=click.FloatRange(min=1), default=None,
                      help=f"Expected cohort M; each device joins a round with probability "
-                          f"q = M / N (Poisson sampling). Default {d.clients_per_round:g}."),
+                          f"q = M / N (Poisson sampling; beyond the C connections the "
+                          "aggregator holds, M / C). Default "
+                          f"{d.clients_per_round:g}."),
         click.option("--q", "sampling_rate", type=click.FloatRange(0, 1, min_open=True),
                      help="The sampling rate q itself, instead of --clients-per-round."),
         click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),

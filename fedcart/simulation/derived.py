@@ -47,9 +47,9 @@ if TYPE_CHECKING:  # federated.py derives its settings here
 __all__ = [
     "CONNECTED_SHARE",
     "CONNECTIONS_PER_CORE",
+    "EVALUATION_COHORT",
     "STATISTICS_BYTES",
     "STATISTICS_COHORT",
-    "EVALUATION_COHORT",
     "Choice",
     "Derived",
     "connections",
@@ -149,7 +149,7 @@ def derive(settings: FederatedSettings, n_devices: int, n_items: int) -> Derived
         changes["head_items"] = head
         choices.append(Choice("--head-items", head, limit))
     if resolved.evaluation_sampling_rate is None:
-        q = resolved.training_q(n_devices)
+        q = resolved.training_q(connected)
         floor = min(CONNECTED_SHARE * connected, EVALUATION_COHORT) / connected
         changes["evaluation_sampling_rate"] = max(q, floor)
         choices.append(Choice(

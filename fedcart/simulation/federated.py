@@ -58,7 +58,7 @@ class FederatedSettings:
     data (derived.py: the statistics and evaluation rounds' q, the head)."""
 
     rounds: int = 40  # training rounds (the two statistics rounds come first)
-    clients_per_round: float | None = 200.0  # expected cohort M; q = M / N
+    clients_per_round: float | None = 200.0  # expected cohort M; q = M / min(N, C)
     sampling_rate: float | None = None  # or q directly
     dropout: float = 0.1
     mechanism: str = "none"  # "none", "gaussian" or "laplace"
@@ -122,11 +122,12 @@ class FederatedSettings:
             filled["weight_cap"] = float(self.examples_per_round)
         return dataclasses.replace(self, **filled)
 
-    def training_q(self, n_devices: int) -> float:
-        """q of the training rounds over ``n_devices``."""
+    def training_q(self, connected: int) -> float:
+        """q of the training rounds sampling among ``connected`` devices (derived.connections:
+        a population larger than the aggregator holds is sampled among those it holds)."""
         if self.sampling_rate is not None:
             return self.sampling_rate
-        return min(1.0, float(self.clients_per_round or 0) / n_devices)
+        return min(1.0, float(self.clients_per_round or 0) / connected)
 
     def name(self) -> str:
         if self.label:
@@ -211,7 +212,7 @@ def aggregator_config(settings: FederatedSettings, n_devices: int,
                       delta: float) -> AggregatorConfig:
     """The aggregator's config for a run of ``settings`` (derived: derived.derive) over
     ``n_devices``."""
-    q = settings.training_q(n_devices)
+    q = settings.training_q(connections(n_devices))
     dp = settings.mechanism != "none"
     assert settings.head_items and settings.cooccurrence_clip and settings.train_groups
     assert settings.statistics_sampling_rate and settings.evaluation_sampling_rate

@@ -86,7 +86,7 @@ def needs(settings: FederatedSettings, n_devices: int, n_items: int) -> Needs:
     ``n_items``."""
     connected = connections(n_devices)
     cohort = max((settings.statistics_sampling_rate or 1.0) * connected,
-                 settings.training_q(n_devices) * connected)
+                 settings.training_q(connected) * connected)
     groups = math.ceil(max(cohort, 1) / settings.group_size)
     workers = max(1, min(settings.workers, n_devices))
     values, words = _vector(settings, n_items, cohort)
