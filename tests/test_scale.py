@@ -30,7 +30,7 @@ from fedcart.simulation.derived import (
     STATISTICS_COHORT,
     derive,
 )
-from fedcart.simulation.federated import FederatedSettings
+from fedcart.simulation.federated import FederatedSettings, aggregator_config
 from fedcart.simulation.sizing import TooLarge, check_run, needs
 from fedcart.simulation.synth import COLUMNS, Profile, generate
 
@@ -254,6 +254,9 @@ def test_a_population_beyond_the_connections_never_gets_a_whole_population_round
     cores = os.cpu_count() or 1
     assert derived.connections(10**7) <= derived.CONNECTIONS_PER_CORE * cores
     assert derived.connections(100) == 100
+    # the aggregator the simulation configures holds C, not its open-file limit
+    config = aggregator_config(derive(FederatedSettings(), 10**6, 100).settings, 10**6, 1e-9)
+    assert config.capacity == config.min_connected == derived.connections(10**6)
 
 
 def test_a_whole_population_round_beyond_capacity_says_it_cannot_start(

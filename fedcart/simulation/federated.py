@@ -224,7 +224,7 @@ def aggregator_config(settings: FederatedSettings, n_devices: int,
     return AggregatorConfig(
         host="127.0.0.1", sampling_rate=q, min_clients=3,
         # a population beyond the connections the aggregator holds takes turns (pacing)
-        min_connected=connections(n_devices),
+        min_connected=connections(n_devices), capacity=connections(n_devices),
         keep_bundles=0,  # the simulation evaluates published versions after the fact
         evaluate_every=settings.eval_every,
         evaluation_sampling_rate=settings.evaluation_sampling_rate,
