@@ -124,6 +124,7 @@ def test_a_full_aggregator_counts_check_ins_under_way_and_sheds_before_the_chall
     no challenge to answer: a storm of unanswered check-ins on a full server held a file
     each and ran it out of them."""
     from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
 
     from fedcart.protocol import channel
     from fedcart.protocol.control import Challenge, ComeBack
@@ -143,6 +144,11 @@ def test_a_full_aggregator_counts_check_ins_under_way_and_sheds_before_the_chall
             _, first = channel.parse(await silent.recv())  # its challenge, left unanswered
             async with connect(server.url) as third:
                 _, answer = channel.parse(await third.recv())
+                # and closed at once: no close frame, no handshake to wait out (a file
+                # held up to CLOSE_TIMEOUT for each connection sent away)
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(third.recv(), 1.0)
+                assert third.protocol.close_rcvd is None
             return welcome, first, answer
 
     welcome, first, answer = asyncio.run(scenario())
