@@ -50,6 +50,9 @@ def test_hundreds_of_devices_with_dropouts_at_random_phases(tmp_path: Path) -> N
         assert r.dropped >= 1  # devices did vanish mid-round ...
         assert r.survivors is not None and r.survivors >= 0.7 * r.sampled  # ... and it went on
     assert result.server_peak_mb is not None and result.server_peak_mb < 400
+    # each worker says what it cost (the report's resources, bench runs)
+    assert len(result.worker_peak_mb) == settings.workers
+    assert all(50 < mb < 2000 for mb in result.worker_peak_mb)
 
 
 def test_thousands_of_idle_connections_are_bounded_and_released(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import websockets
 
+from fedcart.aggregator.metrics import peak_resident_mb
 from fedcart.edge_client.device import Device
 from fedcart.edge_client.session import SessionHooks, participate
 from fedcart.model_export.bundle import read_bundle
@@ -174,4 +175,4 @@ def worker_main(shard: Shard, pipe: Connection) -> None:
     command, url = pipe.recv()
     if command == "go":
         asyncio.run(_run(devices, url, shard, pipe))
-    pipe.send(("done", None))
+    pipe.send(("done", peak_resident_mb()))  # what a worker cost: the run's resources

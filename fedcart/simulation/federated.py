@@ -185,6 +185,7 @@ class RunResult:
     seconds: float = 0.0
     setup_seconds: float = 0.0
     server_peak_mb: float | None = None
+    worker_peak_mb: list[float] = field(default_factory=list)  # each worker's, as it ended
     derived: list[dict[str, Any]] = field(default_factory=list)  # derived.Choice's fields
 
     def final(self) -> RoundRecord | None:
@@ -198,6 +199,7 @@ class RunResult:
                 "noise_multipliers": self.noise_multipliers,
                 "interrupted": self.interrupted, "seconds": self.seconds,
                 "setup_seconds": self.setup_seconds, "server_peak_mb": self.server_peak_mb,
+                "worker_peak_mb": self.worker_peak_mb,
                 "derived": self.derived,
                 "rounds": [dataclasses.asdict(r) for r in self.rounds]}
 
@@ -263,6 +265,7 @@ class _Workers:
             self.procs.append(proc)
         self.reports: list[tuple[int, str, int, int]] = []
         self.done = [False] * len(shards)
+        self.peak_mb: list[float] = []  # each finished worker's peak resident memory
 
     def keys(self, timeout: float) -> list[bytes]:
         keys: list[bytes] = []
@@ -290,6 +293,7 @@ class _Workers:
                     self.reports.append(payload)
                 elif kind == "done":
                     self.done[i] = True
+                    self.peak_mb.append(payload)
 
     def finish(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -369,6 +373,7 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
         else:
             workers.send("stop", None)
         workers.finish(timeout=120)
+    result.worker_peak_mb = workers.peak_mb
     _add_bytes(result, workers.reports)
     ledger = store.ledger()
     task_of = {r.round: r.task for r in result.rounds}
