@@ -16,12 +16,13 @@ from bench import model, secagg
 from bench.common import markdown_table
 from bench.population import bench_population
 from bench.round import bench_round
+from bench.runs import bench_runs
 from bench.scale import bench_scale
 
 BENCHES = {"recommend": model.bench_recommend, "train": model.bench_train,
            "prg": secagg.bench_prg, "secagg": secagg.bench_secagg,
            "groups": secagg.bench_groups, "round": bench_round,
-           "population": bench_population, "scale": bench_scale}
+           "population": bench_population, "scale": bench_scale, "runs": bench_runs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ def test_quick_bench_writes_every_row(tmp_path: Path, capsys) -> None:
     assert main(["--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"recommend", "train", "prg", "secagg", "groups",
-                                            "round", "population", "scale"}
+                                            "round", "population", "scale", "runs"}
     for row in rows:
         assert set(row) == FIELDS
         assert math.isfinite(row["value"]) and math.isfinite(row["ratio"])
@@ -27,4 +27,8 @@ def test_quick_bench_writes_every_row(tmp_path: Path, capsys) -> None:
             assert row["value"] > 0
     refused = [r for r in rows if r["metric"] == "refused check-ins"]
     assert refused and all(r["value"] == 0 for r in refused)
+    # a whole run: every round kind ran and its devices uploaded something
+    kinds = {r["metric"] for r in rows if r["bench"] == "runs"}
+    for task in ("popularity", "cooccurrence", "train", "evaluate"):
+        assert {f"{task} round", f"{task} upload per device"} <= kinds
     assert "| recommend |" in capsys.readouterr().out
