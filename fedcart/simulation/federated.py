@@ -267,11 +267,16 @@ class _Workers:
         self.done = [False] * len(shards)
         self.peak_mb: list[float] = []  # each finished worker's peak resident memory
 
-    def keys(self, timeout: float) -> list[bytes]:
+    def keys(self) -> list[bytes]:
+        """Every device's public key, once its worker has created it. No fixed timeout:
+        creating devices takes time in proportion to them (and to the machine's load), so
+        the wait ends when a worker answers or dies."""
         keys: list[bytes] = []
         for pipe, proc in zip(self.pipes, self.procs, strict=True):
-            if not pipe.poll(timeout):
-                raise RuntimeError(f"worker {proc.pid} did not create its devices in time")
+            while not pipe.poll(POLL_SECONDS * 5):
+                if not proc.is_alive():
+                    raise RuntimeError(f"worker {proc.pid} died creating its devices (exit "
+                                       f"code {proc.exitcode})")
             kind, payload = pipe.recv()
             assert kind == "keys"
             keys.extend(payload)
@@ -350,7 +355,7 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
                                state.root / shipped.bundle_dir))
     server: AggregatorProcess | None = None
     try:
-        keys = workers.keys(timeout=600)
+        keys = workers.keys()
         store.enroll_many(keys)
         status("starting the aggregator")
         server = AggregatorProcess(state.root, log_file=workdir / "aggregator.log")
