@@ -18,7 +18,7 @@ from fedcart.model_export.bundle import GRAPH_FILES, pack_members, read_bundle
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.model import init_weights
 from fedcart.simulation.devices import FD_MARGIN, Shard, _make_devices, _raise_fd_limit
-from fedcart.simulation.federated import population
+from fedcart.simulation.federated import _Workers, population
 from tests.conftest import synthetic_data
 
 DEVICES = 200
@@ -69,3 +69,19 @@ def test_a_worker_checks_its_open_file_limit_first() -> None:
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     with pytest.raises(RuntimeError, match="use more workers"):
         _raise_fd_limit(hard - FD_MARGIN + 1)
+
+
+def test_a_worker_that_dies_creating_its_devices_is_reported_not_waited_for(
+        tmp_path: Path) -> None:
+    """Creating devices has no fixed timeout (100,000 of them outlasted one), so a worker
+    that dies meanwhile, here for want of its shipped bundle, must end the wait at once
+    with why."""
+    shard = Shard(worker=0, root=tmp_path, server_key=bytes(32),
+                  users=(("u0", (("a", "b"),)),), dropout=0.0, seed=0,
+                  initial_bundle=tmp_path / "no-such-bundle", connections=1, workers=1)
+    workers = _Workers([shard])
+    try:
+        with pytest.raises(RuntimeError, match="died creating its devices"):
+            workers.keys()
+    finally:
+        workers.finish(timeout=5)

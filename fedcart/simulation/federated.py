@@ -273,11 +273,14 @@ class _Workers:
         the wait ends when a worker answers or dies."""
         keys: list[bytes] = []
         for pipe, proc in zip(self.pipes, self.procs, strict=True):
-            while not pipe.poll(POLL_SECONDS * 5):
-                if not proc.is_alive():
-                    raise RuntimeError(f"worker {proc.pid} died creating its devices (exit "
-                                       f"code {proc.exitcode})")
-            kind, payload = pipe.recv()
+            while not pipe.poll(POLL_SECONDS * 5) and proc.is_alive():
+                pass
+            try:
+                kind, payload = pipe.recv()
+            except EOFError:  # it died: its pipe closed with nothing in it
+                proc.join(5)
+                raise RuntimeError(f"worker {proc.pid} died creating its devices (exit code "
+                                   f"{proc.exitcode}; its error is above)") from None
             assert kind == "keys"
             keys.extend(payload)
         return keys
