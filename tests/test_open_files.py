@@ -5,18 +5,24 @@ simulation builds it still reads its baskets, installs a bundle and recommends."
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
 import resource
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from fedcart.aggregator.statedir import init_state
 from fedcart.data.evaluation import make_split
 from fedcart.model_export.bundle import GRAPH_FILES, pack_members, read_bundle
 from fedcart.model_export.export import export_bundle
 from fedcart.model_export.model import init_weights
+from fedcart.protocol.control import ComeBack
 from fedcart.simulation.devices import FD_MARGIN, Shard, _make_devices, _raise_fd_limit
 from fedcart.simulation.federated import _Workers, population
 from tests.conftest import synthetic_data
@@ -83,5 +89,46 @@ def test_a_worker_that_dies_creating_its_devices_is_reported_not_waited_for(
     try:
         with pytest.raises(RuntimeError, match="died creating its devices"):
             workers.keys()
+    finally:
+        workers.finish(timeout=5)
+
+
+def test_devices_sent_away_stop_as_soon_as_the_run_ends(tmp_path: Path) -> None:
+    """A server that sends every device away for ten minutes, then the run ends: the worker
+    stops its devices at once and reports its peak memory. Before, devices slept out their
+    come-back delay (minutes at 100,000 devices), the worker was killed at the end of
+    the run, and what it cost was lost."""
+    split = make_split(synthetic_data(n_users=5, n_items=30, seed=3))
+    catalog = list(split.catalog)
+    state = init_state(tmp_path / "aggregator", catalog, catalog, dim=4, seed=0)
+    shard = Shard(worker=0, root=tmp_path, server_key=bytes(state.signing_key().verify_key),
+                  users=tuple(population(split)), dropout=0.0, seed=0,
+                  initial_bundle=state.bundles / "v00000000", connections=5, workers=1)
+    sent_away = threading.Semaphore(0)
+    ready: queue.Queue[str] = queue.Queue()
+
+    async def away(ws: ServerConnection) -> None:
+        await ws.send(ComeBack(600.0, 0.0).to_frame())
+        sent_away.release()
+
+    def serve_forever() -> None:
+        async def main() -> None:
+            async with serve(away, "127.0.0.1", 0) as server:
+                ready.put(f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}")
+                await asyncio.Future()
+        asyncio.run(main())
+
+    threading.Thread(target=serve_forever, daemon=True).start()
+    workers = _Workers([shard])
+    try:
+        assert len(workers.keys()) == len(shard.users)
+        workers.send("go", ready.get(timeout=10))
+        for _ in shard.users:
+            assert sent_away.acquire(timeout=60)
+        started = time.monotonic()
+        workers.stop()
+        workers.finish(timeout=30)
+        assert time.monotonic() - started < 15
+        assert len(workers.peak_mb) == 1 and workers.peak_mb[0] > 0
     finally:
         workers.finish(timeout=5)

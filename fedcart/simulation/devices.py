@@ -24,6 +24,7 @@ between a parent and its own children):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -31,6 +32,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import websockets
 
@@ -157,12 +159,27 @@ async def _live(device: Device, url: str, rng: random.Random, dropout: float,
 
 
 async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) -> None:
+    """Run the shard's devices until each has stopped (the server went away) or the parent
+    says stop (anything on the pipe): then every device stops at once, sessions and
+    come-back waits alike."""
     master = random.Random(shard.seed * 1_000_003 + shard.worker)
     gate = asyncio.Semaphore(INPUTS_AT_ONCE)
     interval = shard.workers / CHECK_IN_RATE
-    await asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
-                                 shard.dropout, pipe, gate, i * interval)
-                           for i, d in enumerate(devices)))
+    everyone = asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
+                                      shard.dropout, pipe, gate, i * interval)
+                                for i, d in enumerate(devices)))
+    told = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(pipe.fileno(), told.set)
+    waiting: asyncio.Task[Any] = asyncio.ensure_future(told.wait())
+    try:
+        await asyncio.wait({everyone, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(pipe.fileno())
+        for pending in (everyone, waiting):
+            pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await everyone
 
 
 def worker_main(shard: Shard, pipe: Connection) -> None:

@@ -12,6 +12,7 @@ central figure of the same quantity (federated_evaluation.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import shutil
@@ -289,6 +290,14 @@ class _Workers:
         for pipe in self.pipes:
             pipe.send((command, arg))
 
+    def stop(self) -> None:
+        """Tell every worker to stop: one that has not begun skips its run, one running
+        stops its devices at once; one that has ended already (its devices found the server
+        gone) needs nothing, and its pipe may be closed."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):  # BrokenPipeError: it has ended
+                pipe.send(("stop", None))
+
     def drain(self) -> None:
         for i, pipe in enumerate(self.pipes):
             while not self.done[i] and pipe.poll():
@@ -378,8 +387,8 @@ def run_federated(split: Split, names: dict[str, str], settings: FederatedSettin
             except RuntimeError as exc:  # it was killed: the rounds done still count
                 status(str(exc))
             result.server_peak_mb = server.peak_memory_mb()
-        else:
-            workers.send("stop", None)
+        # a device sent away for minutes would otherwise notice only when it came back
+        workers.stop()
         workers.finish(timeout=120)
     result.worker_peak_mb = workers.peak_mb
     _add_bytes(result, workers.reports)
