@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
 
 from fedcart.aggregator.process import AggregatorProcess
+from fedcart.aggregator.sockets import SocketLimit
 from fedcart.aggregator.store import Store
 from fedcart.edge_client.session import Session
 from fedcart.protocol import channel
@@ -192,3 +194,45 @@ def test_strangers_replays_floods_and_slow_clients_do_not_get_in_or_stop_rounds(
     assert all(r["survivors"] == len(devices) for r in first_two)
     assert status["enrolled"] == len(devices)  # no stranger was enrolled
     assert all(len(r) == 2 for r in reports)
+
+
+def test_sockets_beyond_the_limit_are_closed_as_they_are_accepted() -> None:
+    """A flood of connections that never start their handshake: the server holds at most
+    its limit of them (each an open file), closes the others at once, and once the flood
+    has gone serves a websocket again (``aggregator.sockets``, which the service uses with
+    its open-file limit less ``pacing.FILES_KEPT``)."""
+    limit = SocketLimit(20)
+    refused: list[int] = []
+    limit.on_refused = lambda: refused.append(1)
+
+    async def echo(ws) -> None:
+        await ws.send(await ws.recv())
+
+    async def flood() -> tuple[int, int, bytes]:
+        async with serve(echo, "127.0.0.1", 0, open_timeout=60,
+                         create_connection=limit.connection_class()) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+            await asyncio.sleep(0.5)
+            held = limit.open
+            closed = 0
+            for sock in socks:  # the ones closed at accept read EOF (or a reset) at once
+                sock.settimeout(0.05)
+                try:
+                    closed += sock.recv(1) == b""
+                except TimeoutError:
+                    pass  # held: waiting for its handshake
+                except ConnectionResetError:
+                    closed += 1
+                sock.close()
+            await asyncio.sleep(0.5)
+            async with connect(f"ws://127.0.0.1:{port}") as ws:
+                await ws.send(b"after the flood")
+                answer = await ws.recv()
+            return held, closed, answer  # type: ignore[return-value]
+
+    held, closed, answer = asyncio.run(flood())
+    assert held == 20
+    assert closed == 80 == len(refused)
+    assert answer == b"after the flood"
+    assert limit.open == 0  # every socket it counted was released

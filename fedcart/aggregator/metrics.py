@@ -80,6 +80,9 @@ class Metrics:
                                  "kept the device connected, sent it away to come back "
                                  "later (pacing), or refused it", ["decision"],
                                  registry=self.registry)
+        self.sockets_refused = Counter("fedcart_sockets_refused", "Connections closed as "
+                                       "they were accepted: the server held its limit of "
+                                       "sockets", registry=self.registry)
         self.released = Counter("fedcart_leases_ended", "Connections sent away after their "
                                 "lease, to make room for devices waiting to check in",
                                 registry=self.registry)

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FD_MARGIN", "Pacer", "Pacing", "PacingError"]
+__all__ = ["FD_MARGIN", "FILES_KEPT", "Pacer", "Pacing", "PacingError"]
 
-FD_MARGIN = 256  # open files a server keeps for its database, bundles and logs
+# open files below the limit that the default capacity leaves free: FILES_KEPT of them no
+# socket may take (the database, bundles and logs), the others for sockets in their opening
+# handshake or being sent away (aggregator.sockets)
+FD_MARGIN = 256
+FILES_KEPT = FD_MARGIN // 2
 
 
 class PacingError(ValueError):

@@ -38,7 +38,7 @@ from fedcart.aggregator import release, rounds
 from fedcart.aggregator.config import AggregatorConfig, Publish
 from fedcart.aggregator.item_item import head_items
 from fedcart.aggregator.metrics import Metrics, peak_resident_mb
-from fedcart.aggregator.pacing import Pacer
+from fedcart.aggregator.pacing import FILES_KEPT, Pacer
 from fedcart.aggregator.privacy import (
     Budget,
     BudgetExceeded,
@@ -52,6 +52,7 @@ from fedcart.aggregator.privacy import (
 from fedcart.aggregator.publishing import Model, Publisher
 from fedcart.aggregator.rounds import Group, Round
 from fedcart.aggregator.serving import decide
+from fedcart.aggregator.sockets import SocketLimit
 from fedcart.aggregator.statedir import StateDir
 from fedcart.aggregator.store import Statistic, Store
 from fedcart.model_export.bundle import BundleError
@@ -127,7 +128,10 @@ class Aggregator:
         self.rounds_done = 0
         # why the service stopped itself, when the privacy accounting refused a round
         self.stop_reason: BudgetExceeded | CannotCharge | None = None
-        self.pacer = Pacer(config.pacing(open_files=raise_open_file_limit()))
+        open_files = raise_open_file_limit()
+        self.pacer = Pacer(config.pacing(open_files))
+        self.sockets = SocketLimit(max(open_files - FILES_KEPT, 1),
+                                   self.metrics.sockets_refused.inc)
         self.waits = rounds.Waits(config, self.pacer.pacing.capacity)
         log.info("holding at most %d connections; devices beyond them come back at %g "
                  "check-ins per second", self.pacer.pacing.capacity, self.pacer.pacing.rate)
@@ -221,7 +225,8 @@ class Aggregator:
         async with serve(self._handle, cfg.host, cfg.port, max_size=vector_bytes + (1 << 20),
                          process_request=self._http, ssl=tls, ping_interval=PING_INTERVAL,
                          ping_timeout=PING_TIMEOUT, close_timeout=CLOSE_TIMEOUT,
-                         compression=None) as server:
+                         compression=None,
+                         create_connection=self.sockets.connection_class()) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving on %s://%s:%d (model version %d)", "wss" if tls else "ws",
                      cfg.host, self.port, self.model_version)
