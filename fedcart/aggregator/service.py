@@ -74,7 +74,7 @@ from fedcart.protocol.control import (
 )
 from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, triangle_size
 from fedcart.protocol.terms import Task
-from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT
+from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT, fragments
 from fedcart.protocol.update import TRAIN, UpdateFormat
 from fedcart.secagg.client import PROTOCOL_MESSAGES
 from fedcart.secagg.crypto import IdentityKey, verify
@@ -398,16 +398,18 @@ class Aggregator:
 
     async def _send_model(self, conn: _Connection, model: Model) -> None:
         """Send ``model``'s bundle if the device is behind it: without the files it already
-        holds. A send returns once the connection's buffer has drained, so the semaphore
-        bounds how many bundles sit in buffers at once: without it, every device checking
-        in at the same moment held a whole bundle (O(n * model) memory)."""
+        holds, in fragments. A send returns once the connection's buffer has drained, so the
+        semaphore bounds how many bundles sit in buffers at once: without it, every device
+        checking in at the same moment held a whole bundle (O(n * model) memory). Fragments
+        let a device that is not ready for it (a simulation's worker installing others)
+        leave the rest of a bundle here, by flow control, instead of in its memory."""
         version, files = model.bundle.manifest.model_version, model.constant_files
         if conn.model_version >= version:
             return
         frame = model.update_frame if files <= conn.held_files else model.bundle_frame
         with contextlib.suppress(Exception):
             async with self._bundle_sends:
-                await conn.ws.send(frame)
+                await conn.ws.send(fragments(frame))
             conn.model_version, conn.held_files = version, files
             self.metrics.bytes_down.inc(len(frame))
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,7 +37,7 @@ from fedcart.protocol.control import (
     Welcome,
 )
 from fedcart.protocol.terms import RoundTerms
-from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT
+from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT, fragments
 from fedcart.secagg.client import ClientRound
 from fedcart.secagg.errors import (
     LocalProtocolError,
@@ -55,7 +55,6 @@ __all__ = ["RoundReport", "Session", "SessionHooks", "participate"]
 log = logging.getLogger("fedcart.device")
 MAX_DOWNLOAD = 512 << 20  # largest frame a device accepts (a bundle)
 _JITTER = secrets.SystemRandom()  # when in its window a device sent away comes back
-FRAGMENT = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -78,12 +77,14 @@ class SessionHooks:
 
     ``leave(round_id)``: how many protocol messages to send in that round before vanishing
     (None: stay), to simulate a device going offline. ``input_gate``: held from computing a
-    round's input until its masked form is sent, so that devices sharing one host (a
-    simulation's worker) hold a bounded number of inputs at once; a phone holds only its
+    round's input until its masked form is sent, and ``download_gate`` from a bundle's
+    first fragment until it is installed, so that devices sharing one host (a simulation's
+    worker) hold a bounded number of inputs and of bundles at once; a phone holds only its
     own."""
 
     leave: Callable[[int], int | None] | None = None
     input_gate: asyncio.Semaphore | None = None
+    download_gate: asyncio.Semaphore | None = None
 
 
 NO_HOOKS = SessionHooks()  # a phone's sessions
@@ -125,6 +126,17 @@ async def participate(device: Device, url: str, rounds: int | None = 1,
         await asyncio.sleep(wait)
 
 
+async def _assembled(first: bytes, rest: AsyncIterator[bytes]) -> bytearray:
+    """A message from its first fragment and the others, gathered in one buffer, not an
+    object a fragment (a hostile server's tiny fragments would cost a list entry each). Its
+    size is bounded by the connection's ``max_size``, which websockets checks as the
+    fragments arrive."""
+    buffer = bytearray(first)
+    async for fragment in rest:
+        buffer += fragment
+    return buffer
+
+
 def _no_round_offered(url: str, seconds: float, rounds_ended: int) -> str:
     """Why a session that stayed connected until its timeout ended early: not that the
     aggregator was out of reach, but that it offered no (further) round."""
@@ -163,32 +175,37 @@ class Session:
             await asyncio.to_thread(step, *args)
 
     async def send(self, frame: bytes) -> None:
-        """Send one message; a large one (a masked input) as websocket fragments of at most
-        FRAGMENT bytes: the server's frame parser keeps the last frame it parsed until the
-        connection's next one arrives, so a whole-vector frame would stay pinned on every
-        connection for a phase (server memory O(n d)); a fragment bounds that to O(n)."""
+        """Send one message, a large one (a masked input) in fragments: the server's frame
+        parser keeps the last frame it parsed until the connection's next one arrives, so a
+        whole-vector frame would stay pinned on every connection for a phase (server memory
+        O(n d)); a fragment bounds that to O(n)."""
         self.bytes_up += len(frame)
-        if len(frame) <= FRAGMENT:
-            await self.ws.send(frame)
-        else:
-            view = memoryview(frame)
-            await self.ws.send([view[i:i + FRAGMENT] for i in range(0, len(frame), FRAGMENT)])
+        await self.ws.send(fragments(frame))
 
     async def run(self, token: str | None) -> None:
-        """Handle the connection's frames until it closes or the session is over; a round
-        still open then is reported interrupted."""
+        """Handle the connection's messages until it closes or the session is over; a round
+        still open then is reported interrupted. A bundle holds the hooks' ``download_gate``
+        from its first fragment until it is installed: until then its other fragments stay
+        in the network and the server, held back by the connection's flow control."""
         try:
-            async for frame in self.ws:
-                assert isinstance(frame, bytes)
-                self.bytes_down += len(frame)
-                kind, payload = channel.parse(frame)
-                if kind == channel.CONTROL:
-                    if await self.on_control(payload, token):  # type: ignore[arg-type]
-                        return
-                elif kind == channel.SECAGG:
-                    await self.on_secagg(payload)  # type: ignore[arg-type]
-                else:
-                    await self.on_bundle(payload)  # type: ignore[arg-type]
+            while True:
+                # a text frame comes as bytes too: channel.parse refuses it
+                stream = self.ws.recv_streaming(decode=False)
+                first = await anext(stream)
+                bundle = first[:1] == bytes([channel.BUNDLE])
+                gate = self.hooks.download_gate if bundle else None
+                async with gate or contextlib.nullcontext():
+                    frame = await _assembled(first, stream)
+                    self.bytes_down += len(frame)
+                    kind, payload = channel.parse(frame)
+                    del frame  # a bundle's payload is a copy: keep one of them
+                    if kind == channel.CONTROL:
+                        if await self.on_control(payload, token):  # type: ignore[arg-type]
+                            return
+                    elif kind == channel.SECAGG:
+                        await self.on_secagg(payload)  # type: ignore[arg-type]
+                    else:
+                        await self.on_bundle(payload)  # type: ignore[arg-type]
         except websockets.ConnectionClosed:
             pass
         finally:

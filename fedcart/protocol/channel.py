@@ -21,7 +21,7 @@ MAX_CONTROL = 64 * 1024
 Frame = tuple[int, ControlMessage | memoryview | bytes]
 
 
-def parse(frame: bytes | str) -> Frame:
+def parse(frame: bytes | bytearray | str) -> Frame:
     """(channel, payload): the typed message for CONTROL, the bundle's bytes for BUNDLE, a
     memoryview of the frame for SECAGG (not copied: a masked input is megabytes); raises
     MalformedMessage, saying why, for anything else."""

@@ -1,17 +1,30 @@
 """What both sides decide about the transport before any frame: whether a host is this
 machine only, where plaintext is allowed without the operator's explicit ``--insecure``,
-and the keepalive both ends keep."""
+the keepalive both ends keep, and how a large message is cut into fragments."""
 
 from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["PING_INTERVAL", "PING_TIMEOUT", "is_loopback"]
+__all__ = ["FRAGMENT", "PING_INTERVAL", "PING_TIMEOUT", "fragments", "is_loopback"]
 
 PING_INTERVAL = 20.0  # seconds between keepalive pings, each way
 # seconds a ping may go unanswered before the connection is dropped: longer than websockets'
 # 20 s default, since a busy aggregator (a round's sums) or a phone's radio may be slower
 PING_TIMEOUT = 60.0
+
+FRAGMENT = 64 << 10  # bytes of a large message's websocket fragment
+
+
+def fragments(frame: bytes) -> bytes | list[memoryview]:
+    """``frame`` as websockets sends it: whole if it is small, else as fragments of at most
+    FRAGMENT bytes (views, not copies). A receiver's parser then holds one fragment of it at
+    a time, not the whole message (a masked input or a bundle is megabytes), and one that
+    reads slowly holds the rest back in the sender, by the connection's flow control."""
+    if len(frame) <= FRAGMENT:
+        return frame
+    view = memoryview(frame)
+    return [view[i:i + FRAGMENT] for i in range(0, len(frame), FRAGMENT)]
 
 
 def is_loopback(host: str) -> bool:

@@ -59,6 +59,11 @@ CHECK_IN_RATE = 200.0
 # co-occurrence input is 4 MB at M = 2000 (packed), and 2,000 devices holding theirs took
 # 24 GB.
 INPUTS_AT_ONCE = 32
+# Devices of one worker that receive and install a bundle at once (download_gate): the
+# first version after the co-occurrence round carries the item-item table, 42 MB at
+# V = 50,000, and an evaluation round sends it to each of the cohort's devices; installs
+# run in the default executor's threads, so more at once only hold more bundles waiting.
+DOWNLOADS_AT_ONCE = 4
 
 # A simulated device's policy: a real device's default, except that it joins cohorts from
 # 3 devices (the simulation's min_clients), so that small data sets can be simulated; a
@@ -124,7 +129,8 @@ def _make_devices(shard: Shard) -> list[Device]:
 
 
 async def _live(device: Device, url: str, rng: random.Random, dropout: float,
-                pipe: Connection, gate: asyncio.Semaphore, start: float) -> None:
+                pipe: Connection, gates: tuple[asyncio.Semaphore, asyncio.Semaphore],
+                start: float) -> None:
     """Keep the device checked in until the server goes away: it reconnects whenever its
     connection ends (it dropped out of a round, as a phone going offline does, or a busy
     server timed its check-in out or its handshake, after which it backs off), and stops
@@ -135,7 +141,7 @@ async def _live(device: Device, url: str, rng: random.Random, dropout: float,
         del round_id
         return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
 
-    hooks = SessionHooks(leave=leave, input_gate=gate)
+    hooks = SessionHooks(leave=leave, input_gate=gates[0], download_gate=gates[1])
     await asyncio.sleep(start)
     delay, last_round = RECONNECT_DELAY, time.monotonic()
     while time.monotonic() - last_round < GIVE_UP_SECONDS:
@@ -163,10 +169,10 @@ async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) 
     says stop (anything on the pipe): then every device stops at once, sessions and
     come-back waits alike."""
     master = random.Random(shard.seed * 1_000_003 + shard.worker)
-    gate = asyncio.Semaphore(INPUTS_AT_ONCE)
+    gates = asyncio.Semaphore(INPUTS_AT_ONCE), asyncio.Semaphore(DOWNLOADS_AT_ONCE)
     interval = shard.workers / CHECK_IN_RATE
     everyone = asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
-                                      shard.dropout, pipe, gate, i * interval)
+                                      shard.dropout, pipe, gates, i * interval)
                                 for i, d in enumerate(devices)))
     told = asyncio.Event()
     loop = asyncio.get_running_loop()
