@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import websockets
+from threadpoolctl import threadpool_limits
 
 from fedcart.aggregator.metrics import peak_resident_mb
 from fedcart.edge_client.device import Device
@@ -189,13 +190,17 @@ async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) 
 
 
 def worker_main(shard: Shard, pipe: Connection) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process. Its numpy calls use one BLAS thread: its devices'
+    threads already share the cores, each with vectors of V values, and OpenBLAS's own
+    threads only contend with them for the cores, on small vectors where they gain nothing
+    (docs/performance.md has the measurement)."""
     logging.basicConfig(level=logging.ERROR)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     _raise_fd_limit(min(len(shard.users), shard.connections))
-    devices = _make_devices(shard)
-    pipe.send(("keys", [d.identity.public for d in devices]))
-    command, url = pipe.recv()
-    if command == "go":
-        asyncio.run(_run(devices, url, shard, pipe))
+    with threadpool_limits(limits=1, user_api="blas"):
+        devices = _make_devices(shard)
+        pipe.send(("keys", [d.identity.public for d in devices]))
+        command, url = pipe.recv()
+        if command == "go":
+            asyncio.run(_run(devices, url, shard, pipe))
     pipe.send(("done", peak_resident_mb()))  # what a worker cost: the run's resources
