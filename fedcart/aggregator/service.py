@@ -88,7 +88,7 @@ __all__ = ["Aggregator"]
 log = logging.getLogger("fedcart.aggregator")
 CHECKIN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0  # seconds a closing connection waits for the device's close frame
-BUNDLE_SENDS = 8  # bundles being sent at once
+BUNDLE_SENDS = 32  # bundles on their way to devices at once (_send_model)
 LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
 
 
@@ -398,11 +398,13 @@ class Aggregator:
 
     async def _send_model(self, conn: _Connection, model: Model) -> None:
         """Send ``model``'s bundle if the device is behind it: without the files it already
-        holds, in fragments. A send returns once the connection's buffer has drained, so the
-        semaphore bounds how many bundles sit in buffers at once: without it, every device
-        checking in at the same moment held a whole bundle (O(n * model) memory). Fragments
-        let a device that is not ready for it (a simulation's worker installing others)
-        leave the rest of a bundle here, by flow control, instead of in its memory."""
+        holds, in fragments, then a ping. The semaphore bounds the bundles on their way at
+        once; a slot is free again once the ping's pong is back, which the device sends only
+        when it has read the whole bundle: a device that takes one in slowly (a simulation's
+        worker installing others) holds its slot, and its bundle waits here, by flow
+        control. Without the pong, a bundle that fit in the kernel's socket buffers freed
+        its slot at once, and devices waiting to read theirs had their keepalives stuck
+        behind it. The sends share the one frame (fragments are views of it)."""
         version, files = model.bundle.manifest.model_version, model.constant_files
         if conn.model_version >= version:
             return
@@ -410,6 +412,7 @@ class Aggregator:
         with contextlib.suppress(Exception):
             async with self._bundle_sends:
                 await conn.ws.send(fragments(frame))
+                await asyncio.wait_for(await conn.ws.ping(), PING_TIMEOUT)
             conn.model_version, conn.held_files = version, files
             self.metrics.bytes_down.inc(len(frame))
 
