@@ -1,5 +1,6 @@
-"""One limit on the sockets the aggregator holds, whatever their stage: in the TLS or
-websocket opening handshake, checking in, connected, or being sent away.
+"""One limit on the sockets the aggregator holds, whatever their stage: in the websocket
+opening handshake, checking in, connected, or being sent away. (With TLS, asyncio hands a
+socket over once its TLS handshake is done, so that is where its count starts.)
 
 Pacing (``pacing.py``) bounds the devices that stay connected, and the service counts the
 check-ins under way against it; but a connection holds an open file from the moment it is

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["FRAGMENT", "PING_INTERVAL", "PING_TIMEOUT", "fragments", "is_loopback"]
+__all__ = ["PING_INTERVAL", "PING_TIMEOUT", "fragments", "is_loopback"]
 
 PING_INTERVAL = 20.0  # seconds between keepalive pings, each way
 # seconds a ping may go unanswered before the connection is dropped: longer than websockets'
