@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from fedcart.aggregator.config import load_config
+from fedcart.aggregator.service import Aggregator, _Connection
+from fedcart.aggregator.statedir import init_state
 from fedcart.edge_client.device import Device
 from fedcart.edge_client.session import SessionHooks, participate
 from fedcart.protocol import channel
@@ -65,3 +68,42 @@ def test_without_a_wait_the_same_bundle_is_taken_at_once(tmp_path: Path) -> None
     device = Device(tmp_path / "device", IdentityKey.generate().public)
     while_held, _ = asyncio.run(_send_a_bundle_while_the_gate_is(False, device))
     assert while_held  # the first test's pending send is the gate's doing, not the network's
+
+
+class _SlowReader:
+    """A server connection to a device that takes ``READ`` seconds to read a bundle (its
+    pong comes then): the bundles sent to it, by length."""
+
+    READ = 0.2
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    async def send(self, message) -> None:
+        self.sent.append(sum(len(fragment) for fragment in message))
+
+    async def ping(self) -> asyncio.Future:
+        pong = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(self.READ, pong.set_result, None)
+        return pong
+
+
+def test_a_device_is_sent_a_version_once_while_it_reads_it(tmp_path: Path) -> None:
+    """The check-in sends a device the serving model and a round's notice the latest: when
+    both are the same version and the first is still on its way, the second finds the
+    device behind too. It used to send the bundle again (seen as devices refusing a
+    version 0 after version 1); now it waits for the first and sends nothing."""
+    state = init_state(tmp_path / "agg", ["a", "b", "c"], ["a", "b", "c"], dim=4, seed=0)
+
+    async def two_sends() -> tuple[list[int], int]:
+        aggregator = Aggregator(state, load_config(state.config))
+        ws = _SlowReader()
+        conn = _Connection(1, b"", ws, -1, frozenset(), follow_model=True)  # type: ignore
+        await asyncio.gather(aggregator._send_model(conn, aggregator.serving),
+                             aggregator._send_model(conn, aggregator.latest))
+        aggregator.store.close()
+        assert conn.model_version == aggregator.latest.bundle.manifest.model_version
+        return ws.sent, len(aggregator.latest.bundle_frame)
+
+    sent, bundle = asyncio.run(two_sends())
+    assert sent == [bundle]

@@ -107,6 +107,7 @@ class _Connection:
     follow_model: bool  # send it every new version, not only when it is sampled
     since: float = field(default_factory=time.monotonic)  # when it checked in
     late: dict[int, int] = field(default_factory=dict)  # late messages of its latest round
+    downloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one bundle at a time
 
 
 class Aggregator:
@@ -404,17 +405,23 @@ class Aggregator:
         worker installing others) holds its slot, and its bundle waits here, by flow
         control. Without the pong, a bundle that fit in the kernel's socket buffers freed
         its slot at once, and devices waiting to read theirs had their keepalives stuck
-        behind it. The sends share the one frame (fragments are views of it)."""
+        behind it. The sends share the one frame (fragments are views of it).
+
+        A connection takes one bundle at a time, and whether it is behind is asked once the
+        one before is through: the check-in's send and a round's (``_notify``) used to both
+        find the device behind while the first was on its way, and send it the bundle twice,
+        the second sometimes after the next version."""
         version, files = model.bundle.manifest.model_version, model.constant_files
-        if conn.model_version >= version:
-            return
-        frame = model.update_frame if files <= conn.held_files else model.bundle_frame
-        with contextlib.suppress(Exception):
-            async with self._bundle_sends:
-                await conn.ws.send(fragments(frame))
-                await asyncio.wait_for(await conn.ws.ping(), PING_TIMEOUT)
-            conn.model_version, conn.held_files = version, files
-            self.metrics.bytes_down.inc(len(frame))
+        async with conn.downloading:
+            if conn.model_version >= version:
+                return
+            frame = model.update_frame if files <= conn.held_files else model.bundle_frame
+            with contextlib.suppress(Exception):
+                async with self._bundle_sends:
+                    await conn.ws.send(fragments(frame))
+                    await asyncio.wait_for(await conn.ws.ping(), PING_TIMEOUT)
+                conn.model_version, conn.held_files = version, files
+                self.metrics.bytes_down.inc(len(frame))
 
     # -- rounds --------------------------------------------------------------------------
     async def _round_loop(self) -> None:
