@@ -8,9 +8,11 @@ import asyncio
 import datetime
 import ipaddress
 import re
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -30,6 +32,7 @@ from tests.process_owner import ProcessOwner
 
 DEVICE = [sys.executable, "-m", "fedcart.edge_client.cli"]
 PROJECT = Path(__file__).parent.parent
+OPEN_TIMEOUT = 10.0  # websockets' default open_timeout, which the aggregator keeps
 COHORT = 20  # the smallest cohort a device's default policy joins (secagg.policy)
 CONFIG = f"""
 [round]
@@ -207,3 +210,24 @@ def test_plaintext_beyond_loopback_needs_insecure_on_the_aggregator(tmp_path: Pa
     assert_one_line_error(refused.returncode, refused.stderr,
                           "refusing to serve plaintext ws:// on 0.0.0.0",
                           "set tls_cert and tls_key", "--insecure")
+
+
+def test_a_connection_that_never_finishes_its_tls_handshake_is_closed(tmp_path: Path) -> None:
+    """Until its TLS handshake is done, a socket is not yet the server's (asyncio hands it
+    over then, and only then does the socket limit count it): websockets gives the
+    handshake its open_timeout, so the server closes a silent one after OPEN_TIMEOUT, not
+    asyncio's 60 s, and goes on serving."""
+    state, _, _, _ = cohort_with_a_seat(tmp_path)
+    ca, cert, cert_key = make_ca_and_server_cert(tmp_path)
+    server = AggregatorProcess(state.root, "--tls-cert", str(cert), "--tls-key", str(cert_key))
+    with socket.create_connection(("127.0.0.1", server.port)) as silent:
+        silent.settimeout(60)
+        opened = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server, without a byte of TLS
+        held = time.monotonic() - opened
+    assert OPEN_TIMEOUT - 1 <= held < OPEN_TIMEOUT + 5, held
+    trust = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+            trust.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        assert tls.version() is not None  # a handshake that goes on is served
+    server.terminate()

@@ -29,7 +29,7 @@ import logging
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -130,19 +130,18 @@ def _make_devices(shard: Shard) -> list[Device]:
 
 
 async def _live(device: Device, url: str, rng: random.Random, dropout: float,
-                pipe: Connection, gates: tuple[asyncio.Semaphore, asyncio.Semaphore],
-                start: float) -> None:
+                pipe: Connection, shared: SessionHooks, start: float) -> None:
     """Keep the device checked in until the server goes away: it reconnects whenever its
     connection ends (it dropped out of a round, as a phone going offline does, or a busy
     server timed its check-in out or its handshake, after which it backs off), and stops
     when nothing listens on the server's port any more or it has had no round for
-    GIVE_UP_SECONDS."""
+    GIVE_UP_SECONDS. ``shared`` holds the worker's gates; the device adds its dropout."""
 
     def leave(round_id: int) -> int | None:
         del round_id
         return rng.randrange(PROTOCOL_MESSAGES) if rng.random() < dropout else None
 
-    hooks = SessionHooks(leave=leave, input_gate=gates[0], download_gate=gates[1])
+    hooks = replace(shared, leave=leave)
     await asyncio.sleep(start)
     delay, last_round = RECONNECT_DELAY, time.monotonic()
     while time.monotonic() - last_round < GIVE_UP_SECONDS:
@@ -170,10 +169,11 @@ async def _run(devices: list[Device], url: str, shard: Shard, pipe: Connection) 
     says stop (anything on the pipe): then every device stops at once, sessions and
     come-back waits alike."""
     master = random.Random(shard.seed * 1_000_003 + shard.worker)
-    gates = asyncio.Semaphore(INPUTS_AT_ONCE), asyncio.Semaphore(DOWNLOADS_AT_ONCE)
+    shared = SessionHooks(input_gate=asyncio.Semaphore(INPUTS_AT_ONCE),
+                          download_gate=asyncio.Semaphore(DOWNLOADS_AT_ONCE))
     interval = shard.workers / CHECK_IN_RATE
     everyone = asyncio.gather(*(_live(d, url, random.Random(master.getrandbits(64)),
-                                      shard.dropout, pipe, gates, i * interval)
+                                      shard.dropout, pipe, shared, i * interval)
                                 for i, d in enumerate(devices)))
     told = asyncio.Event()
     loop = asyncio.get_running_loop()
