@@ -71,8 +71,9 @@ def test_without_a_wait_the_same_bundle_is_taken_at_once(tmp_path: Path) -> None
 
 
 class _SlowReader:
-    """A server connection to a device that takes ``READ`` seconds to read a bundle (its
-    pong comes then): the bundles sent to it, by length."""
+    """A server connection to a device that takes ``READ`` seconds to read a bundle (the
+    send completes then, by flow control, and its pong comes): the bundles sent to it, by
+    length."""
 
     READ = 0.2
 
@@ -81,6 +82,7 @@ class _SlowReader:
 
     async def send(self, message) -> None:
         self.sent.append(sum(len(fragment) for fragment in message))
+        await asyncio.sleep(self.READ)
 
     async def ping(self) -> asyncio.Future:
         pong = asyncio.get_running_loop().create_future()

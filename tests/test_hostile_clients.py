@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -22,16 +23,20 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
 from fedcart.aggregator.process import AggregatorProcess
+from fedcart.aggregator.service import DOWNLOAD_GRACE
 from fedcart.aggregator.sockets import SocketLimit
+from fedcart.aggregator.statedir import init_state
 from fedcart.aggregator.store import Store
+from fedcart.edge_client.device import Device
 from fedcart.edge_client.session import Session
 from fedcart.protocol import channel
 from fedcart.protocol.channel import checkin_statement
 from fedcart.protocol.control import Hello, Refusal
 from fedcart.secagg.crypto import IdentityKey
 from fedcart.secagg.messages import _HEADER, MaskedInput, decode
+from tests.conftest import SMALL_COHORTS
 from tests.test_service import cli, config_for_all, make_world
-from tests.wire import challenge, hello
+from tests.wire import challenge, check_in, hello
 
 pytestmark = pytest.mark.reliability
 
@@ -236,3 +241,56 @@ def test_sockets_beyond_the_limit_are_closed_as_they_are_accepted() -> None:
     assert closed == 80 == len(refused)
     assert answer == b"after the flood"
     assert limit.open == 0  # every socket it counted was released
+
+
+def test_a_device_that_stops_reading_its_bundle_is_cut_off_and_the_round_goes_on(
+        tmp_path: Path) -> None:
+    """A sampled device that takes in its bundle slower than ``min_download_rate`` (here:
+    not at all, its socket no longer read) held one of the server's send slots, and the
+    round's notices behind it, for as long as it kept its connection alive: it is
+    disconnected once its bundle's deadline has passed, and the round completes with the
+    others. The catalog is large enough for a bundle the device's connection does not read
+    ahead of its application (``transport.read_ahead``)."""
+    items = [f"sku{i:05d}" for i in range(20_000)]
+    state = init_state(tmp_path / "agg", items, items, dim=8, seed=0)
+    rate = 10e6  # bytes a second: the deadline is DOWNLOAD_GRACE and a fraction of a second
+    state.config.write_text(config_for_all(9, statistics='false', timeout=10.0, rounds=1)
+                            + f"[server]\nmin_download_rate = {rate}\n")
+    server_key = bytes(state.signing_key().verify_key)
+    rng = random.Random(0)
+    devices = []
+    for u in range(8):
+        device = Device(tmp_path / f"device{u}", server_key, policy=SMALL_COHORTS)
+        for _ in range(3):
+            device.add_basket(rng.sample(items, 5))
+        devices.append(device)
+    staller = IdentityKey.generate()
+    store = Store(state.database)
+    for public in [d.identity.public for d in devices] + [staller.public]:
+        store.enroll(public)
+    store.close()
+    server = AggregatorProcess(state.root)
+
+    async def everyone() -> bool:
+        ws = await connect(server.url, max_size=None)
+        await check_in(ws, staller, server_key, follow_model=False)  # sent a bundle when sampled
+        ws.transport.pause_reading()  # reads nothing more: no pong
+        await asyncio.gather(*(d.participate(server.url, rounds=1, timeout=120)
+                               for d in devices))
+        ws.transport.resume_reading()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                async for _ in ws:  # what it had been sent, then the end of it
+                    pass
+        return ws.state.name == "CLOSED"
+
+    staller_closed = asyncio.run(everyone())
+    assert server.wait() == 0, server.log()
+    assert staller_closed
+    assert "did not take in a bundle" in server.log()
+    store = Store(state.database)
+    (round_row,) = store.rounds()
+    store.close()
+    assert round_row.status == "completed" and round_row.survivors == len(devices)
+    # cut off at its deadline, not after the 60 s a pong may take, and no phase waited for it
+    assert round_row.finished_at - round_row.started_at < DOWNLOAD_GRACE + 10

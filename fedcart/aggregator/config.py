@@ -109,6 +109,10 @@ class AggregatorConfig:
     port: int = _setting(8765, Section.SERVER, "listen port (0: any free port)")
     keep_bundles: int = _setting(5, Section.SERVER, "model versions whose bundles stay on "
                                                     "disk (0: all); older ones are deleted")
+    min_download_rate: float = _setting(
+        100_000.0, Section.SERVER, "bytes per second: a device that takes in a bundle slower "
+        "is cut off (its connection closed), since it holds one of the few send slots, and a "
+        "round its notice; 0: no limit")
     tls_cert: str = _setting("", Section.SERVER,
                              "PEM certificate: serve wss:// instead of ws://")
     tls_key: str = _setting("", Section.SERVER, "PEM private key of tls_cert")
@@ -217,6 +221,7 @@ class AggregatorConfig:
             (0 < self.sampling_rate <= 1, "round.sampling_rate must lie in (0, 1]"),
             (self.min_clients >= 2, "round.min_clients must be at least 2"),
             (self.keep_bundles >= 0, "server.keep_bundles must not be negative"),
+            (self.min_download_rate >= 0, "server.min_download_rate must not be negative"),
             (self.min_connected >= 0, "round.min_connected must not be negative"),
             (self.secagg_degree == 0 or self.secagg_degree >= 2,
              "round.secagg_degree must be 0 (chosen per group) or at least 2"),

@@ -83,6 +83,9 @@ class Metrics:
         self.sockets_refused = Counter("fedcart_sockets_refused", "Connections closed as "
                                        "they were accepted: the server held its limit of "
                                        "sockets", registry=self.registry)
+        self.downloads_cut = Counter("fedcart_downloads_cut", "Connections closed because "
+                                     "the device took in a bundle slower than "
+                                     "min_download_rate", registry=self.registry)
         self.released = Counter("fedcart_leases_ended", "Connections sent away after their "
                                 "lease, to make room for devices waiting to check in",
                                 registry=self.registry)

@@ -74,7 +74,7 @@ from fedcart.protocol.control import (
 )
 from fedcart.protocol.statistics import COOCCURRENCE, POPULARITY, triangle_size
 from fedcart.protocol.terms import Task
-from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT, fragments
+from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT, fragments, read_ahead
 from fedcart.protocol.update import TRAIN, UpdateFormat
 from fedcart.secagg.client import PROTOCOL_MESSAGES
 from fedcart.secagg.crypto import IdentityKey, verify
@@ -89,6 +89,7 @@ log = logging.getLogger("fedcart.aggregator")
 CHECKIN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0  # seconds a closing connection waits for the device's close frame
 BUNDLE_SENDS = 32  # bundles on their way to devices at once (_send_model)
+DOWNLOAD_GRACE = 10.0  # seconds a bundle's download gets beyond its size at min_download_rate
 LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
 
 
@@ -399,27 +400,49 @@ class Aggregator:
 
     async def _send_model(self, conn: _Connection, model: Model) -> None:
         """Send ``model``'s bundle if the device is behind it: without the files it already
-        holds, in fragments, then a ping. The semaphore bounds the bundles on their way at
-        once; a slot is free again once the ping's pong is back, which the device sends only
-        when it has read the whole bundle: a device that takes one in slowly (a simulation's
-        worker installing others) holds its slot, and its bundle waits here, by flow
-        control. Without the pong, a bundle that fit in the kernel's socket buffers freed
-        its slot at once, and devices waiting to read theirs had their keepalives stuck
-        behind it. The sends share the one frame (fragments are views of it).
+        holds, in fragments. The semaphore bounds the bundles on their way at once (the
+        sends share the one frame: fragments are views of it).
+
+        A bundle larger than what the device's connection reads ahead of its application
+        (``transport.read_ahead``) holds its slot until the pong of a ping sent after it:
+        the device sends that only once it has read the whole bundle. A device that takes
+        one in slowly (a simulation's worker installing others) then holds its slot, and
+        its bundle waits here, by flow control; freeing the slot when the kernel took such
+        a bundle had devices waiting to read theirs with their keepalives stuck behind it.
+        A smaller bundle is read ahead whatever the device does, so its pong would only
+        add a round trip to each of a round's downloads.
+
+        A device that takes in a bundle slower than ``min_download_rate`` is cut off: its
+        connection is closed (a message cut short cannot go on). Reading just fast enough
+        for its keepalives, one could otherwise hold a slot, and a round that sampled it its
+        notices (``_notify``), for as long as it liked.
 
         A connection takes one bundle at a time, and whether it is behind is asked once the
-        one before is through: the check-in's send and a round's (``_notify``) used to both
-        find the device behind while the first was on its way, and send it the bundle twice,
-        the second sometimes after the next version."""
+        one before is through: the check-in's send and a round's used to both find the
+        device behind while the first was on its way, and send it the bundle twice, the
+        second sometimes after the next version."""
         version, files = model.bundle.manifest.model_version, model.constant_files
         async with conn.downloading:
             if conn.model_version >= version:
                 return
             frame = model.update_frame if files <= conn.held_files else model.bundle_frame
+            rate = self.config.min_download_rate
+            deadline = DOWNLOAD_GRACE + len(frame) / rate if rate else None
             with contextlib.suppress(Exception):
                 async with self._bundle_sends:
-                    await conn.ws.send(fragments(frame))
-                    await asyncio.wait_for(await conn.ws.ping(), PING_TIMEOUT)
+                    try:
+                        async with asyncio.timeout(deadline):
+                            await conn.ws.send(fragments(frame))
+                            if not read_ahead(frame):
+                                await asyncio.wait_for(await conn.ws.ping(), PING_TIMEOUT)
+                    except TimeoutError:
+                        self.metrics.downloads_cut.inc()
+                        log.info("device %d did not take in a bundle of %d bytes in time "
+                                 "(min_download_rate %g bytes a second, a pong within %g "
+                                 "s): disconnected", conn.client_id, len(frame), rate,
+                                 PING_TIMEOUT)
+                        conn.ws.transport.abort()
+                        return
                 conn.model_version, conn.held_files = version, files
                 self.metrics.bytes_down.inc(len(frame))
 

@@ -37,7 +37,7 @@ from fedcart.protocol.control import (
     Welcome,
 )
 from fedcart.protocol.terms import RoundTerms
-from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT, fragments
+from fedcart.protocol.transport import PING_INTERVAL, PING_TIMEOUT, QUEUED_FRAGMENTS, fragments
 from fedcart.secagg.client import ClientRound
 from fedcart.secagg.errors import (
     LocalProtocolError,
@@ -106,6 +106,7 @@ async def participate(device: Device, url: str, rounds: int | None = 1,
         left = None if deadline is None else max(deadline - loop.time(), 0.0)
         async with connect(url, max_size=MAX_DOWNLOAD, ssl=ssl_context, open_timeout=30,
                            compression=None,  # masked vectors do not compress
+                           max_queue=QUEUED_FRAGMENTS,
                            ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT) as ws:
             session = Session(device, ws, rounds, reports, follow_model, hooks)
             try:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["PING_INTERVAL", "PING_TIMEOUT", "fragments", "is_loopback"]
+__all__ = ["PING_INTERVAL", "PING_TIMEOUT", "QUEUED_FRAGMENTS", "fragments", "is_loopback",
+           "read_ahead"]
 
 PING_INTERVAL = 20.0  # seconds between keepalive pings, each way
 # seconds a ping may go unanswered before the connection is dropped: longer than websockets'
@@ -14,6 +15,10 @@ PING_INTERVAL = 20.0  # seconds between keepalive pings, each way
 PING_TIMEOUT = 60.0
 
 FRAGMENT = 64 << 10  # bytes of a large message's websocket fragment
+# fragments a device's connection takes in before its application reads them (websockets'
+# max_queue); beyond them it stops reading the socket, and the sender's flow control holds
+# the rest
+QUEUED_FRAGMENTS = 16
 
 
 def fragments(frame: bytes) -> bytes | list[memoryview]:
@@ -25,6 +30,13 @@ def fragments(frame: bytes) -> bytes | list[memoryview]:
         return frame
     view = memoryview(frame)
     return [view[i:i + FRAGMENT] for i in range(0, len(frame), FRAGMENT)]
+
+
+def read_ahead(frame: bytes) -> bool:
+    """Whether a device's connection takes in all of ``frame`` whether or not its
+    application is reading (it is at most QUEUED_FRAGMENTS fragments): a ping sent after it
+    is then answered at once, and waiting for its pong tells nothing of the device."""
+    return len(frame) <= QUEUED_FRAGMENTS * FRAGMENT
 
 
 def is_loopback(host: str) -> bool:

@@ -229,6 +229,9 @@ def aggregator_config(settings: FederatedSettings, n_devices: int,
         # a population beyond the connections the aggregator holds takes turns (pacing)
         min_connected=connections(n_devices), capacity=connections(n_devices),
         keep_bundles=0,  # the simulation evaluates published versions after the fact
+        # a worker's devices wait their turn to take in a bundle (its download gate): the
+        # waits are the simulation's, not slow networks
+        min_download_rate=0.0,
         evaluate_every=settings.eval_every,
         evaluation_sampling_rate=settings.evaluation_sampling_rate,
         secagg_degree=settings.secagg_k, group_size=settings.group_size,
