@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.protocol import State
 
 from fedcart.aggregator.config import load_config
 from fedcart.aggregator.service import Aggregator, _Connection
@@ -18,7 +20,7 @@ from fedcart.aggregator.statedir import init_state
 from fedcart.edge_client.device import Device
 from fedcart.edge_client.session import SessionHooks, participate
 from fedcart.protocol import channel
-from fedcart.protocol.transport import fragments
+from fedcart.protocol.transport import FRAGMENT, QUEUED_FRAGMENTS, fragments, read_ahead
 from fedcart.secagg.crypto import IdentityKey
 
 pytestmark = pytest.mark.reliability
@@ -70,12 +72,41 @@ def test_without_a_wait_the_same_bundle_is_taken_at_once(tmp_path: Path) -> None
     assert while_held  # the first test's pending send is the gate's doing, not the network's
 
 
+def test_a_bundle_read_ahead_is_taken_in_while_the_device_reads_nothing() -> None:
+    """The aggregator waits for no pong after a bundle that ``read_ahead`` says a device's
+    connection takes in by itself: the largest such, then a round's first two messages,
+    and a ping after them is answered while the device's application reads nothing."""
+    largest = (QUEUED_FRAGMENTS // 2 - 1) * FRAGMENT
+    assert read_ahead(bytes(largest)) and not read_ahead(bytes(largest + 1))
+
+    async def ponged() -> bool:
+        answered = asyncio.get_running_loop().create_future()
+
+        async def handler(ws: ServerConnection) -> None:
+            await ws.send(fragments(bytes([channel.BUNDLE]) + bytes(largest - 1)))
+            for message in (b"round notice", b"secagg"):
+                await ws.send(message)
+            try:
+                await asyncio.wait_for(await ws.ping(), 5)
+                answered.set_result(True)
+            except TimeoutError:
+                answered.set_result(False)
+
+        async with serve(handler, "127.0.0.1", 0, max_size=None) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}", max_size=None,
+                               max_queue=QUEUED_FRAGMENTS):
+                return await answered  # the client's application reads nothing
+
+    assert asyncio.run(ponged())
+
+
 class _SlowReader:
-    """A server connection to a device that takes ``READ`` seconds to read a bundle (the
-    send completes then, by flow control, and its pong comes): the bundles sent to it, by
-    length."""
+    """A server connection to a device that takes ``READ`` seconds to read a message (the
+    send completes then, by flow control): the messages sent to it, by length."""
 
     READ = 0.2
+    state = State.OPEN
 
     def __init__(self) -> None:
         self.sent: list[int] = []
@@ -84,17 +115,12 @@ class _SlowReader:
         self.sent.append(sum(len(fragment) for fragment in message))
         await asyncio.sleep(self.READ)
 
-    async def ping(self) -> asyncio.Future:
-        pong = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_later(self.READ, pong.set_result, None)
-        return pong
-
 
 def test_a_device_is_sent_a_version_once_while_it_reads_it(tmp_path: Path) -> None:
-    """The check-in sends a device the serving model and a round's notice the latest: when
-    both are the same version and the first is still on its way, the second finds the
-    device behind too. It used to send the bundle again (seen as devices refusing a
-    version 0 after version 1); now it waits for the first and sends nothing."""
+    """The check-in sends a device the serving model and a round's notice the latest, here
+    the same version: the second send waits for the first, then finds the device up to date
+    and sends nothing (two sends that both found it behind sent the bundle twice, and
+    devices then refused a version 0 that came after version 1)."""
     state = init_state(tmp_path / "agg", ["a", "b", "c"], ["a", "b", "c"], dim=4, seed=0)
 
     async def two_sends() -> tuple[list[int], int]:

@@ -110,9 +110,9 @@ class AggregatorConfig:
     keep_bundles: int = _setting(5, Section.SERVER, "model versions whose bundles stay on "
                                                     "disk (0: all); older ones are deleted")
     min_download_rate: float = _setting(
-        100_000.0, Section.SERVER, "bytes per second: a device that takes in a bundle slower "
-        "is cut off (its connection closed), since it holds one of the few send slots, and a "
-        "round its notice; 0: no limit")
+        100_000.0, Section.SERVER, "bytes per second: a device that takes in a message (a "
+        "bundle) slower, after 10 s of grace, is disconnected: it would hold a send slot and "
+        "its round; 0: no limit")
     tls_cert: str = _setting("", Section.SERVER,
                              "PEM certificate: serve wss:// instead of ws://")
     tls_key: str = _setting("", Section.SERVER, "PEM private key of tls_cert")

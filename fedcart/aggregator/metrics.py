@@ -84,8 +84,9 @@ class Metrics:
                                        "they were accepted: the server held its limit of "
                                        "sockets", registry=self.registry)
         self.downloads_cut = Counter("fedcart_downloads_cut", "Connections closed because "
-                                     "the device took in a bundle slower than "
-                                     "min_download_rate", registry=self.registry)
+                                     "the device did not take in a message by its deadline "
+                                     "(10 s plus its size at min_download_rate), or a large "
+                                     "bundle's pong in 60 s", registry=self.registry)
         self.released = Counter("fedcart_leases_ended", "Connections sent away after their "
                                 "lease, to make room for devices waiting to check in",
                                 registry=self.registry)

@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from fedcart.aggregator import release, rounds
 from fedcart.aggregator.config import AggregatorConfig, Publish
@@ -89,7 +90,7 @@ log = logging.getLogger("fedcart.aggregator")
 CHECKIN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0  # seconds a closing connection waits for the device's close frame
 BUNDLE_SENDS = 32  # bundles on their way to devices at once (_send_model)
-DOWNLOAD_GRACE = 10.0  # seconds a bundle's download gets beyond its size at min_download_rate
+SEND_GRACE = 10.0  # seconds a message may take to reach a device beyond its size at the rate
 LAG_PROBE = 0.1  # seconds between probes of the event loop's responsiveness
 
 
@@ -404,47 +405,54 @@ class Aggregator:
         sends share the one frame: fragments are views of it).
 
         A bundle larger than what the device's connection reads ahead of its application
-        (``transport.read_ahead``) holds its slot until the pong of a ping sent after it:
-        the device sends that only once it has read the whole bundle. A device that takes
-        one in slowly (a simulation's worker installing others) then holds its slot, and
-        its bundle waits here, by flow control; freeing the slot when the kernel took such
-        a bundle had devices waiting to read theirs with their keepalives stuck behind it.
-        A smaller bundle is read ahead whatever the device does, so its pong would only
-        add a round trip to each of a round's downloads.
+        (``transport.read_ahead``) holds its slot until the pong of a ping sent after it,
+        which the device sends only once it has read the whole bundle: a device that takes
+        one in slowly (a simulation's worker installing others) holds its slot, and the
+        rest of its bundle waits here, by flow control, not in the kernel's buffers with
+        its keepalives stuck behind it. A smaller bundle is read ahead whatever the device
+        does, and its pong would only add a round trip to each download.
 
-        A device that takes in a bundle slower than ``min_download_rate`` is cut off: its
-        connection is closed (a message cut short cannot go on). Reading just fast enough
-        for its keepalives, one could otherwise hold a slot, and a round that sampled it its
-        notices (``_notify``), for as long as it liked.
+        The send and the pong have the message's deadline (``_deadline``); a device that
+        misses it is cut off (``_cut_off``): reading just fast enough for its keepalives,
+        it would otherwise hold a slot, and a round's notices (``_notify``), as long as it
+        liked.
 
-        A connection takes one bundle at a time, and whether it is behind is asked once the
-        one before is through: the check-in's send and a round's used to both find the
-        device behind while the first was on its way, and send it the bundle twice, the
-        second sometimes after the next version."""
+        A connection takes one bundle at a time, and whether the device is behind is asked
+        once the one before is through, so that it is never sent one version twice, or an
+        older after a newer."""
         version, files = model.bundle.manifest.model_version, model.constant_files
         async with conn.downloading:
-            if conn.model_version >= version:
+            if conn.model_version >= version or conn.ws.state is not State.OPEN:
                 return
             frame = model.update_frame if files <= conn.held_files else model.bundle_frame
-            rate = self.config.min_download_rate
-            deadline = DOWNLOAD_GRACE + len(frame) / rate if rate else None
             with contextlib.suppress(Exception):
                 async with self._bundle_sends:
                     try:
-                        async with asyncio.timeout(deadline):
+                        async with asyncio.timeout(self._deadline(len(frame))):
                             await conn.ws.send(fragments(frame))
                             if not read_ahead(frame):
                                 await asyncio.wait_for(await conn.ws.ping(), PING_TIMEOUT)
                     except TimeoutError:
-                        self.metrics.downloads_cut.inc()
-                        log.info("device %d did not take in a bundle of %d bytes in time "
-                                 "(min_download_rate %g bytes a second, a pong within %g "
-                                 "s): disconnected", conn.client_id, len(frame), rate,
-                                 PING_TIMEOUT)
-                        conn.ws.transport.abort()
+                        self._cut_off(conn, len(frame))
                         return
                 conn.model_version, conn.held_files = version, files
                 self.metrics.bytes_down.inc(len(frame))
+
+    def _deadline(self, size: int) -> float | None:
+        """Seconds a device has to take in a message of ``size`` bytes: SEND_GRACE plus the
+        size at ``min_download_rate`` (None, no limit, when the rate is 0)."""
+        rate = self.config.min_download_rate
+        return SEND_GRACE + size / rate if rate else None
+
+    def _cut_off(self, conn: _Connection, size: int) -> None:
+        """Close the connection of a device that did not take in ``size`` bytes by their
+        deadline (or a large bundle's pong within PING_TIMEOUT): a message cut short cannot
+        go on, so the connection cannot either."""
+        self.metrics.downloads_cut.inc()
+        log.info("device %d did not take in a message of %d bytes in time (min_download_rate "
+                 "%g bytes a second; a large bundle's pong within %g s): disconnected",
+                 conn.client_id, size, self.config.min_download_rate, PING_TIMEOUT)
+        conn.ws.transport.abort()
 
     # -- rounds --------------------------------------------------------------------------
     async def _round_loop(self) -> None:
@@ -688,15 +696,22 @@ class Aggregator:
                                for cid, data in group.server.data_to_send()))
 
     async def _send(self, client_id: int, frame: bytes) -> None:
+        """Send a round's message to a member, which drops out of the round if it is gone
+        or, cut off, does not take the message in by its deadline."""
         conn = self.connections.get(client_id)
         if conn is None:
             self._drop_from_round(client_id, "not connected")
             return
         try:
-            await conn.ws.send(frame)
-            self.metrics.bytes_down.inc(len(frame))
+            async with asyncio.timeout(self._deadline(len(frame))):
+                await conn.ws.send(frame)
+        except TimeoutError:
+            self._cut_off(conn, len(frame))
+            self._drop_from_round(client_id, "too slow")
         except Exception:
             self._drop_from_round(client_id, "send failed")
+        else:
+            self.metrics.bytes_down.inc(len(frame))
 
     def _round_over(self, round_id: int, outcome: Outcome) -> bytes:
         return RoundOver(round_id, outcome, self.model_version).to_frame()
@@ -827,11 +842,14 @@ class Aggregator:
                 await self._serve_followers(self.latest, self.model_version)
 
     async def _serve_followers(self, model: Model, version: int) -> None:
-        """Make ``model`` the serving version and send it to the devices that follow."""
+        """Make ``model`` the serving version and send it to the devices that follow, side
+        by side (the send slots bound how many take it in at once). The round's end waits
+        for them, so that its members have the version before its RoundOver: a device that
+        reads slowly holds it up to its deadline, not one after another's."""
         self._serve(model, version)
-        for conn in list(self.connections.values()):
-            if conn.follow_model:
-                await self._send_model(conn, model)
+        await asyncio.gather(*(self._send_model(conn, model)
+                               for conn in list(self.connections.values())
+                               if conn.follow_model))
 
     async def _publish(self, current: Round, weights: Weights, neighbours: Neighbours,
                        optimizer_state: dict[str, np.ndarray], detail: dict,

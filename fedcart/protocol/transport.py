@@ -34,9 +34,12 @@ def fragments(frame: bytes) -> bytes | list[memoryview]:
 
 def read_ahead(frame: bytes) -> bool:
     """Whether a device's connection takes in all of ``frame`` whether or not its
-    application is reading (it is at most QUEUED_FRAGMENTS fragments): a ping sent after it
-    is then answered at once, and waiting for its pong tells nothing of the device."""
-    return len(frame) <= QUEUED_FRAGMENTS * FRAGMENT
+    application is reading, with room to spare for the messages after it: its frames (the
+    fragments, and the empty one websockets ends them with) fill at most half of the
+    QUEUED_FRAGMENTS it reads ahead. A ping sent after it is then answered at once, and
+    waiting for its pong tells nothing of the device."""
+    frames = 1 if len(frame) <= FRAGMENT else -(-len(frame) // FRAGMENT) + 1
+    return frames <= QUEUED_FRAGMENTS // 2
 
 
 def is_loopback(host: str) -> bool:
