@@ -1,11 +1,12 @@
-"""The README's deployment by hand, pasted as written into a fresh shell, completes its
-rounds: the aggregator and 20 devices, each its own process, through both statistics rounds,
-an evaluation round, three training rounds and another evaluation round; the first estimate
-read from /metrics, then a recommendation, the status with the estimates, and the ledger.
+"""The deployment by hand (docs/deployment.md, which the README points to), pasted as
+written into a fresh shell, completes its rounds: the aggregator and 20 devices, each its
+own process, through both statistics rounds, an evaluation round, three training rounds and
+another evaluation round; the first estimate read from /metrics, then a recommendation, the
+status with the estimates, and the ledger.
 
 The block runs with bash in a temporary directory that holds a ``.venv`` link to the venv
 running the tests (``. .venv/bin/activate`` then works as it does at the repository root),
-from a PATH without the venv, as a fresh shell has. Its one change: the README's port 8765
+from a PATH without the venv, as a fresh shell has. Its one change: the page's port 8765
 becomes a free one, since another run on this machine may hold 8765."""
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ import pytest
 
 from tests.process_owner import ProcessOwner
 
-README = Path(__file__).parent.parent / "README.md"
-SECTION = "## Running a deployment by hand"
-PORT = "8765"  # the README's
+PAGE = Path(__file__).parent.parent / "docs" / "deployment.md"
+SECTION = "## A deployment by hand"
+PORT = "8765"  # the page's
 DEVICES = 20
 ROUNDS = 7  # each device's: two statistics, an evaluation, three training, an evaluation
 TIMEOUT = 300.0  # seconds: about two on 2 idle cores
 RANKED = re.compile(r"^\s*(\d+)\s+(\S+)\s+-?\d+\.\d+\s", re.MULTILINE)  # recommend's rows
 
 
-def readme_block() -> str:
+def page_block() -> str:
     """The first ```sh block after the section's heading."""
-    text = README.read_text()
+    text = PAGE.read_text()
     start = text.index("```sh\n", text.index(SECTION)) + len("```sh\n")
     return text[start:text.index("\n```\n", start) + 1]
 
@@ -54,10 +55,10 @@ def fresh_shell_env(venv: Path) -> dict[str, str]:
     return env
 
 
-def test_readme_block_is_found_and_pasteable() -> None:
+def test_the_block_is_found_and_pasteable() -> None:
     """The block the slow test runs is the section's, activates the venv itself, and starts
     and stops its own server (no placeholder left for the reader to fill in)."""
-    block = readme_block()
+    block = page_block()
     assert block.startswith(". .venv/bin/activate\n")
     assert re.search(r"<[a-z ]+>", block) is None  # no <placeholder> to fill in
     assert f"--port {PORT}" in block and "kill $server" in block
@@ -74,7 +75,7 @@ def test_the_readme_deployment_by_hand_completes_its_rounds(
     venv = Path(sys.executable).parent.parent  # .venv/bin/python: not resolved (a link)
     (tmp_path / ".venv").symlink_to(venv, target_is_directory=True)
     script = tmp_path / "block.sh"
-    script.write_text(readme_block().replace(PORT, str(free_port())))
+    script.write_text(page_block().replace(PORT, str(free_port())))
     log = tmp_path / "block.log"
     with log.open("w") as out:
         proc = processes.popen(["bash", str(script)], cwd=tmp_path, stdout=out,
